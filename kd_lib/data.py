@@ -1,0 +1,281 @@
+"""Datasets of the paper as fastai `DataLoaders` (train, valid, test), from ImageNet-style folders.
+
+Every dataset is a tree ``<root>/train/<class>/*`` plus ``<root>/val/<class>/*`` or
+``<root>/test/<class>/*`` (the test set) and goes through the same pipeline (`get_data`):
+
+* ``digits`` (default): scikit-learn's bundled 8x8 digits, written once as such a tree
+  under ``data_dir()/"digits"`` (fixed stratified 80/20 train/test split, seed 0); no download.
+* ``imagenette``, ``imagewoof`` (full size; ``-160`` / ``-320`` suffixes for fastai's smaller
+  releases, e.g. ``"imagenette-320"``) and ``cifar10``: fastai ``URLs``, downloaded with
+  ``untar_data`` into ``data_dir()`` unless already extracted there.
+* ``folder``: any such tree given as ``path``.
+
+Random crop: ``Resize(size)`` (fastai's ``ResizeMethod.Crop``) resizes the short side to ``size`` and
+crops a ``size`` square at a random place on the training set and at the centre on valid/test, which
+is what fastai v1's ``rand_crop`` did in the paper; there is no scale augmentation
+(``RandomResizedCrop``), as in the paper.
+"""
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock, IndexSplitter, ItemGetter,
+                               Normalize, Resize, URLs, aug_transforms, get_image_files, imagenet_stats,
+                               untar_data)
+from PIL import Image
+from sklearn.datasets import load_digits
+
+__all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "DatasetError", "DatasetNotFoundError",
+           "DownloadError", "KDDataLoaders", "data_dir", "get_data"]
+
+URLS = {
+    "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
+    "imagewoof": URLs.IMAGEWOOF, "imagewoof-160": URLs.IMAGEWOOF_160, "imagewoof-320": URLs.IMAGEWOOF_320,
+    "cifar10": URLs.CIFAR,
+}
+DATASETS = ("digits", *URLS, "folder")
+SELECTIONS = ("valid", "test")
+CIFAR_STATS = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
+_SMALL = ("digits", "cifar10")  # default size 32; every other dataset 224
+PAPER_AUG = dict(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0.2, max_warp=0.2,
+                 p_affine=0.75, p_lighting=0.75)  # fastai v1 get_transforms(do_flip=False)
+
+
+class DatasetError(ValueError):
+    """A dataset or an argument of `get_data` is unusable; the message says what to change."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder, or a required part of it, is missing."""
+
+
+class DownloadError(DatasetNotFoundError):
+    """A dataset is not on disk and could not be downloaded (for example, offline)."""
+
+
+class KDDataLoaders(DataLoaders):
+    "fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info`"
+    test = property(lambda self: self[2])
+
+
+class _CenterResize(Resize):
+    "`Resize` cropping the centre on every split, so an item gives the same tensor every epoch"
+    def before_call(self, b, split_idx): super().before_call(b, split_idx=1)
+
+
+def data_dir() -> Path:
+    "The project's data folder: `$KD_DATA` if set, else `<repo>/data`."
+    env = os.environ.get("KD_DATA")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def _round(x: float) -> int:
+    "Round half up (the small epsilon absorbs float error such as 0.35*10 = 3.4999...)."
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def _sample(items: list, frac: float, rng: np.random.Generator) -> tuple[list, list]:
+    "Per class, a random `_round(frac*n)` of `(name, class)` `items`, and the rest; both in `items` order."
+    groups = defaultdict(list)
+    for o in items: groups[o[1]].append(o)
+    picked = set()
+    for c in sorted(groups):
+        g = groups[c]
+        picked.update(g[i] for i in rng.permutation(len(g))[:_round(frac * len(g))])
+    return [o for o in items if o in picked], [o for o in items if o not in picked]
+
+
+def _digits() -> tuple[np.ndarray, list, list]:
+    "The digits as uint8 images, and their fixed stratified 80/20 train/test `(index, class)` split."
+    d = load_digits()
+    images = np.round(d.images * 255 / 16).astype(np.uint8)
+    test, train = _sample([(i, str(y)) for i, y in enumerate(d.target)], 0.2, np.random.default_rng(0))
+    return images, train, test
+
+
+def _digits_stats() -> tuple[list, list]:
+    "Mean and std (per channel, grey so all equal) of the digits' train part, in [0, 1]."
+    images, train, _ = _digits()
+    px = images[[i for i, _ in train]] / 255
+    return [float(px.mean())] * 3, [float(px.std())] * 3
+
+
+def _digits_tree(dest: Path) -> Path:
+    "Write the digits once as `dest/{train,test}/<class>/<index>.png`; atomic: built in a temp dir, then renamed."
+    if dest.exists(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    images, train, test = _digits()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=dest.parent))
+    try:
+        for split, items in (("train", train), ("test", test)):
+            for i, c in items:
+                f = tmp / split / c / f"{i:04d}.png"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(f)
+        try: tmp.rename(dest)
+        except OSError:
+            if not dest.exists(): raise  # else another process finished it first
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _download(url: str, root: Path) -> Path:
+    "The extracted `url` under `root`, downloaded with fastai's `untar_data` unless already there."
+    dest = root / Path(url).stem.removesuffix(".tar")  # where untar_data extracts it
+    if dest.exists(): return dest
+    try: return untar_data(url, data=root, archive=root / "archive", base=str(root))
+    except (URLError, OSError) as e:
+        raise DownloadError(f"Could not download {url} ({e}). Download and extract it by hand so that "
+                            f"{dest}/train exists (or pass path=<extracted folder>).") from e
+
+
+def _root(name: str, path) -> Path:
+    "The dataset's root folder: `path` as is, else the digits tree or the (downloaded) dataset in `data_dir()`."
+    if path is not None:
+        path = Path(path)
+        if not path.is_dir(): raise DatasetNotFoundError(f"Dataset path {path} does not exist or is not a folder.")
+        return path
+    if name == "folder": raise DatasetError("name='folder' needs path=<folder with train/ and val/ or test/>.")
+    if name == "digits": return _digits_tree(data_dir() / "digits")
+    return _download(URLS[name], data_dir())
+
+
+def _test_folder(root: Path) -> str:
+    "Name of the test folder of `root` (`val` or `test`), checking `train` is there too."
+    if not (root / "train").is_dir():
+        raise DatasetNotFoundError(f"No train folder in {root}: expected {root}/train/<class>/<images>.")
+    found = [s for s in ("val", "test") if (root / s).is_dir()]
+    if not found:
+        raise DatasetNotFoundError(f"No val or test folder in {root}: expected {root}/val/<class>/<images> "
+                                   f"or {root}/test/<class>/<images> (the test set).")
+    if len(found) > 1: raise DatasetError(f"{root} has both val/ and test/: keep only the test set's folder.")
+    return found[0]
+
+
+def _listing(root: Path, split: str) -> tuple[list, list]:
+    "Class folders of `root/split` and its sorted `(relative path, class)` images."
+    folder = root / split
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes: raise DatasetError(f"{folder} has no class folders: expected {folder}/<class>/<images>.")
+    items = [(f.relative_to(root).as_posix(), c) for c in classes for f in get_image_files(folder / c)]
+    return classes, sorted(items)
+
+
+def _unreadable(root: Path, items: list) -> list:
+    "Relative paths of the `items` PIL cannot open and verify."
+    bad = []
+    for rel, _ in items:
+        try:
+            with Image.open(root / rel) as im: im.verify()
+        except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
+    return bad
+
+
+def _check_classes(root: Path, listings: dict):
+    "Every class folder has images, and train and test have the same classes."
+    for split, (classes, items) in listings.items():
+        n = Counter(c for _, c in items)
+        if empty := [c for c in classes if not n[c]]:
+            raise DatasetError(f"Class folder(s) {empty} of {root / split} have no readable images: "
+                               f"add images or remove the folder(s).")
+    (_, (cls_a, _)), (test, (cls_b, _)) = listings.items()
+    if cls_a != cls_b:
+        raise DatasetError(f"{root}: train and {test} have different classes; only in train: "
+                           f"{sorted(set(cls_a) - set(cls_b))}, only in {test}: {sorted(set(cls_b) - set(cls_a))}.")
+
+
+def _read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
+    "Classes, train and test `(relative path, class)` items, test folder name and number of unreadable images left out."
+    test_name = _test_folder(root)
+    listings = {s: _listing(root, s) for s in ("train", test_name)}
+    bad = _unreadable(root, [o for _, items in listings.values() for o in items])
+    if bad and not skip_bad:
+        raise DatasetError(f"{len(bad)} unreadable or corrupt image file(s) in {root}, e.g. {', '.join(bad[:5])}: "
+                           f"remove or replace them, or pass skip_bad=True.")
+    skip = set(bad)
+    listings = {s: (classes, [o for o in items if o[0] not in skip]) for s, (classes, items) in listings.items()}
+    _check_classes(root, listings)
+    return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad)
+
+
+def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int) -> dict:
+    "train/valid/test/unused `(name, class)` lists: a stratified valid part of train, then a `fraction` of the rest."
+    rng = np.random.default_rng(seed)
+    valid, train = _sample(train, valid_pct, rng) if selection == "valid" else (test, train)
+    train, unused = _sample(train, fraction, rng)
+    return dict(train=train, valid=valid, test=test, unused=unused)
+
+
+def _hash(items: list) -> str:
+    "Short content hash of `(relative path, class)` items."
+    return hashlib.sha256("".join(f"{p}\t{c}\n" for p, c in sorted(items)).encode()).hexdigest()[:12]
+
+
+def _dataloaders(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
+                 num_workers: int) -> KDDataLoaders:
+    "fastai loaders of `splits`: Resize item transform, paper augmentation (if `augment`) and Normalize batch ones."
+    train, valid = splits["train"], splits["valid"]
+    items = [(root / p, c) for p, c in train + valid]
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab)), get_x=ItemGetter(0), get_y=ItemGetter(1),
+                      splitter=IndexSplitter(range(len(train), len(items))),
+                      item_tfms=Resize(size) if augment else _CenterResize(size),
+                      batch_tfms=[*(aug_transforms(**PAPER_AUG) if augment else []), Normalize.from_stats(*stats)])
+    dls = block.dataloaders(items, path=root, bs=bs, num_workers=num_workers)
+    test = dls.test_dl([(root / p, c) for p, c in splits["test"]], with_labels=True)
+    return KDDataLoaders(dls.train, dls.valid, test, path=root)
+
+
+def _check_args(name, fraction, selection, valid_pct):
+    "Reject an unknown `name` or `selection`, and a `fraction` or `valid_pct` out of range."
+    if name not in DATASETS: raise DatasetError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if selection not in SELECTIONS:
+        raise DatasetError(f"Unknown selection {selection!r}: 'valid' (a valid part of train picks the best "
+                           f"epoch) or 'test' (the paper's protocol: the test set does).")
+    if not 0 < fraction <= 1: raise DatasetError(f"fraction={fraction} must be in (0, 1].")
+    if selection == "valid" and not 0 < valid_pct < 1: raise DatasetError(f"valid_pct={valid_pct} must be in (0, 1).")
+
+
+def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fraction: float = 1.0, seed: int = 0,
+             selection: str = "valid", augment: bool = True, valid_pct: float = 0.2, skip_bad: bool = False,
+             num_workers: int = 0) -> KDDataLoaders:
+    """`KDDataLoaders` (train, valid, test) of dataset `name` (one of `DATASETS`), with `dls.split_info`.
+
+    `path`: dataset root used as is (nothing downloaded; required for "folder"). `size`: image side
+    (32 for digits/cifar10, else 224). `selection="valid"`: per class a seeded floor(valid_pct*n + 0.5) of the
+    training folder is the valid set; `"test"`: the test set is (the paper's protocol) and all of the
+    training folder is train. `fraction`: per class, a seeded random floor(fraction*n + 0.5) of the
+    train part is used, the rest unused; with one seed, smaller fractions are subsets of larger ones.
+    `augment=False`: Resize (centre crop) and Normalize only. `skip_bad`: leave out unreadable images.
+
+    `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path`, `test_folder`,
+    `vocab`, and per split (train/valid/test/unused) `sizes`, per-class `counts` and `hashes` (12 hex
+    of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`.
+    """
+    _check_args(name, fraction, selection, valid_pct)
+    root = _root(name, path)
+    vocab, train, test, test_name, n_bad = _read_tree(root, skip_bad)
+    splits = _splits(train, test, selection, valid_pct, fraction, seed)
+    counts = {k: Counter(c for _, c in v) for k, v in splits.items()}
+    if empty := [c for c in vocab if not counts["train"][c]]:
+        raise DatasetError(f"No training images left for class(es) {empty} with fraction={fraction} "
+                           f"(selection={selection!r}, valid_pct={valid_pct}): raise fraction or lower valid_pct.")
+    if len(splits["train"]) < bs:
+        raise DatasetError(f"Only {len(splits['train'])} training images, fewer than bs={bs}: the training loader "
+                           f"drops its last partial batch and would be empty; lower bs.")
+    size = size or (32 if name in _SMALL else 224)
+    stats = _digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
+    dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers)
+    dls.split_info = dict(
+        name=name, path=str(root), size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
+        valid_pct=valid_pct if selection == "valid" else None, augment=augment, test_folder=test_name,
+        vocab=vocab, sizes={k: len(v) for k, v in splits.items()},
+        counts={k: {c: counts[k][c] for c in vocab} for k in splits},
+        hashes={k: _hash(v) for k, v in splits.items()},
+        stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad)
+    return dls
