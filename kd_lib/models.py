@@ -110,7 +110,7 @@ def stage_shapes(model: nn.Module, size: int = 224, channels: int = 3) -> "Order
     model.eval()
     try:
         with hook_outputs([mods[s] for s in FEATURE_STAGES]) as hooks:
-            model(torch.zeros(1, channels, size, size))
+            model.body(torch.zeros(1, channels, size, size))
     finally:
         model.train(was_training)
     return OrderedDict((s, tuple(o.shape[1:])) for s, o in zip(FEATURE_STAGES, hooks.stored))

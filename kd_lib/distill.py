@@ -1,0 +1,138 @@
+"""Distillation as fastai callbacks: teacher feature targets, stage freezing and the extra losses.
+
+* `stage_features`: a model's feature maps at named stages, captured with fastai
+  hooks, running the body only as far as needed (or, the paper's way, all of it).
+* `StudentStage`: the student as far as one stage, the model of a stagewise Learner.
+* `TeacherFeatures`: swaps the labels of each batch for the frozen teacher's
+  feature map, so an MSE loss distils that stage (stagewise, FitNets hints).
+* `FreezeOthers`: freezes what the optimizer does not train, BatchNorm included.
+* `FeatureLoss` (simultaneous) and `SoftTargets` (Hinton) add a teacher term to
+  the training loss the way fastai's MixUp swaps its loss.
+"""
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.hook import hook_outputs
+from fastai.callback.training import set_bn_eval
+from fastcore.basics import store_attr
+from torch import nn
+
+from .models import FEATURE_STAGES, STAGE_SLICES, stage_modules
+
+__all__ = ["stage_features", "frozen", "StudentStage", "TeacherFeatures", "FreezeOthers", "TeacherLoss",
+           "FeatureLoss", "SoftTargets"]
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, stages=FEATURE_STAGES, truncate: bool = True) -> list:
+    """Feature maps of `model` at `stages` for the batch `x`, by fastai hooks on the stage modules.
+
+    With `truncate` only the body up to the last of `stages` runs; without it the
+    whole model runs, as the paper's code did. Both give the same tensors.
+    """
+    mods = stage_modules(model)
+    with hook_outputs([mods[s] for s in stages], detach=False) as hooks:
+        if truncate: model.body[:max(STAGE_SLICES[s].stop for s in stages)](x)
+        else: model(x)
+    return hooks.stored
+
+
+def frozen(teacher: nn.Module, device=None) -> nn.Module:
+    "The teacher on `device`, in eval mode, with gradients off: it is never trained."
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+class StudentStage(nn.Module):
+    "The student as far as feature `stage`: its output is that stage's feature map."
+    def __init__(self, student: nn.Module, stage: str, truncate: bool = True):
+        super().__init__()
+        store_attr()
+
+    def forward(self, x): return stage_features(self.student, x, [self.stage], self.truncate)[0]
+
+
+class TeacherFeatures(Callback):
+    "Replace each batch's labels by the teacher's feature map at `stage` (no_grad, eval), the target of an MSE loss."
+    order = -5  # before anything else reads the batch
+
+    def __init__(self, teacher: nn.Module, stage: str, truncate: bool = True): store_attr()
+    def before_fit(self): frozen(self.teacher, self.dls.device)
+
+    def before_batch(self):
+        with torch.no_grad():
+            self.learn.yb = tuple(stage_features(self.teacher, self.x, [self.stage], self.truncate))
+
+
+class FreezeOthers(Callback):
+    """Freeze every parameter the optimizer does not train; their BatchNorm layers stay in eval mode.
+
+    `freeze_bn=False` keeps frozen BatchNorm layers in train mode, so their running
+    statistics drift as in the paper's code. Restored after fit.
+    """
+    def __init__(self, freeze_bn: bool = True): store_attr()
+
+    def before_fit(self):
+        trained = {id(p) for p in self.opt.all_params(with_grad=False).itemgot(0)}
+        self.old = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.old: p.requires_grad_(id(p) in trained)
+
+    def before_train(self):
+        if self.freeze_bn: set_bn_eval(self.model)
+
+    def after_fit(self):
+        for p, r in getattr(self, "old", []): p.requires_grad_(r)
+        self.old = []
+
+    after_cancel_fit = after_fit
+
+
+class TeacherLoss(Callback):
+    """Base of the callbacks that add a teacher term to the training loss, swapped in like fastai's MixUp.
+
+    Subclasses compute `teacher_out(x)` (run under no_grad on training batches only)
+    and `extra(pred)`, the term added to the original loss. The teacher is not run
+    during validation, where the loss is the original one.
+    """
+    run_valid = False
+
+    def before_fit(self): frozen(self.teacher, self.dls.device)
+    def before_train(self): self.old_lf, self.learn.loss_func = self.learn.loss_func, self.lf
+
+    def after_train(self):
+        if hasattr(self, "old_lf"): self.learn.loss_func = self.old_lf
+
+    after_cancel_train = after_cancel_fit = after_train
+
+    def before_batch(self):
+        with torch.no_grad(): self.target = self.teacher_out(self.x)
+
+    def lf(self, pred, *yb): return self.old_lf(pred, *yb) + self.extra(pred)
+
+
+class FeatureLoss(TeacherLoss):
+    "Simultaneous training: cross entropy + `weight` x the sum of the MSEs between student and teacher at `stages`."
+    def __init__(self, teacher: nn.Module, stages=FEATURE_STAGES, weight: float = 1.0, truncate: bool = True):
+        store_attr()
+
+    def before_fit(self):
+        super().before_fit()
+        mods = stage_modules(self.model)
+        self.hooks = hook_outputs([mods[s] for s in self.stages], detach=False)
+
+    def after_fit(self): self.hooks.remove()
+    def teacher_out(self, x): return stage_features(self.teacher, x, self.stages, self.truncate)
+
+    def extra(self, pred):
+        return self.weight * sum(F.mse_loss(s, t) for s, t in zip(self.hooks.stored, self.target))
+
+
+class SoftTargets(TeacherLoss):
+    """Hinton et al.'s knowledge distillation: (1 - alpha) x cross entropy on the labels
+    + alpha x T^2 x KL(teacher || student) of the temperature-`T` softmaxes, on logits."""
+    def __init__(self, teacher: nn.Module, T: float = 4.0, alpha: float = 0.9): store_attr()
+    def teacher_out(self, x): return self.teacher(x)
+    def lf(self, pred, *yb): return (1 - self.alpha) * self.old_lf(pred, *yb) + self.extra(pred)
+
+    def extra(self, pred):
+        kl = F.kl_div(F.log_softmax(pred / self.T, 1), F.log_softmax(self.target / self.T, 1),
+                      log_target=True, reduction="batchmean")
+        return self.alpha * self.T ** 2 * kl

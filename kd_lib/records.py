@@ -1,0 +1,74 @@
+"""Run records: self-describing JSON files written atomically, and a collector into one DataFrame."""
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "RECORD"]
+
+RECORD = "record.json"  # the file name of a run's record inside its run folder
+
+
+def atomic_write(path, write) -> Path:
+    "Call `write(tmp_path)` then rename onto `path`, so a reader (or a killed run) never sees a half file."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return path
+
+
+def write_json(path, obj) -> Path:
+    "Write `obj` as indented JSON to `path`, atomically."
+    def write(tmp):
+        with open(tmp, "w") as f: json.dump(obj, f, indent=1, default=_jsonable)
+    return atomic_write(path, write)
+
+
+def _jsonable(o):
+    if isinstance(o, Path): return str(o)
+    if hasattr(o, "item"): return o.item()  # numpy and torch scalars
+    if hasattr(o, "tolist"): return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def read_json(path):
+    "The JSON object in `path`, or None when there is no such file."
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def versions() -> dict:
+    "Library versions and hardware of this process, for a record."
+    import fastai
+    import torchvision
+    from . import __version__
+    return dict(kd_lib=__version__, python=platform.python_version(), torch=torch.__version__,
+                torchvision=torchvision.__version__, fastai=fastai.__version__, platform=platform.platform(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+                torch_threads=torch.get_num_threads(), argv=sys.argv[:1])
+
+
+def collect(folder) -> pd.DataFrame:
+    """One row per complete run record under `folder` (searched recursively): its parameters,
+    final accuracies, teacher accuracy, wall time and the path of the record."""
+    rows = []
+    for p in sorted(Path(folder).rglob(RECORD)):
+        r = read_json(p)
+        if r.get("status") != "complete": continue
+        rows.append({"kind": r["kind"], **r["params"],
+                     "valid_accuracy": r["valid_accuracy"], "test_accuracy": r["test_accuracy"],
+                     "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
+                     "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
+                     "record": str(p)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,155 @@
+"""The distillation callbacks: what trains, what stays frozen, what the teacher does and when."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+
+from kd_lib.data import get_data
+from kd_lib.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
+from kd_lib.models import FEATURE_STAGES, STAGES, resnet, teacher
+from kd_lib.train import METHODS, Step, _seed, _step_learner
+
+
+@pytest.fixture(scope="module")
+def dls(tiny):
+    return get_data("digits", size=tiny["size"], bs=tiny["bs"], fraction=tiny["fraction"], augment=False)
+
+
+@pytest.fixture()
+def tchr():
+    torch.manual_seed(1)
+    return teacher(10, pretrained=False)
+
+
+def _fit_step(step, method, dls, tchr, epochs=1, seed=0, **kw):
+    "A fresh resnet10 (seeded), the learner of `step`, fitted `epochs`; returns (student, learner)."
+    set_seed(seed)
+    student = resnet("resnet10")
+    args = dict(freeze_bn=True, truncate=True, T=4.0, alpha=0.9) | kw
+    learn = _step_learner(step, method, student, tchr, dls, 1e-3, None, **args)
+    _seed(seed, dls)
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
+    return student, learn
+
+
+def _changed(before: dict, after: dict) -> set:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_stage_features_truncated_equal_whole_model(truncate, tchr):
+    x = torch.randn(2, 3, 16, 16)
+    for m in (tchr.eval(), resnet("resnet14").eval()):
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(stage_features(m, x, FEATURE_STAGES, truncate),
+                                                          stage_features(m, x, FEATURE_STAGES, not truncate)))
+
+
+@pytest.mark.parametrize("stage", ["stem", "layer2", "layer4"])
+def test_feature_stage_trains_only_its_stage(stage, dls, tchr):
+    set_seed(0)
+    before_s = copy.deepcopy(resnet("resnet10").state_dict())
+    before_t = copy.deepcopy(tchr.state_dict())
+    student, learn = _fit_step(Step(stage, (stage,), stage), "stagewise", dls, tchr)
+    changed = _changed(before_s, student.state_dict())
+    prefix = ("body.conv1", "body.bn1") if stage == "stem" else (f"body.{stage}",)
+    assert changed and all(k.startswith(prefix) for k in changed), changed
+    # every weight of the stage moved, and so did its BatchNorm statistics
+    assert {k for k in before_s if k.startswith(prefix) and "num_batches" not in k} <= changed
+    assert not _changed(before_t, tchr.state_dict())  # the teacher never changes, BN statistics included
+    assert not tchr.training
+    assert all(p.requires_grad for p in student.parameters())  # FreezeOthers restored them
+
+
+def test_head_stage_trains_only_the_head(dls):
+    set_seed(0)
+    before = copy.deepcopy(resnet("resnet10").state_dict())
+    student, learn = _fit_step(METHODS["stagewise"][-1], "stagewise", dls, None)
+    changed = _changed(before, student.state_dict())
+    assert changed == {k for k in before if k.startswith("head.")}
+
+
+def test_frozen_bn_statistics_drift_only_when_asked(dls, tchr):
+    step = Step("layer2", ("layer2",), "layer2")
+    set_seed(0)
+    before = copy.deepcopy(resnet("resnet10").state_dict())
+    frozen_bn, _ = _fit_step(step, "stagewise", dls, tchr)
+    drifting, _ = _fit_step(step, "stagewise", dls, tchr, freeze_bn=False)
+    stats = ("body.bn1.running_mean", "body.layer1.0.bn2.running_var")
+    assert all(torch.equal(before[k], frozen_bn.state_dict()[k]) for k in stats)
+    assert not any(torch.equal(before[k], drifting.state_dict()[k]) for k in stats)
+    # the weights of frozen stages stay put either way
+    assert torch.equal(before["body.layer1.0.conv1.weight"], drifting.state_dict()["body.layer1.0.conv1.weight"])
+
+
+def test_truncated_stage_equals_the_papers_whole_forward(dls, tchr):
+    step = Step("layer1", ("layer1",), "layer1")
+    fast, lf = _fit_step(step, "stagewise", dls, tchr, epochs=2, truncate=True)
+    plain, lp = _fit_step(step, "stagewise", dls, tchr, epochs=2, truncate=False)
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+    assert lf.recorder.values == lp.recorder.values
+
+
+class _Spy(Callback):
+    "Records the loss, the plain cross entropy of each training batch, and how often the teacher ran."
+    order = 50
+
+    def __init__(self, tchr):
+        self.extra, self.calls = [], {"train": 0, "valid": 0}
+        tchr.register_forward_hook(lambda *a: self.calls.__setitem__(self._split(), self.calls[self._split()] + 1))
+
+    def _split(self): return "train" if self.learn.training else "valid"
+
+    def after_loss(self):
+        if self.training: self.extra.append(float((self.loss - CrossEntropyLossFlat()(self.pred, *self.yb)).detach()))
+
+
+@pytest.mark.parametrize("method,cb", [("simultaneous", FeatureLoss), ("hinton", SoftTargets)])
+def test_teacher_losses_add_a_term_in_training_only(method, cb, dls, tchr):
+    spy = _Spy(tchr)
+    set_seed(0)
+    student = resnet("resnet10")
+    learn = _step_learner(METHODS[method][0], method, student, tchr, dls, 1e-3, None, True, True, 4.0, 0.9)
+    learn.add_cb(spy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    n_train = len(dls.train)
+    assert len(spy.extra) == n_train and all(e != 0 for e in spy.extra)
+    if method == "simultaneous":  # the teacher runs only as far as layer4 (its head never), in training only
+        assert spy.calls == {"train": 0, "valid": 0}
+    else:
+        assert spy.calls == {"train": n_train, "valid": 0}
+    assert learn.loss_func.__class__ is CrossEntropyLossFlat  # the loss is put back after training
+
+
+def test_soft_targets_is_hintons_loss(tchr):
+    cb = SoftTargets(tchr, T=3.0, alpha=0.25)
+    pred, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    cb.old_lf, cb.target = CrossEntropyLossFlat(), t
+    p_t = F.softmax(t / 3, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(pred / 3, 1))).sum(1).mean()
+    expected = 0.75 * F.cross_entropy(pred, y) + 0.25 * 9 * kl
+    assert torch.allclose(cb.lf(pred, y), expected, atol=1e-6)
+
+
+def test_freeze_others_freezes_what_the_optimizer_does_not_train(dls):
+    student = resnet("resnet10")
+    head = list(student.head.parameters())
+    seen = {}
+
+    class Look(Callback):
+        def before_train(self):
+            seen["grad"] = {n for n, p in student.named_parameters() if p.requires_grad}
+            seen["bn_training"] = student.body.bn1.training
+
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), splitter=lambda m: [head],
+                    cbs=[FreezeOthers(), Look()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert seen["grad"] == {n for n, _ in student.head.named_parameters(prefix="head")}
+    assert seen["bn_training"] is False
+    assert all(p.requires_grad for p in student.parameters())
+    assert set(STAGES) >= {"head"}

@@ -1,0 +1,190 @@
+"""The recipes: learning happens, records say so, runs resume exactly, failures are loud."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from urllib.error import URLError
+
+import pytest
+import torch
+from torchvision.models import _api as tv_api
+
+import kd_lib.train as kt
+from kd_lib.models import PretrainedUnavailable, resnet, teacher
+from kd_lib.records import collect, read_json
+from kd_lib.train import METHODS, RunExists, load_teacher, train_student, train_teacher
+
+
+def _student(tmp, tiny, teacher_path, **kw):
+    return train_student(**(tiny | dict(out_dir=tmp, teacher_path=teacher_path, progress=False) | kw))
+
+
+def _weights(run):
+    return torch.load(run / "stages" / f"{read_json(run / 'progress.json')['steps'][-1]['name']}.pth",
+                      weights_only=True)
+
+
+def _no_time(record):
+    "A record without what differs from run to run on the same machine: times and dates."
+    r = json.loads(json.dumps(record))
+    for k in ("wall_time_s", "finished", "versions"): r.pop(k)
+    for s in r["stages"]: s.pop("time_s")
+    return r
+
+
+def test_learning_happens_without_a_teacher(tmp_path, tiny):
+    r = train_student(**(tiny | dict(method="no_teacher", epochs=6, out_dir=tmp_path, progress=False)))
+    h = r["stages"][0]["history"]
+    assert h[-1]["train_loss"] < 0.6 * h[0]["train_loss"]
+    assert r["test_accuracy"] > 60 and r["valid_accuracy"] > 60  # chance is 10
+    assert r["stages"][0]["best_value"] == max(e["accuracy"] for e in h)
+
+
+def test_stagewise_record_has_every_field(tmp_path, tiny, teacher_path):
+    r = _student(tmp_path, tiny, teacher_path, method="stagewise", epochs=2)
+    assert r["status"] == "complete" and r["kind"] == "student"
+    assert [s["name"] for s in r["stages"]] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    for s in r["stages"]:
+        assert {"name", "parts", "target", "epochs", "monitor", "best_epoch", "best_value", "time_s", "history"} <= set(s)
+        assert len(s["history"]) == 2 and s["time_s"] > 0
+    feature = r["stages"][2]
+    assert feature["monitor"] == "valid_loss"
+    assert feature["best_value"] == min(e["valid_loss"] for e in feature["history"])
+    assert r["stages"][-1]["monitor"] == "accuracy"
+    assert r["params"]["method"] == "stagewise" and r["params"]["fraction"] == tiny["fraction"]
+    assert {"train", "valid", "test", "unused"} <= set(r["data"]["hashes"])
+    assert r["data"]["sizes"]["train"] == sum(r["data"]["counts"]["train"].values())
+    assert {"torch", "fastai", "device", "kd_lib"} <= set(r["versions"])
+    assert 0 <= r["test_accuracy"] <= 100 and 0 <= r["valid_accuracy"] <= 100
+    assert r["teacher"]["path"] == str(teacher_path)
+    run = tmp_path / "digits" / "resnet10-stagewise-f0.25-s0"
+    assert read_json(run / "record.json") == r
+    assert not list(run.glob("*.state.pth"))  # resume states are removed once a step is done
+    assert all(k.startswith(("body.", "head.")) for k in _weights(run))  # the student alone, no teacher
+    rows = collect(tmp_path)
+    assert len(rows) == 1 and rows.method[0] == "stagewise" and rows.test_accuracy[0] == r["test_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "hinton", "fitnets"])
+def test_other_methods_run_and_record(method, tmp_path, tiny, teacher_path):
+    r = _student(tmp_path, tiny, teacher_path, method=method, epochs=1)
+    assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method]]
+    assert r["test_accuracy"] > 0
+
+
+def test_finished_run_is_not_retrained(tmp_path, tiny, monkeypatch):
+    args = tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)
+    first = train_student(**args)
+    monkeypatch.setattr(kt.Learner, "fit", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert train_student(**args) == first
+    with pytest.raises(RunExists, match="epochs"):
+        train_student(**(args | dict(epochs=2)))
+
+
+def test_force_retrains(tmp_path, tiny):
+    args = tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)
+    first = train_student(**args)
+    assert train_student(**(args | dict(epochs=2, force=True)))["params"]["epochs"] == 2 != first["params"]["epochs"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny, teacher_path, monkeypatch):
+    args = dict(method="stagewise", epochs=2)
+    whole = _student(tmp_path / "a", tiny, teacher_path, **args)
+    # crash in the middle of the second epoch of the layer1 stage (the 3rd step: stem is done)
+    calls, n_batch = {"n": 0}, whole["data"]["sizes"]["train"] // tiny["bs"]
+    after_loss = kt.StopOnNaN.after_loss
+
+    def crashing(self):
+        calls["n"] += self.training
+        if calls["n"] == 2 * n_batch + n_batch + n_batch // 2: raise Crash("killed")
+        after_loss(self)
+
+    monkeypatch.setattr(kt.StopOnNaN, "after_loss", crashing)
+    with pytest.raises(Crash):
+        _student(tmp_path / "b", tiny, teacher_path, **args)
+    run = tmp_path / "b" / "digits" / "resnet10-stagewise-f0.25-s0"
+    assert (run / "layer1.state.pth").exists() and not (run / "record.json").exists()
+    monkeypatch.setattr(kt.StopOnNaN, "after_loss", after_loss)
+    resumed = _student(tmp_path / "b", tiny, teacher_path, **args)
+    assert _no_time(resumed) | {"params": 0} == _no_time(whole) | {"params": 0}
+    a = _weights(tmp_path / "a" / "digits" / "resnet10-stagewise-f0.25-s0")
+    b = _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILLED = """
+import sys, torch
+from kd_lib.train import train_student
+torch.set_num_threads(1)
+train_student(method="no_teacher", dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=4,
+              out_dir=sys.argv[1], progress=False)
+"""
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny):
+    run = tmp_path / "b" / "digits" / "resnet10-no_teacher-f0.25-s0"
+    p = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path / "b")], env=os.environ | {"KD_PROGRESS": "0"})
+    deadline = time.time() + 120
+    while not (run / "all.state.pth").exists() and time.time() < deadline and p.poll() is None: time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "record.json").exists()
+    args = tiny | dict(method="no_teacher", epochs=4, progress=False)
+    resumed = train_student(**args, out_dir=tmp_path / "b")
+    whole = train_student(**args, out_dir=tmp_path / "a")
+    assert _no_time(resumed) | {"params": 0} == _no_time(whole) | {"params": 0}
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(kt, "CrossEntropyLossFlat", lambda: (lambda pred, y: pred.sum() * float("nan")))
+    with pytest.raises(FloatingPointError, match="Lower the learning rate"):
+        train_student(**(tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)))
+    assert not list(tmp_path.rglob("record.json"))
+
+
+def test_mismatched_stage_shapes_are_a_clear_error():
+    t = teacher(10, pretrained=False)
+    t.body.layer4 = torch.nn.Identity()
+    with pytest.raises(ValueError, match="layer4"):
+        kt._check_shapes(resnet("resnet10"), t, 32)
+
+
+def test_missing_teacher_says_how_to_get_one(tmp_path, tiny):
+    with pytest.raises(FileNotFoundError, match="train_teacher"):
+        train_student(**(tiny | dict(method="stagewise", epochs=1, out_dir=tmp_path, progress=False)))
+
+
+def test_unknown_method_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no_teacher, simultaneous, stagewise"):
+        train_student(method="stagewize", out_dir=tmp_path)
+
+
+def _offline(monkeypatch):
+    def fail(*a, **k): raise URLError("offline")
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", fail)
+
+
+def test_teacher_recipe_trains_records_and_loads(tmp_path, tiny, monkeypatch):
+    _offline(monkeypatch)
+    args = dict(dataset="digits", size=16, bs=32, epochs=2, lr=1e-3, out_dir=tmp_path, progress=False)
+    with pytest.raises(PretrainedUnavailable):
+        train_teacher(**args, pretrained=True)
+    with pytest.warns(UserWarning, match="from scratch"):
+        r = train_teacher(**args, pretrained=None)
+    assert r["kind"] == "teacher" and r["imagenet_weights"] is False and r["test_accuracy"] > 10
+    lrs = [e for e in r["stages"][0]["history"]]
+    assert len(lrs) == 2
+    t = load_teacher(tmp_path / "digits" / "teacher", 10)
+    assert all(torch.equal(a, b) for a, b in zip(t.state_dict().values(),
+                                                 torch.load(tmp_path / "digits" / "teacher" / "teacher.pth").values()))
+    # students find the dataset's teacher in out_dir by default, and record its accuracy
+    s = train_student(**(tiny | dict(method="simultaneous", epochs=1, out_dir=tmp_path, progress=False)))
+    assert s["teacher"]["test_accuracy"] == r["test_accuracy"]
