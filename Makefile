@@ -3,14 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= digits
-JOBS ?= 1
+JOBS ?=
 
-.PHONY: test book html clean help
+.PHONY: test book html clean clean-runs help
 help:
-	@echo "make test                 create .venv if needed and run the tests"
-	@echo "make book [PROFILE=...]   run the notebooks of a profile (digits|smoke|paper) and build _build/html"
-	@echo "make html                 rebuild the book from the notebooks already run"
-	@echo "make clean                remove _build and the executed notebooks"
+	@echo "make test                         create .venv if needed and run the tests"
+	@echo "make book [PROFILE=...] [JOBS=n]  run the notebooks of a profile (digits|smoke|paper or a YAML file) and build _build/html"
+	@echo "make html                         rebuild the book from the notebooks already run"
+	@echo "make clean                        remove _build and the book's executed notebooks (runs/ stays)"
+	@echo "make clean-runs PROFILE=...       remove the runs and records of a profile (runs/<profile>)"
 
 # The venv is (re)installed whenever the dependency list changes.
 $(BIN)/.installed: pyproject.toml
@@ -23,10 +24,13 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 book: $(BIN)/.installed
-	$(BIN)/python -m kd_lib.reproduce --profile $(PROFILE) --jobs $(JOBS)
+	$(BIN)/python -m kd_lib.reproduce --profile $(PROFILE) $(if $(JOBS),--jobs $(JOBS))
 
 html: $(BIN)/.installed
 	$(BIN)/python -m kd_lib.reproduce --profile $(PROFILE) --book-only
 
 clean:
 	rm -rf _build book/generated
+
+clean-runs:
+	rm -rf runs/$(notdir $(basename $(PROFILE)))

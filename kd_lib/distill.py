@@ -12,6 +12,7 @@
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import hook_outputs
 from fastai.callback.training import set_bn_eval
 from fastcore.basics import store_attr
@@ -51,10 +52,11 @@ class StudentStage(nn.Module):
 
 
 class TeacherFeatures(Callback):
-    "Replace each batch's labels by the teacher's feature map at `stage` (no_grad, eval), the target of an MSE loss."
-    order = -5  # before anything else reads the batch
+    """Replace each batch's labels by the teacher's feature map at `stage` (no_grad, eval), the target of an
+    MSE loss; in validation too unless `run_valid` is False (validation targets come from a cache)."""
+    order = MixedPrecision.order + 1  # the teacher runs under MixedPrecision's autocast too, before the loss reads yb
 
-    def __init__(self, teacher: nn.Module, stage: str, truncate: bool = True): store_attr()
+    def __init__(self, teacher: nn.Module, stage: str, truncate: bool = True, run_valid: bool = True): store_attr()
     def before_fit(self): frozen(self.teacher, self.dls.device)
 
     def before_batch(self):
@@ -92,7 +94,7 @@ class TeacherLoss(Callback):
     and `extra(pred)`, the term added to the original loss. The teacher is not run
     during validation, where the loss is the original one.
     """
-    run_valid = False
+    run_valid, order = False, MixedPrecision.order + 1  # the teacher runs under MixedPrecision's autocast too
 
     def before_fit(self): frozen(self.teacher, self.dls.device)
     def before_train(self): self.old_lf, self.learn.loss_func = self.learn.loss_func, self.lf

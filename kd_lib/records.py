@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "RECORD"]
+__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -72,3 +72,10 @@ def collect(folder) -> pd.DataFrame:
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
                      "record": str(p)})
     return pd.DataFrame(rows)
+
+
+def run_name(params: dict) -> str:
+    """The name of a run's folder under `<out_dir>/<dataset>/`, from its parameters (a record's `params`):
+    'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.train.train_student` names it."""
+    if params.get("kind") == "teacher" or "student" not in params: return "teacher"
+    return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}"

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
@@ -28,8 +30,9 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import nn
 
+from .cache import AMP_DTYPES, CACHE_DTYPES, FeatureCache, ValidateOn
 from .data import get_data
-from .distill import FeatureLoss, SoftTargets, StudentStage, TeacherFeatures, FreezeOthers
+from .distill import FeatureLoss, FreezeOthers, SoftTargets, StudentStage, TeacherFeatures
 from .models import FEATURE_STAGES, STAGES, PretrainedUnavailable, resnet, stage_part, stage_shapes, teacher
 from .records import RECORD, atomic_write, read_json, versions, write_json
 
@@ -171,6 +174,7 @@ def _fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: P
         if _quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
         learn.fit(epochs - done, lr, cbs=cbs)
     state_path.unlink(missing_ok=True)
+    (learn.path / learn.model_dir / f"{name}.pth").unlink(missing_ok=True)  # the best weights now live in the model
     best = ckpt.history[ckpt.best_epoch] if ckpt.best_epoch is not None else {}
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
                 time_s=ckpt.elapsed, history=ckpt.history)
@@ -199,7 +203,8 @@ def _start(run: Path, params: dict, force: bool):
 
 def _evaluate(learn: Learner) -> dict:
     "Valid and test accuracy (%) of the learner's model, with the cross entropy and accuracy metric."
-    return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) for k, i in (("valid", 1), ("test", 2))}
+    with learn.no_bar():
+        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) for k, i in (("valid", 1), ("test", 2))}
 
 
 def _finish(run: Path, record: dict) -> dict:
@@ -258,24 +263,35 @@ def _check_shapes(student: nn.Module, tchr: nn.Module, size: int) -> None:
                          "inputs: stage losses need equal shapes.")
 
 
-def _step_learner(step: Step, method: str, student, tchr, dls, lr, run, freeze_bn, truncate, T, alpha) -> Learner:
-    "The Learner of one step: its model, loss, metric, trained parameters and distillation callbacks."
+def _step_learner(step: Step, method: str, student, tchr, dls, lr, run, freeze_bn, truncate, T, alpha, amp=None,
+                  channels_last=False, cache: FeatureCache = None) -> Learner:
+    """The Learner of one step: its model, loss, metric, trained parameters and distillation callbacks.
+    With a `cache` of all splits, it trains the student's part of the step on the step's cached inputs and
+    targets; with a cache of the valid split, it validates that part on them (no teacher, no frozen prefix)."""
     trained = [p for s in step.parts for p in stage_part(student, s).parameters()]
     common = dict(opt_func=paper_adam, lr=lr, splitter=lambda m: [trained], path=run, model_dir="models")
-    cbs = [FreezeOthers(freeze_bn), StopOnNaN()]
+    if step.target == "labels": common.update(loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    else: common.update(loss_func=nn.MSELoss())
+    cbs = [FreezeOthers(freeze_bn), StopOnNaN(), *([MixedPrecision(amp)] if amp else []),
+           *([ChannelsLast()] if channels_last else [])]
+    if cache is not None:
+        inputs, targets, part = cache.step(step)
+        if cache.train: return Learner(cache.dataloaders(inputs, targets), part, cbs=cbs, **common)
+        cbs.append(ValidateOn(part, *inputs, *targets))
     if step.target != "labels":
-        return Learner(dls, StudentStage(student, step.target, truncate), loss_func=nn.MSELoss(),
-                       cbs=cbs + [TeacherFeatures(tchr, step.target, truncate)], **common)
+        return Learner(dls, StudentStage(student, step.target, truncate),
+                       cbs=cbs + [TeacherFeatures(tchr, step.target, truncate, run_valid=cache is None)], **common)
     if method == "simultaneous": cbs.append(FeatureLoss(tchr, truncate=truncate))
     if method == "hinton": cbs.append(SoftTargets(tchr, T, alpha))
-    return Learner(dls, student, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **common)
+    return Learner(dls, student, cbs=cbs, **common)
 
 
 def train_student(student: str = "resnet10", method: str = "stagewise", dataset: str = "digits", data_path=None,
                   size: int = None, bs: int = 64, fraction: float = 1.0, seed: int = 0, selection: str = "valid",
                   augment: bool = True, epochs: int = 100, lr: float = 1e-4, teacher_path=None, out_dir="runs",
                   freeze_bn: bool = True, truncate: bool = True, T: float = 4.0, alpha: float = 0.9,
-                  force: bool = False, progress=None) -> dict:
+                  cache=False, cache_dtype: str = "float16", cache_bytes: int = 4 * 2**30, amp: str = None,
+                  channels_last: bool = False, num_workers: int = 0, force: bool = False, progress=None) -> dict:
     """Train `student` by `method` (one of `METHODS`) and write its record; returns the record.
 
     Every step trains for `epochs` (per stage for stagewise) with the paper's Adam at `lr`, and
@@ -284,17 +300,26 @@ def train_student(student: str = "resnet10", method: str = "stagewise", dataset:
     same arguments resumes from its last finished epoch; a finished run is returned, not retrained.
     `freeze_bn=False` lets frozen BatchNorm statistics drift (the paper's code); `truncate=False`
     runs whole models every batch (the paper's code). `T`, `alpha`: Hinton's temperature and weight.
+
+    The fast path (book/performance.md): `cache=True` (needs `augment=False`) computes once what the
+    frozen prefix and the teacher give each step, in `cache_dtype` ("float32": the plain path's result),
+    in memory up to `cache_bytes`, beyond that in memory-mapped files under `data_dir()/"cache"`;
+    `cache="valid"` does so for the valid split only (never augmented), so validation runs one stage.
+    On CUDA, `amp` ("bf16" or "fp16") trains under fastai's MixedPrecision, teacher included, and
+    `channels_last` puts student and teacher in that memory format. `num_workers`: data loading processes.
     """
     if method not in METHODS: raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    _check_fast(method, augment, freeze_bn, truncate, cache, cache_dtype, amp)
     params = dict(kind="student", student=student, method=method, dataset=dataset,
                   data_path=str(data_path) if data_path else None, size=size, bs=bs, fraction=fraction, seed=seed,
                   selection=selection, augment=augment, epochs=epochs, lr=lr,
                   teacher_path=str(teacher_path) if teacher_path else None, freeze_bn=freeze_bn, truncate=truncate,
-                  **(dict(T=T, alpha=alpha) if method == "hinton" else {}))
+                  cache=cache, cache_dtype=cache_dtype if cache else None, amp=amp, channels_last=channels_last,
+                  num_workers=num_workers, **(dict(T=T, alpha=alpha) if method == "hinton" else {}))
     run = run_dir(out_dir, dataset, f"{student}-{method}-f{fraction:g}-s{seed}")
     if (done := _start(run, params, force)) is not None: return done
     dls = get_data(dataset, data_path, size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
-                   augment=augment)
+                   augment=augment, num_workers=num_workers)
     set_seed(seed, reproducible=True)
     model = resnet(student, dls.c)
     tchr, teacher_record = None, None
@@ -303,19 +328,49 @@ def train_student(student: str = "resnet10", method: str = "stagewise", dataset:
         tchr = load_teacher(tpath, dls.c)
         teacher_record = read_json((tpath if tpath.is_dir() else tpath.parent) / RECORD) or {}
         _check_shapes(model, tchr, dls.split_info["size"])
+        if channels_last: tchr.to(memory_format=torch.channels_last)
     progress_path = run / "progress.json"
     steps = (read_json(progress_path) or {}).get("steps", [])
     if steps: model.load_state_dict(torch.load(run / "stages" / f"{steps[-1]['name']}.pth", weights_only=True))
-    for i, step in enumerate(METHODS[method][len(steps):], start=len(steps)):
-        _seed(seed * 1000 + i, dls)
-        learn = _step_learner(step, method, model, tchr, dls, lr, run, freeze_bn, truncate, T, alpha)
-        monitor = "accuracy" if step.target == "labels" else "valid_loss"
-        steps.append(dict(asdict(step), **_fit(learn, step.name, epochs, lr, monitor, run, progress=progress)))
-        atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
-        write_json(progress_path, dict(steps=steps))
+    with ExitStack() as stack:
+        features = stack.enter_context(FeatureCache(dls, model, tchr, cache_dtype, cache_bytes, amp,
+                                                    train=cache is True)) if cache else None
+        for i, step in enumerate(METHODS[method][len(steps):], start=len(steps)):
+            t0 = time.perf_counter()
+            learn = _step_learner(step, method, model, tchr, dls, lr, run, freeze_bn, truncate, T, alpha, amp,
+                                  channels_last, features)
+            cached = dict(cache_time_s=time.perf_counter() - t0) if cache else {}
+            _seed(seed * 1000 + i, learn.dls)
+            monitor = "accuracy" if step.target == "labels" else "valid_loss"
+            steps.append(dict(asdict(step), **_fit(learn, step.name, epochs, lr, monitor, run, progress=progress),
+                              **cached))
+            atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
+            write_json(progress_path, dict(steps=steps))
+            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last step's weights suffice
     final = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-    with final.no_bar(): scores = _evaluate(final)
+    scores = _evaluate(final)
     teacher_info = {k: teacher_record.get(k) for k in ("valid_accuracy", "test_accuracy")} if tchr else {}
     return _finish(run, dict(kind="student", params=params, data=dls.split_info, stages=steps,
                              teacher=dict(teacher_info, path=str(tpath) if tchr else None),
-                             wall_time_s=sum(s["time_s"] for s in steps), **scores))
+                             wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0) for s in steps), **scores))
+
+
+def _check_fast(method, augment, freeze_bn, truncate, cache, cache_dtype, amp) -> None:
+    "Reject fast-path options that could not give the plain path's result, saying what to change."
+    if amp not in (None, *AMP_DTYPES): raise ValueError(f"amp={amp!r}: choose None, {', '.join(AMP_DTYPES)}.")
+    if amp and not torch.cuda.is_available():
+        raise ValueError(f"amp={amp!r} needs a CUDA GPU (fastai's MixedPrecision autocasts on CUDA) and there is "
+                         "none: pass amp=None.")
+    if cache not in (False, True, "valid"): raise ValueError(f"cache={cache!r}: choose False, True or 'valid'.")
+    if not cache: return
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype={cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
+    if augment and cache is True:
+        raise ValueError("cache=True needs augment=False: augmentation gives new training images every epoch, "
+                         "so there is nothing to compute once; cache='valid' caches the (never augmented) valid split.")
+    if not freeze_bn: raise ValueError("cache needs freeze_bn=True: with freeze_bn=False the BatchNorm "
+                                       "statistics of frozen stages drift every batch, which no cache can follow.")
+    if not truncate: raise ValueError("cache never runs whole models: pass truncate=True (the default).")
+    if method in ("simultaneous", "hinton"):
+        raise ValueError(f"cache caches steps that train some stages on one target; {method!r} adds a "
+                         "teacher loss over the whole student every batch: pass cache=False.")

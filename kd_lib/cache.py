@@ -1,0 +1,249 @@
+"""Feature caching: what a frozen network computes from an item that every epoch gives the same tensor
+(any item without augmentation, the valid items always) is the same every epoch, so compute it once.
+
+* `Store`: tensors of one dtype, in memory up to a bound in all, beyond it in memory-mapped files in a
+  temporary folder under ``data_dir()/"cache"`` that `Store.close` deletes.
+* `TensorLoader`: a fastai `DataLoader` over cached tensors that gives the batches, in the order, of the
+  loader it mirrors (same length, batch size, shuffle, drop_last and `rng`).
+* `ValidateOn`: validates a part of the student on the cached valid split while training on images.
+* `FeatureCache`: for each step of a method (see `kd_lib.train.Step`), the input of the first stage it
+  trains (the frozen student prefix's output) and its target (teacher feature map, or the labels), for
+  every train and valid item in dataset order; and the part of the student that maps one to the other.
+  Stage by stage it chains: the next step's input is this step's trained part applied (eval) to this
+  step's input, the next target the teacher's next stage applied to this target, one block each.
+"""
+import math
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastcore.basics import store_attr
+from torch import nn
+
+from .data import data_dir
+from .distill import frozen
+from .models import STAGE_SLICES, STAGES, stage_part
+
+__all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "TensorLoader", "ValidateOn", "FeatureCache", "stage_span"]
+
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+AMP_DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16)
+HEAD = STAGES.index("head")
+# Where each stage starts in the body; the head starts at the body's end.
+_STARTS = [s.start for s in STAGE_SLICES.values()] + [STAGE_SLICES["layer4"].stop]
+
+
+def stage_span(model: nn.Module, first: int, last: int) -> nn.Module:
+    "`model` from the input of stage `STAGES[first]` to the output of `STAGES[last]`: a body slice (+ the head)."
+    if last < HEAD: return model.body[_STARTS[first]:_STARTS[last + 1]]
+    return model.body[_STARTS[first]:].append(model.head)
+
+
+class Store:
+    """Tensors of `dtype` kept in `device` memory up to `max_bytes` in all; beyond that each new one is
+    a memory-mapped file in a temporary folder under `folder` (default ``data_dir()/"cache"``)."""
+    def __init__(self, dtype: torch.dtype, max_bytes: int, folder=None, device="cpu"):
+        self.dtype, self.max_bytes, self.device = dtype, max_bytes, device
+        self.folder = Path(folder or data_dir() / "cache")
+        self.held, self.dir, self.files, self.in_memory, self.spilled = [], None, 0, 0, 0
+
+    def empty(self, shape) -> torch.Tensor:
+        "A new uninitialised tensor of `shape`, in memory while the bound allows, else mapped to a file."
+        n = math.prod(shape)
+        nbytes = n * self.dtype.itemsize
+        if self.in_memory + nbytes <= self.max_bytes:
+            t, path = torch.empty(shape, dtype=self.dtype, device=self.device), None
+            self.in_memory += nbytes
+        else:
+            if self.dir is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.dir = Path(tempfile.mkdtemp(prefix="features-", dir=self.folder))
+            self.files += 1
+            path = self.dir / f"{self.files}.bin"
+            with open(path, "wb") as f: f.truncate(nbytes)
+            t = torch.from_file(str(path), shared=True, size=n, dtype=self.dtype).view(shape)
+            self.spilled += nbytes
+        self.held.append((t, nbytes, path))
+        return t
+
+    def free(self, t: torch.Tensor) -> None:
+        "Give back `t`'s memory (or delete its file); `t` must not be used after."
+        i = next(i for i, (o, _, _) in enumerate(self.held) if o is t)
+        _, nbytes, path = self.held.pop(i)
+        if path is None: self.in_memory -= nbytes
+        else: path.unlink()
+
+    def close(self) -> None:
+        "Free every tensor and delete the temporary folder."
+        self.held, self.in_memory = [], 0
+        if self.dir is not None: shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+
+class TensorLoader(DataLoader):
+    """A fastai `DataLoader` over equal-length `tensors`, a batch taken in one indexing, cast to float32
+    (floating ones) on `device`. With the same `n`, `bs`, `shuffle`, `drop_last` and `rng` state as
+    another fastai loader it yields the same items in each batch."""
+    def __init__(self, tensors, **kwargs):
+        super().__init__(tuple(tensors), n=len(tensors[0]), indexed=True, **kwargs)
+
+    def create_item(self, i): return i
+    def create_batch(self, idxs): return tuple(t[torch.tensor(idxs, device=t.device)] for t in self.dataset)
+    def retain(self, res, b): return res
+    def after_batch(self, b): return tuple(map(_as_float, b))
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    "A cached tensor in the dtype the plain path computes in: float32 if floating, else as is."
+    return t.float() if t.is_floating_point() else t
+
+
+class ValidateOn(Callback):
+    """Validate `model`, the part of the learner's model after a frozen prefix, on the valid items' cached
+    `inputs` and `targets` (in order) in place of each batch's own: neither the prefix nor the teacher runs.
+    The valid loader still runs, so the random numbers its transforms draw, used or not, are drawn as before."""
+    run_train = False
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor): store_attr()
+    def before_validate(self): self.whole, self.learn.model, self.done = self.learn.model, self.model, 0
+
+    def before_batch(self):
+        i, self.done = self.done, self.done + len(self.yb[0])
+        self.learn.xb, self.learn.yb = [(_as_float(t[i:self.done].to(self.dls.device)),)
+                                        for t in (self.inputs, self.targets)]
+
+    def after_validate(self): self.learn.model = self.whole
+
+
+def _labelled(batches, y: torch.Tensor):
+    "(range, images) of `batches` of (range, (images, labels)), the labels written into `y` on the way."
+    for r, (xb, yb) in batches:
+        y[r.start:r.stop] = yb.cpu()
+        yield r, xb
+
+
+@contextmanager
+def _evaluating(*models):
+    "Every module of `models` in eval mode, and its mode restored after."
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models: model.eval()
+    try: yield
+    finally:
+        for m, training in modes: m.train(training)
+
+
+class FeatureCache:
+    """Inputs and targets of a method's steps, computed once (eval mode, no gradients) for the train and
+    valid items of `dls`, which must give the same tensor for an item every epoch (without `train`: for the
+    valid items only, which no augmentation touches). Held in `dtype` (one of `CACHE_DTYPES`) in a `Store`
+    on the loaders' device (GPU memory on CUDA: batches need no transfer) bounded by `max_bytes`. `amp`
+    (a key of `AMP_DTYPES`) computes under autocast on CUDA. A context manager; `close` frees it all."""
+    def __init__(self, dls, student: nn.Module, teacher: nn.Module = None, dtype: str = "float16",
+                 max_bytes: int = 4 * 2**30, amp: str = None, train: bool = True):
+        if dtype not in CACHE_DTYPES: raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
+        self.dls, self.student, self.teacher, self.amp, self.train = dls, student, teacher, amp, train
+        self.loaders = (dls.train, dls.valid) if train else (dls.valid,)
+        self.store = Store(getattr(torch, dtype), max_bytes, device=dls.device)
+        # per cached loader: the inputs of stage `at`, the teacher's features of stage `t_at`, the labels
+        self.x = self.t = self.y = None
+        self.at = self.t_at = None
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+    def close(self):
+        self.store.close()
+        self.x = self.t = self.y = None
+
+    def step(self, step) -> tuple:
+        """(inputs, targets, part) of `step`: per cached loader its items' inputs and targets, in dataset order,
+        and the part of the student that maps one to the other. Steps come in order; a step that cannot
+        be reached from the cache of the one before (the first, or a resumed run) starts again from the
+        images, then chains the same way, so a resumed run computes the same numbers."""
+        first = min(STAGES.index(p) for p in step.parts)
+        target = None if step.target == "labels" else STAGES.index(step.target)
+        reachable = self.x is not None and first >= self.at and (
+            target is None or (self.t is not None and target >= self.t_at))
+        if not reachable: self._fill(target is not None)
+        self._advance(first, target)
+        if target is None: return self.x, self.y, stage_span(self.student, first, HEAD)
+        return self.x, self.t, stage_span(self.student, first, target)
+
+    def dataloaders(self, inputs: list, targets: list) -> DataLoaders:
+        "`DataLoaders` of cached `inputs` and `targets` (as `step` gives them) whose batches are those of `dls`."
+        def mirror(dl, x, t):
+            pin = dl.device.type == "cuda" and x.device.type == t.device.type == "cpu"
+            return TensorLoader((x, t), bs=dl.bs, shuffle=dl.shuffle, drop_last=dl.drop_last, device=dl.device,
+                                pin_memory=pin)
+        return DataLoaders(*map(mirror, self.loaders, inputs, targets), path=self.dls.path, device=self.dls.device)
+
+    def _fill(self, teacher: bool) -> None:
+        "The images (the input of the first stage) and, with `teacher`, the teacher's first stage features."
+        self._free()
+        fns = [nn.Sequential()] + ([stage_part(frozen(self.teacher, self.dls.device), "stem")] if teacher else [])
+        outs, self.y = [], []
+        for dl, chunks in zip(self.loaders, self._chunks()):
+            y = torch.empty(len(dl.dataset), dtype=torch.long)
+            images = dl.new(shuffle=False, drop_last=False, get_idxs=lambda: [i for r in chunks for i in r])
+            outs.append(self._run(fns, _labelled(zip(chunks, images), y), len(y)))
+            self.y.append(y)
+        self.x, self.at = [o[0] for o in outs], 0
+        if teacher: self.t, self.t_at = [o[1] for o in outs], 0
+
+    def _advance(self, first: int, target) -> None:
+        "Chain the inputs on to stage `first`, the teacher's features on to `target` (None: drop them), stage by stage."
+        while self.at < first:
+            self.x = self._map(stage_part(self.student, STAGES[self.at]), self.x)
+            self.at += 1
+        if target is None: return self._free_targets()
+        while self.t_at < target:
+            self.t_at += 1
+            self.t = self._map(stage_part(frozen(self.teacher, self.dls.device), STAGES[self.t_at]), self.t)
+
+    def _chunks(self) -> list:
+        """Per split, ranges of items to compute together: the shapes of the batches the plain path runs
+        (full ones in training, the last one overlapping; in order in validation), so the float32 cache
+        holds the very numbers the plain path computes (convolution kernels can depend on the batch size)."""
+        res = []
+        for dl in self.loaders:
+            n, bs = len(dl.dataset), dl.bs
+            chunks = [range(i, min(i + bs, n)) for i in range(0, n, bs)]
+            if dl.drop_last and n >= bs: chunks[-1] = range(n - bs, n)
+            res.append(chunks)
+        return res
+
+    def _map(self, f: nn.Module, xs: list) -> list:
+        "`f` applied to each split's cached tensor, which is freed."
+        dev = self.dls.device
+        out = [self._run([f], ((r, _as_float(x[r.start:r.stop].to(dev))) for r in chunks), len(x))[0]
+               for x, chunks in zip(xs, self._chunks())]
+        for x in xs: self.store.free(x)
+        return out
+
+    def _run(self, fns, batches, n: int) -> list:
+        "For each of `fns`, its outputs on `batches` of (range of items, input), `n` items in all, in one new tensor."
+        amp = torch.autocast(self.dls.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp else nullcontext()
+        outs = [None] * len(fns)
+        with torch.no_grad(), amp, _evaluating(*fns):
+            for r, b in batches:
+                for j, f in enumerate(fns):
+                    o = f(b)
+                    if outs[j] is None: outs[j] = self.store.empty((n, *o.shape[1:]))
+                    outs[j][r.start:r.stop] = o
+                    if self.store.dtype is torch.float16 and torch.isinf(outs[j][r.start:r.stop]).any():
+                        raise OverflowError("A cached feature overflows float16: use cache_dtype bfloat16 or float32.")
+        return outs
+
+    def _free_targets(self) -> None:
+        for t in self.t or []: self.store.free(t)
+        self.t = self.t_at = None
+
+    def _free(self) -> None:
+        self._free_targets()
+        for x in self.x or []: self.store.free(x)
+        self.x = self.at = None

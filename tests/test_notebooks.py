@@ -1,0 +1,95 @@
+"""The notebooks: one documented `parameters` cell each and no committed outputs; the student notebook
+runs end to end through papermill on tiny parameters and writes its record; the figures notebook draws
+from the records it finds, however few."""
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+import torch
+
+from kd_lib.models import teacher
+from kd_lib.reproduce import NOTEBOOKS, run_notebook
+
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def test_the_notebooks_are_there():
+    assert {p.stem for p in NOTEBOOK_FILES} >= {"table1", "method", "teacher", "student", "figures"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_one_documented_parameters_cell_and_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged parameters"
+    for line in tagged[0].source.splitlines():
+        if re.match(r"^\w+\s*(:[^=]+)?=", line):
+            assert re.search(r"\S\s+#\s*\S", line), f"{path.name}: parameter without a comment: {line!r}"
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{path.name}: committed outputs"
+    params = pm.inspect_notebook(str(path))
+    assert params and all(p["help"] for p in params.values()), f"{path.name}: papermill sees undocumented parameters"
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory):
+    "student.ipynb executed by papermill on tiny parameters, with a random teacher saved in a tmp folder."
+    tmp = tmp_path_factory.mktemp("nb")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KD_DATA", str(tmp / "data"))
+    tpath = tmp / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save(teacher(10, pretrained=False).state_dict(), tpath)
+    params = dict(dataset="digits", size=16, bs=16, student="resnet10", method="stagewise", epochs=1, fraction=0.1,
+                  lr=1e-3, augment=False, teacher_path=str(tpath), out_dir=str(tmp / "runs"))
+    out = run_notebook("student", tmp / "student.ipynb", threads=1, **params)
+    yield tmp, out
+    mp.undo()
+
+
+def test_student_notebook_writes_its_record_and_figures(student_run):
+    tmp, out = student_run
+    record = json.loads((tmp / "runs" / "digits" / "resnet10-stagewise-f0.1-s0" / "record.json").read_text())
+    assert record["status"] == "complete" and record["params"]["epochs"] == 1
+    assert [s["name"] for s in record["stages"]] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert record["data"]["path"].startswith(str(tmp / "data"))
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the loss curves and the feature maps
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "teacher_path" in injected[0].source
+
+
+def test_figures_notebook_draws_from_a_single_run(student_run):
+    tmp, _ = student_run
+    out = run_notebook("figures", tmp / "figures.ipynb", threads=1, out_dir=str(tmp / "runs"), profile="test")
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
+    assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table"} <= glued
+
+
+def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
+    import pandas as pd
+    from kd_lib import plots
+    from kd_lib.paper import paper_results
+    paper = paper_results()
+    as_runs = plots.paper_as_records(paper)
+    g = plots.gaps(as_runs)
+    assert set(g["dataset"]) == {"imagenette", "imagewoof", "cifar10"} and (g["wins"] == 5).all()
+    c = plots.claims(as_runs, paper)
+    assert len(c) == 12 and (c["verdict"] == "reproduced").all()  # the paper agrees with itself
+    for fig in (plots.figure3(as_runs, paper), plots.figure4(as_runs, paper), plots.paper_figure(paper, True)):
+        assert fig._repr_png_()[:4] == b"\x89PNG"
+    empty = pd.DataFrame()
+    assert plots.summary(empty).empty and plots.gaps(empty).empty and plots.claims(empty, paper).empty
+    assert plots.provenance(empty)["runs"] == 0
+    assert plots.figure3(empty, paper)._repr_png_()[:4] == b"\x89PNG"
+    assert plots.stage_diagram("resnet14", 32)._repr_png_()[:4] == b"\x89PNG"

@@ -1,0 +1,192 @@
+"""The runner (kd_lib.reproduce): profiles, the expansion of a profile into runs, skipping complete runs,
+the order and parallelism of the runs, and its command line. Nothing here trains or starts a kernel."""
+import io
+import json
+import threading
+import time
+
+import papermill as pm
+import pytest
+import yaml
+
+from kd_lib import reproduce as rp
+from kd_lib.records import run_name
+
+TINY = dict(name="tiny", datasets=[dict(
+    dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
+    teacher=dict(epochs=1, pretrained=False),
+    students=[dict(student=["resnet10", "resnet14"], method=["no_teacher", "stagewise"], fraction=1.0, seed=[0, 1],
+                   epochs=1),
+              dict(student="resnet10", method=["stagewise", "no_teacher"], fraction=[0.25, 1.0], seed=0, epochs=1)])])
+
+
+def tiny(tmp_path, **changes) -> dict:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY, out_dir=str(tmp_path / "runs"), **changes)))
+    return rp.load_profile(path)
+
+
+def write_record(job, status="complete", **changes):
+    params = {k: v for k, v in job.params.items() if k != "out_dir"}
+    params.update(kind=job.kind, **changes)
+    job.run.mkdir(parents=True, exist_ok=True)
+    (job.run / "record.json").write_text(json.dumps(dict(kind=job.kind, status=status, params=params)))
+
+
+@pytest.mark.parametrize("name", ["smoke", "digits", "paper"])
+def test_shipped_profiles_expand_to_notebook_parameters(name):
+    prof = rp.load_profile(name)
+    jobs = rp.expand(prof)
+    teachers = [j for j in jobs if j.kind == "teacher"]
+    assert len(teachers) == len(prof["datasets"]) and jobs[:len(teachers)] == teachers
+    for kind in ("teacher", "student"):
+        known = set(pm.inspect_notebook(str(rp.NOTEBOOKS / f"{kind}.ipynb")))
+        for j in jobs:
+            if j.kind == kind: assert set(j.params) <= known, (j.name, set(j.params) - known)
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    rp._example(prof, jobs)  # the run the book shows is one of the profile's
+
+
+def test_shipped_profile_sizes():
+    count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"]) for n in ("smoke", "paper")}
+    assert count == {"smoke": 10, "paper": 75}
+    digits = rp.expand(rp.load_profile("digits"))
+    students = {j.params["student"] for j in digits if j.kind == "student"}
+    assert students == {"resnet10", "resnet14", "resnet18", "resnet20", "resnet26"}
+    full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
+    assert full >= {"no_teacher", "simultaneous", "stagewise"}
+    small = {j.params["method"] for j in digits if j.kind == "student" and j.params["fraction"] < 1}
+    assert small == {"no_teacher", "stagewise"}
+
+
+def test_expand_is_the_product_of_the_lists_without_duplicates(tmp_path):
+    jobs = rp.expand(tiny(tmp_path))
+    students = [j for j in jobs if j.kind == "student"]
+    # 2 students x 2 methods x 2 seeds, then resnet10 x 2 methods x 2 fractions of which 2 runs repeat
+    assert len(students) == 8 + 2
+    assert jobs[0].name == "digits/teacher" and jobs[0].run == tmp_path / "runs" / "digits" / "teacher"
+    assert jobs[0].params["out_dir"] == str(tmp_path / "runs") and jobs[0].extra["out_dir"] == tmp_path / "runs"
+    j = next(j for j in students if j.params["fraction"] == 0.25)
+    assert j.name == "digits/resnet10-stagewise-f0.25-s0" == f"digits/{run_name(j.params)}"
+    assert j.params | {"out_dir": None} == dict(dataset="digits", data_path=None, size=16, bs=16, lr=1e-3, epochs=1,
+                                               student="resnet10", method="stagewise", fraction=0.25, seed=0,
+                                               teacher_path=None, out_dir=None)
+    assert j.output == tmp_path / "runs" / "notebooks" / "digits" / "resnet10-stagewise-f0.25-s0.ipynb"
+    assert jobs[0].params["pretrained"] is False and "student" not in jobs[0].params
+
+
+def test_profile_errors(tmp_path):
+    with pytest.raises(rp.ProfileError, match="smoke"): rp.load_profile("no-such-profile")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(datasets=[dict(dataset="digits", students=[dict(studnet="resnet10")])])))
+    with pytest.raises(rp.ProfileError, match="studnet"): rp.load_profile(bad)
+    bad.write_text("datasets: []")
+    with pytest.raises(rp.ProfileError, match="datasets"): rp.load_profile(bad)
+    prof = rp.load_profile(tiny(tmp_path)["path"])
+    assert prof["name"] == "tiny"
+
+
+def test_plan_skips_complete_runs_and_refuses_other_parameters(tmp_path):
+    jobs = rp.expand(tiny(tmp_path))
+    write_record(jobs[0])  # the teacher: complete
+    write_record(jobs[1], status="running")  # a killed run: to run (it resumes)
+    rp.plan(jobs)
+    assert [j.status for j in jobs[:3]] == ["complete", "todo", "todo"]
+    write_record(jobs[2], epochs=7)
+    with pytest.raises(rp.RunConflict, match="epochs was 7"): rp.plan(jobs)
+
+
+def test_plan_reads_params_json_of_a_run_not_yet_recorded(tmp_path):
+    jobs = rp.expand(tiny(tmp_path))
+    jobs[1].run.mkdir(parents=True)
+    (jobs[1].run / "params.json").write_text(json.dumps(dict(jobs[1].params, lr=0.5)))
+    with pytest.raises(rp.RunConflict, match="lr"): rp.plan(jobs)
+
+
+def fake_execute(order, fail=(), delay=0.0):
+    lock = threading.Lock()
+
+    def execute(job, threads, progress):
+        progress.start(job)
+        with lock: order.append((job.name, "start"))
+        time.sleep(delay)
+        job.status = "failed" if job.name in fail else "done"
+        job.error = "boom" if job.name in fail else None
+        with lock: order.append((job.name, "end"))
+        progress.finish(job)
+        return job
+    return execute
+
+
+def test_run_jobs_skips_complete_runs_and_waits_for_the_teacher(tmp_path):
+    jobs = rp.plan(rp.expand(tiny(tmp_path)))
+    jobs[-1].status = "complete"
+    order, err = [], io.StringIO()
+    rp.run_jobs(jobs, n_jobs=3, stream=err, execute=fake_execute(order, delay=0.05))
+    started = [n for n, e in order if e == "start"]
+    assert jobs[-1].name not in started and len(started) == len(jobs) - 1
+    teacher_end = order.index(("digits/teacher", "end"))
+    for n, e in order[:teacher_end]:
+        assert n == "digits/teacher" or "no_teacher" in n  # only runs without a teacher overlap it
+    out = err.getvalue()
+    assert f"[{len(jobs):>3}/{len(jobs)}] done" in out and "left" in out and "elapsed" in out
+    assert "1 complete already" in out
+
+
+def test_run_jobs_does_not_start_students_of_a_failed_teacher(tmp_path):
+    jobs = rp.plan(rp.expand(tiny(tmp_path)))
+    order = []
+    with pytest.raises(RuntimeError, match="the teacher of digits failed"):
+        rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO(), execute=fake_execute(order, fail={"digits/teacher"}))
+    started = {n for n, e in order if e == "start"}
+    assert all("no_teacher" in n or n == "digits/teacher" for n in started)
+    assert {j.name for j in jobs if "no_teacher" in j.name} <= started
+
+
+def test_kernel_env_sets_threads_and_quiet_training():
+    env = rp.kernel_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["KD_PROGRESS"] == "0"
+
+
+def test_cost_orders_runs_sensibly(tmp_path):
+    by = {j.name: j.cost for j in rp.expand(tiny(tmp_path))}
+    assert by["digits/resnet10-stagewise-f1-s0"] > by["digits/resnet10-no_teacher-f1-s0"]
+    assert by["digits/resnet14-stagewise-f1-s0"] > by["digits/resnet10-stagewise-f1-s0"]
+    assert by["digits/resnet10-stagewise-f0.25-s0"] < by["digits/resnet10-stagewise-f1-s0"]
+
+
+def test_dry_run_lists_runs(tmp_path, capsys):
+    rp.main(["--profile", "smoke", "--dry-run", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert out.out.count("todo") == 11 and "11 runs, 11 to run" in out.err
+
+
+def test_unknown_profile_exits_with_a_message():
+    with pytest.raises(SystemExit, match="No profile"): rp.main(["--profile", "nope", "--dry-run"])
+
+
+def test_prune_keeps_the_record_and_the_final_weights(tmp_path):
+    run = tmp_path / "run"
+    for f in ("models/stem.pth", "models/head.pth", "stages/stem.pth", "stages/head.pth"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_bytes(b"x" * 10)
+    record = dict(kind="student", status="running", stages=[dict(name="stem"), dict(name="head")])
+    (run / "record.json").write_text(json.dumps(record))
+    assert rp.prune(run) == 0 and len(list(run.rglob("*.pth"))) == 4  # not complete: nothing goes
+    (run / "record.json").write_text(json.dumps(dict(record, status="complete")))
+    assert rp.prune(run) == 30
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*.pth")) == ["stages/head.pth"]
+    teacher = tmp_path / "teacher"
+    (teacher / "models").mkdir(parents=True)
+    (teacher / "models" / "teacher.pth").write_bytes(b"x")
+    (teacher / "teacher.pth").write_bytes(b"x")
+    (teacher / "record.json").write_text(json.dumps(dict(kind="teacher", status="complete", stages=[dict(name="t")])))
+    rp.prune(teacher)
+    assert [p.name for p in teacher.rglob("*.pth")] == ["teacher.pth"] and not (teacher / "models").exists()
+
+
+def test_notebooks_get_out_dir_relative_to_the_repository():
+    jobs = rp.expand(rp.load_profile("smoke"))
+    assert {j.params["out_dir"] for j in jobs} == {"runs/smoke"}
+    assert jobs[0].run == rp.ROOT / "runs" / "smoke" / "digits" / "teacher"
