@@ -182,6 +182,12 @@ def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
     return dict(row=row, stages=stages, weights=weights)
 
 
+def _difference(w: dict, w0: dict) -> float:
+    "The largest difference of a float tensor of `w` from `w0`'s, relative to the largest value of the latter."
+    return max(float((w[k] - w0[k]).abs().max() / w0[k].abs().max().clamp_min(1e-12))
+               for k in w0 if w0[k].is_floating_point())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits")
@@ -227,12 +233,8 @@ def main(argv=None):
         base = {a: r["row"][col] for (v, a), r in results.items() if v == ref}
         rows[f"x vs {VARIANTS[ref]}" + (" (wall)" if col == "wall_s" else "")] = [
             base[a] / t if a in base else None for a, t in zip(rows.augment, rows[col])]
-    same = {}
-    for (v, a), r in results.items():
-        if v != "plain" and ("plain", a) in results:
-            w0 = results["plain", a]["weights"]
-            same[f"{v} augment={a}"] = max(float((r["weights"][k] - w0[k]).abs().max() / w0[k].abs().max().clamp_min(1e-12))
-                                           for k in w0 if w0[k].is_floating_point())
+    same = {f"{v} augment={a}": _difference(r["weights"], results["plain", a]["weights"])
+            for (v, a), r in results.items() if v != "plain" and ("plain", a) in results}
     modes = teacher_modes(get_data(args.dataset, args.data_path, size=args.size, bs=args.bs, fraction=args.fraction,
                                    seed=args.seed, augment=False), teacher_path)
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 2):
