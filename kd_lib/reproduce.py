@@ -36,7 +36,7 @@ PROFILES = Path(__file__).resolve().parent / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 
 __all__ = ["Job", "ProfileError", "RunConflict", "load_profile", "profiles", "expand", "plan", "run_notebook",
-           "run_jobs", "prune", "write_book_notebooks", "build_book", "main"]
+           "run_jobs", "prune", "strays", "write_book_notebooks", "build_book", "main"]
 
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list
 # for the profile check: the parameters of the teacher and student notebooks (read from them) and `common`
@@ -214,6 +214,14 @@ def plan(jobs: list) -> list:
         raise RunConflict("These run folders hold runs with other parameters than the profile's:\n  "
                           + "\n  ".join(bad) + "\nDelete them, or give the profile another out_dir.")
     return jobs
+
+
+def strays(jobs: list) -> list:
+    "Record files under the jobs' out_dir that belong to none of the jobs (the figures would include them)."
+    if not jobs: return []
+    out = jobs[0].extra.get("out_dir") or jobs[0].run.parent.parent
+    mine = {j.run / RECORD for j in jobs}
+    return sorted(p for p in Path(out).rglob(RECORD) if p not in mine)
 
 
 # ---------------------------------------------------------------- running
@@ -446,6 +454,11 @@ def main(argv=None) -> None:
         jobs = plan(expand(prof, args.out_dir))
     except (ProfileError, RunConflict) as e:
         sys.exit(f"error: {e}")
+    if stray := strays(jobs):
+        print(f"note: {len(stray)} record(s) under {stray[0].parents[2]} are not runs of the profile "
+              f"{prof['name']!r} (for example {stray[0].parent.name}); the figures include every record there. "
+              "Move them away, or give the profile another out_dir, to show the profile's runs only.",
+              file=sys.stderr)
     if args.dry_run:
         for j in jobs: print(f"{j.status:9} {j.name}  {j.params}")
         todo = [j for j in jobs if j.status == "todo"]

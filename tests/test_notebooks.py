@@ -33,6 +33,8 @@ def test_one_documented_parameters_cell_and_no_outputs(path):
             assert c.outputs == [] and c.execution_count is None, f"{path.name}: committed outputs"
     params = pm.inspect_notebook(str(path))
     assert params and all(p["help"] for p in params.values()), f"{path.name}: papermill sees undocumented parameters"
+    names = [re.match(r"^(\w+)", line).group(1) for line in tagged[0].source.splitlines() if re.match(r"^\w+\s*(:[^=]+)?=", line)]
+    assert names == list(params), f"{path.name}: papermill cannot read {set(names) - set(params)}"
 
 
 @pytest.fixture(scope="module")

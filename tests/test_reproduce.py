@@ -190,3 +190,12 @@ def test_notebooks_get_out_dir_relative_to_the_repository():
     jobs = rp.expand(rp.load_profile("smoke"))
     assert {j.params["out_dir"] for j in jobs} == {"runs/smoke"}
     assert jobs[0].run == rp.ROOT / "runs" / "smoke" / "digits" / "teacher"
+
+
+def test_strays_are_records_of_no_job(tmp_path):
+    jobs = rp.expand(tiny(tmp_path))
+    write_record(jobs[1])
+    other = tmp_path / "runs" / "digits" / "resnet10-stagewise-f1-s9"
+    other.mkdir(parents=True)
+    (other / "record.json").write_text("{}")
+    assert rp.strays(jobs) == [other / "record.json"]
