@@ -52,7 +52,8 @@ def notebook_parameters(kind: str) -> set:
 
 
 # relative cost of one epoch per method (resnet10, 1 thread, digits at 16 px), for the time estimate only
-_METHOD_COST = dict(no_teacher=1.0, simultaneous=1.45, stagewise=3.4, hinton=1.3, fitnets=2.0)
+_METHOD_COST = dict(no_teacher=1.0, simultaneous=1.4, stagewise=3.4, hinton=1.3, fitnets=2.0)
+_CACHED_COST = 1.3  # stagewise with cache=True
 _START_COST = 2.0  # a kernel's start, imports and figures, in the same unit
 
 
@@ -89,7 +90,8 @@ class Job:
         layers = int("".join(c for c in p["student"] if c.isdigit()) or 10)
         depth = 1 + 0.1 * (layers - 10)  # resnet26 ~ 2.6 x resnet10
         valid = 0.1 if p["method"] == "no_teacher" else 0.35  # the validation share, which no fraction shrinks
-        return _START_COST + p.get("epochs", 1) * _METHOD_COST.get(p["method"], 1.5) * depth \
+        method = _CACHED_COST if p.get("cache") is True else _METHOD_COST.get(p["method"], 1.5)
+        return _START_COST + p.get("epochs", 1) * method * depth \
             * (p.get("fraction", 1.0) + valid) / (1 + valid)
 
 

@@ -24,10 +24,9 @@ from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam
+from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from fastcore.basics import store_attr
-from fastcore.foundation import L
 from torch import nn
 
 from .cache import AMP_DTYPES, CACHE_DTYPES, FeatureCache, ValidateOn
@@ -39,8 +38,12 @@ from .records import RECORD, atomic_write, read_json, versions, write_json
 __all__ = ["Step", "METHODS", "paper_adam", "BestCheckpoint", "StopOnNaN", "train_teacher", "train_student",
            "load_teacher", "run_dir", "RunExists"]
 
-# The paper's optimizer: torch's Adam defaults (betas 0.9/0.999, eps 1e-8, no weight decay), no schedule.
-paper_adam = partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.)
+
+def paper_adam(params, lr: float = 1e-3, **kwargs) -> OptimWrapper:
+    """The paper's optimizer, torch's Adam with its defaults (betas 0.9/0.999, eps 1e-8, no weight decay), as a
+    fastai optimizer (schedulers set its `lr` and `mom`). Fused: one kernel for all parameters, the same update
+    several times faster than a loop over them (on CPU, 16 ms instead of 110 ms a step for ResNet26's 17.7M)."""
+    return OptimWrapper(params, opt=torch.optim.Adam, lr=lr, fused=True, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class BestCheckpoint(SaveModelCallback):
         if s:
             self.best = s["best"]
             self.learn.model.load_state_dict(s["model"])
-            self.learn.opt.load_state_dict(dict(state=s["opt"]["state"], hypers=L(s["opt"]["hypers"])))
+            self.learn.opt.load_state_dict(s["opt"])
             count, val = s["smooth_loss"]
             self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = count, torch.tensor(val)
             _set_rng_state(s["rng"], self.dls)
@@ -128,8 +131,7 @@ class BestCheckpoint(SaveModelCallback):
         self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}))
         self.elapsed += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
-        opt = self.opt.state_dict()
-        state = dict(model=self.learn.model.state_dict(), opt=dict(state=opt["state"], hypers=[_plain(h) for h in opt["hypers"]]),
+        state = dict(model=self.learn.model.state_dict(), opt=self.opt.state_dict(),
                      rng=_rng_state(self.dls), history=self.history, best=float(self.best),
                      best_epoch=self.best_epoch, elapsed=self.elapsed,
                      smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
@@ -137,11 +139,6 @@ class BestCheckpoint(SaveModelCallback):
 
     def after_fit(self):
         if self.best_epoch is not None: self.learn.load(self.fname, with_opt=False, weights_only=True)
-
-
-def _plain(hypers: dict) -> dict:
-    "Optimizer hyper-parameters as Python numbers, loadable weights-only."
-    return {k: v.item() if hasattr(v, "item") else v for k, v in hypers.items()}
 
 
 def _load_state(path: Path):
