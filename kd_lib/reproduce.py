@@ -272,12 +272,12 @@ def run_notebook(name: str, out: Path, threads: int = None, log: Path = None, **
 
 
 class Progress:
-    "Run i of N, elapsed and estimated remaining time, on stderr; the estimate scales by the jobs' costs."
-    def __init__(self, jobs: list, stream=None):
-        self.jobs, self.stream = jobs, stream or sys.stderr
+    "Run i of N, elapsed and estimated remaining time, on stderr; the estimate scales by the jobs' costs and slots."
+    def __init__(self, jobs: list, stream=None, n_jobs: int = 1):
+        self.jobs, self.stream, self.n_jobs = jobs, stream or sys.stderr, max(1, n_jobs)
         self.t0, self.lock = time.perf_counter(), threading.Lock()
         self.todo_cost = sum(j.cost for j in jobs if j.status == "todo")
-        self.done_cost, self.i = 0.0, sum(j.status == "complete" for j in jobs)
+        self.done_cost, self.done_s, self.i = 0.0, 0.0, sum(j.status == "complete" for j in jobs)
         self.started = self.i
 
     def say(self, msg: str):
@@ -294,8 +294,10 @@ class Progress:
         with self.lock:
             self.i += 1
             self.done_cost += job.cost
+            self.done_s += job.seconds
             spent = time.perf_counter() - self.t0
-            left = spent / self.done_cost * (self.todo_cost - self.done_cost) if self.done_cost else 0
+            # seconds per unit of cost in one slot, from the finished runs (a long run still going does not skew it)
+            left = self.done_s / self.done_cost * (self.todo_cost - self.done_cost) / self.n_jobs if self.done_cost else 0
             what = "done" if job.status == "done" else "FAILED"
             print(f"[{self.i:>3}/{len(self.jobs)}] {what:6} {job.name} in {_fmt(job.seconds)} | elapsed {_fmt(spent)}"
                   f" | about {_fmt(left)} left", file=self.stream, flush=True)
@@ -347,7 +349,7 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None) -> list:
     progress)` runs one job (default: papermill). Returns the jobs; raises `RuntimeError` listing failures."""
     execute = execute or _execute
     cpu0 = _children_cpu()
-    progress = Progress(jobs, stream)
+    progress = Progress(jobs, stream, n_jobs)
     n_done = sum(j.status == "complete" for j in jobs)
     threads = max(1, _cores() // max(1, n_jobs))
     progress.say(f"{len(jobs)} runs: {n_done} complete already, {len(jobs) - n_done} to run, {n_jobs} at a time "

@@ -79,12 +79,14 @@ def test_cache_spills_to_files_and_removes_them(cached32):
     assert not any(f.exists() for f in files) and not list((data_dir() / "cache").iterdir())  # and none is left
 
 
-def test_cache_serves_a_step_of_every_stage_too(tmp_path, tiny):
-    "no_teacher's one step trains the whole student on labels: its input is the cached images."
-    runs = [train_student(**(tiny | dict(method="no_teacher", epochs=1, augment=False, out_dir=tmp_path / str(c),
-                                         progress=False, cache=c, cache_dtype="float32")))
+@pytest.mark.parametrize("method,last", [("no_teacher", "all"), ("fitnets", "classifier")])
+def test_cache_serves_steps_of_several_stages_too(method, last, tmp_path, tiny, teacher_path):
+    """no_teacher's one step trains the whole student on labels (its input: the cached images); FitNets' hint
+    trains stem to layer2 on the teacher's layer2, then layer3 to the head on labels."""
+    runs = [train_student(**(tiny | dict(method=method, epochs=1, augment=False, out_dir=tmp_path / str(c),
+                                         teacher_path=teacher_path, progress=False, cache=c, cache_dtype="float32")))
             for c in (False, True)]
-    w = [torch.load(tmp_path / str(c) / "digits/resnet10-no_teacher-f0.25-s0/stages/all.pth", weights_only=True)
+    w = [torch.load(tmp_path / str(c) / f"digits/resnet10-{method}-f0.25-s0/stages/{last}.pth", weights_only=True)
          for c in (False, True)]
     assert _losses(runs[1]) == pytest.approx(_losses(runs[0]), rel=1e-5)
     assert all(torch.allclose(w[1][k].float(), w[0][k].float(), rtol=1e-5, atol=1e-6) for k in w[0])

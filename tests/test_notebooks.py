@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import papermill as pm
 import pytest
 import torch
+from PIL import Image
 
 from kd_lib.models import teacher
 from kd_lib.reproduce import NOTEBOOKS, run_notebook
@@ -95,3 +97,31 @@ def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     assert plots.provenance(empty)["runs"] == 0
     assert plots.figure3(empty, paper)._repr_png_()[:4] == b"\x89PNG"
     assert plots.stage_diagram("resnet14", 32)._repr_png_()[:4] == b"\x89PNG"
+
+
+def colour_tree(root: Path) -> Path:
+    "A data folder unlike the digits: RGB JPEGs of mixed sizes, 3 classes told apart by colour, a `test/` split."
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for k, c in enumerate(("red", "green", "blue")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, (rng.integers(20, 40), rng.integers(20, 40), 3), dtype=np.uint8)
+                img[..., k] += 150
+                Image.fromarray(img).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def test_teacher_then_student_on_a_folder_never_seen(tmp_path, monkeypatch):
+    "What a user does with their own data: teacher.ipynb, then student.ipynb finding that teacher in out_dir."
+    monkeypatch.setenv("KD_DATA", str(tmp_path / "data"))
+    tree, runs = colour_tree(tmp_path / "colours"), tmp_path / "runs"
+    common = dict(dataset="folder", data_path=str(tree), size=24, bs=8, lr=1e-3, augment=True, out_dir=str(runs))
+    run_notebook("teacher", tmp_path / "teacher.ipynb", threads=1, epochs=2, pretrained=False, **common)
+    out = run_notebook("student", tmp_path / "student.ipynb", threads=1, student="resnet10", method="stagewise",
+                       epochs=1, cache="valid", **common)
+    record = json.loads((runs / "folder" / "resnet10-stagewise-f1-s0" / "record.json").read_text())
+    assert record["status"] == "complete" and record["data"]["vocab"] == ["blue", "green", "red"]
+    assert record["data"]["sizes"]["test"] == 12 and record["teacher"]["path"] == str(runs / "folder" / "teacher")
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
