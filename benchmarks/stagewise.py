@@ -41,7 +41,7 @@ import kd_lib.train as kt
 from kd_lib.data import get_data
 from kd_lib.distill import stage_features
 from kd_lib.models import STAGES, resnet, stage_part
-from kd_lib.records import versions, write_json
+from kd_lib.records import run_name, versions, write_json
 from kd_lib.train import _evaluate, _seed, load_teacher, run_dir, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
@@ -169,7 +169,7 @@ def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
         for s, summary in zip(stages, r["stages"]): s.update(name=summary["name"], time_s=summary["time_s"])
         scores = {k: r[k] for k in ("valid_accuracy", "test_accuracy")}
         n_train, n_valid = r["data"]["sizes"]["train"] // args.bs * args.bs, r["data"]["sizes"]["valid"]
-        run_path = run_dir(run_out, args.dataset, f"{args.student}-stagewise-f{args.fraction:g}-s{args.seed}")
+        run_path = run_dir(run_out, args.dataset, run_name(r["params"]))
         weights = torch.load(run_path / "stages" / "head.pth", weights_only=True)
     per_epoch = n_train + n_valid  # images through a stage each epoch: the training batches and validation
     row = dict(variant=variant, label=VARIANTS[variant], augment=augment, wall_s=time.perf_counter() - t0,

@@ -11,7 +11,6 @@ once, as the value of its cell, and `myst_nb.glue` can paste it elsewhere in the
 * `feature_maps_figure`: teacher vs student feature maps at each stage, for one image.
 * `stage_diagram`: teacher, student, the hook points and the order of the stages.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure as _MplFigure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
 from .models import BLOCKS, FEATURE_STAGES, resnet, stage_shapes
+from .records import RECORD, read_json
 
 __all__ = ["METHOD_COLORS", "PAPER_DATASETS", "n_layers", "summary", "teachers", "gaps", "comparison", "provenance",
            "accuracy_vs_layers", "figure3", "figure4", "history_figure", "feature_maps_figure", "stage_diagram",
@@ -135,10 +135,6 @@ def provenance(records: pd.DataFrame) -> dict:
     if records is None or records.empty:
         return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
                     threads=[], hours=0.0)
-    devices, threads = set(), set()
-    for p in records["record"]:
-        v = json.loads(Path(p).read_text()).get("versions", {})
-        devices.add(v.get("device", "unknown")); threads.add(v.get("torch_threads"))
     st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
     epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
     for m in _methods(st.get("method", [])):
@@ -151,7 +147,7 @@ def provenance(records: pd.DataFrame) -> dict:
                 epochs=epochs, sizes=sorted({int(x) for x in records["size"].dropna()}) if "size" in records else [],
                 bs=sorted({int(x) for x in records["bs"]}), lr=lr,
                 fractions=sorted({float(x) for x in st.get("fraction", [])}, reverse=True),
-                devices=sorted(devices), threads=sorted(t for t in threads if t is not None),
+                devices=sorted(set(records["device"])), threads=sorted({int(t) for t in records["torch_threads"].dropna()}),
                 hours=float(records["wall_time_s"].sum()) / 3600)
 
 
@@ -405,7 +401,7 @@ def history_figure(record: dict) -> Figure:
 def load_student(run, n_classes: int = None) -> torch.nn.Module:
     "The trained student of a finished run folder: its model with the weights its last step kept."
     run = Path(run)
-    record = json.loads((run / "record.json").read_text())
+    record = read_json(run / RECORD)
     n = n_classes or len(record["data"]["vocab"])
     model = resnet(record["params"]["student"], n)
     model.load_state_dict(torch.load(run / "stages" / f"{record['stages'][-1]['name']}.pth", weights_only=True))

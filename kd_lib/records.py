@@ -61,7 +61,7 @@ def versions() -> dict:
 
 def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters,
-    final accuracies, teacher accuracy, wall time and the path of the record."""
+    final accuracies, teacher accuracy, wall time, device and torch threads, and the path of the record."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
         r = read_json(p)
@@ -70,7 +70,8 @@ def collect(folder) -> pd.DataFrame:
                      "valid_accuracy": r["valid_accuracy"], "test_accuracy": r["test_accuracy"],
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
-                     "record": str(p)})
+                     "device": r.get("versions", {}).get("device", "unknown"),
+                     "torch_threads": r.get("versions", {}).get("torch_threads"), "record": str(p)})
     return pd.DataFrame(rows)
 
 

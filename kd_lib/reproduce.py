@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .records import RECORD, run_name
+from .records import RECORD, read_json, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ROOT / "book" / "generated"
@@ -195,19 +195,13 @@ def _conflicts(job: Job, recorded: dict) -> dict:
     return out
 
 
-def _read(path: Path):
-    import json
-    try: return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError): return None
-
-
 def plan(jobs: list) -> list:
     """Mark each job `complete` when its run folder holds a complete record with the job's parameters
     (it is not started again), else `todo`; raise `RunConflict` when a folder holds other parameters."""
     bad = []
     for j in jobs:
-        rec = _read(j.run / RECORD)
-        params = (rec or {}).get("params") or _read(j.run / "params.json")
+        rec = read_json(j.run / RECORD)
+        params = (rec or {}).get("params") or read_json(j.run / "params.json")
         if params is not None and (c := _conflicts(j, params)):
             bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
             continue
@@ -221,9 +215,8 @@ def plan(jobs: list) -> list:
 def strays(jobs: list) -> list:
     "Record files under the jobs' out_dir that belong to none of the jobs (the figures would include them)."
     if not jobs: return []
-    out = jobs[0].extra.get("out_dir") or jobs[0].run.parent.parent
     mine = {j.run / RECORD for j in jobs}
-    return sorted(p for p in Path(out).rglob(RECORD) if p not in mine)
+    return sorted(p for p in jobs[0].extra["out_dir"].rglob(RECORD) if p not in mine)
 
 
 # ---------------------------------------------------------------- running
@@ -308,9 +301,7 @@ def prune(run: Path) -> int:
     checkpoints of all steps but the last (`stages/`), which only a killed run resumes from. The record,
     the teacher's `teacher.pth` and the student's final weights (`stages/<last step>.pth`) stay.
     Returns the bytes freed; does nothing unless the run's record is complete."""
-    import json
-    try: record = json.loads((run / RECORD).read_text())
-    except (FileNotFoundError, ValueError): return 0
+    record = read_json(run / RECORD) or {}
     if record.get("status") != "complete": return 0
     last = f"{record['stages'][-1]['name']}.pth" if record.get("kind") == "student" and record.get("stages") else None
     doomed = list((run / "models").glob("*.pth")) + [p for p in (run / "stages").glob("*.pth") if p.name != last]
@@ -418,8 +409,7 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
                   "its executed notebook is missing or older than the notebook", file=stream, flush=True)
             run_notebook(j.kind, j.output, **j.params)
         shutil.copyfile(j.output, GENERATED / f"{j.kind}.ipynb")
-    d0 = next(d for d in prof["datasets"] if d["dataset"] == teacher.params["dataset"])
-    size = teacher.params.get("size") or d0.get("common", {}).get("size")
+    size = teacher.params.get("size")  # the teacher's parameters include the dataset's `common` ones
     steps = [("table1", dict(size=224, n_classes=10)),
              ("method", dict(student=student.params["student"], size=224, run_size=size,
                              dataset=teacher.params["dataset"])),

@@ -33,7 +33,7 @@ from .cache import AMP_DTYPES, CACHE_DTYPES, FeatureCache, ValidateOn
 from .data import get_data
 from .distill import FeatureLoss, FreezeOthers, SoftTargets, StudentStage, TeacherFeatures
 from .models import FEATURE_STAGES, STAGES, PretrainedUnavailable, resnet, stage_part, stage_shapes, teacher
-from .records import RECORD, atomic_write, read_json, versions, write_json
+from .records import RECORD, atomic_write, read_json, run_name, versions, write_json
 
 __all__ = ["Step", "METHODS", "paper_adam", "BestCheckpoint", "StopOnNaN", "train_teacher", "train_student",
            "load_teacher", "run_dir", "RunExists"]
@@ -313,7 +313,7 @@ def train_student(student: str = "resnet10", method: str = "stagewise", dataset:
                   teacher_path=str(teacher_path) if teacher_path else None, freeze_bn=freeze_bn, truncate=truncate,
                   cache=cache, cache_dtype=cache_dtype if cache else None, amp=amp, channels_last=channels_last,
                   num_workers=num_workers, **(dict(T=T, alpha=alpha) if method == "hinton" else {}))
-    run = run_dir(out_dir, dataset, f"{student}-{method}-f{fraction:g}-s{seed}")
+    run = run_dir(out_dir, dataset, run_name(params))
     if (done := _start(run, params, force)) is not None: return done
     dls = get_data(dataset, data_path, size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
                    augment=augment, num_workers=num_workers)
