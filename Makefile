@@ -24,10 +24,10 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 book: $(BIN)/.installed
-	$(BIN)/python -m kd_lib.reproduce --profile $(PROFILE) $(if $(JOBS),--jobs $(JOBS))
+	$(BIN)/python -m kd_lib.runner --profile $(PROFILE) $(if $(JOBS),--jobs $(JOBS))
 
 html: $(BIN)/.installed
-	$(BIN)/python -m kd_lib.reproduce --profile $(PROFILE) --book-only
+	$(BIN)/python -m kd_lib.runner --profile $(PROFILE) --book-only
 
 clean:
 	rm -rf _build book/generated

@@ -25,7 +25,6 @@ import argparse
 import copy
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -37,12 +36,12 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
 
-import kd_lib.train as kt
 from kd_lib.data import get_data
 from kd_lib.distill import stage_features
+from kd_lib.fitting import evaluate, seed_everything, step_seed
 from kd_lib.models import STAGES, resnet, stage_part
 from kd_lib.records import run_name, versions, write_json
-from kd_lib.train import _evaluate, _seed, load_teacher, run_dir, train_student, train_teacher
+from kd_lib.train import load_teacher, run_dir, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
             "cached": "(b) cache"}
@@ -78,7 +77,7 @@ def paper_stagewise(dls, student: str, teacher_path, epochs: int, lr: float, see
     tchr = papers_teacher(teacher_path, dls.c, dls.device)
     stages = []
     for i, stage in enumerate(STAGES):
-        _seed(seed * 1000 + i, dls)
+        seed_everything(step_seed(seed, i), dls)
         t0, c0 = time.perf_counter(), time.process_time()
         net.requires_grad_(False)
         stage_part(net, stage).requires_grad_(True)
@@ -121,28 +120,6 @@ def teacher_modes(dls, teacher_path, stage: str = "layer4", rounds: int = 3) -> 
     return res
 
 
-@contextmanager
-def cpu_clock(stages: list):
-    "Append to `stages` the process CPU seconds of each kd_lib step: its setup (cache building), then its fit."
-    step_learner, fit = kt._step_learner, kt._fit
-
-    def timed_step_learner(*a, **k):
-        t0 = time.process_time()
-        learn = step_learner(*a, **k)
-        stages.append(dict(cache_cpu_s=time.process_time() - t0))
-        return learn
-
-    def timed_fit(*a, **k):
-        t0 = time.process_time()
-        res = fit(*a, **k)
-        stages[-1]["cpu_s"] = time.process_time() - t0
-        return res
-
-    kt._step_learner, kt._fit = timed_step_learner, timed_fit
-    try: yield stages
-    finally: kt._step_learner, kt._fit = step_learner, fit
-
-
 OPTIONS = dict(plain=dict(truncate=False), truncate={}, fast=dict(cache="valid", cache_dtype="float32"),
                cached=dict(cache=True))
 
@@ -155,18 +132,18 @@ def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
         dls = get_data(args.dataset, args.data_path, num_workers=args.num_workers, **data)
         net, stages = paper_stagewise(dls, args.student, teacher_path, args.epochs, args.lr, args.seed)
         learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-        scores = _evaluate(learn)
+        scores = evaluate(learn)
         n_train, n_valid, weights = len(dls.train) * args.bs, len(dls.valid.dataset), net.state_dict()
     else:
         fast = {} if variant == "plain" else dict(amp=args.amp, channels_last=args.channels_last,
                                                   cache_bytes=args.cache_bytes)
         if variant == "cached": fast["cache_dtype"] = args.cache_dtype
         run_out = out / variant / ("augment" if augment else "no-augment")
-        with cpu_clock([]) as stages:
-            r = train_student(args.student, "stagewise", args.dataset, args.data_path, epochs=args.epochs, lr=args.lr,
-                              teacher_path=teacher_path, out_dir=run_out, num_workers=args.num_workers, force=True,
-                              progress=False, **data, **(OPTIONS[variant] | fast))
-        for s, summary in zip(stages, r["stages"]): s.update(name=summary["name"], time_s=summary["time_s"])
+        r = train_student(student=args.student, method="stagewise", dataset=args.dataset, data_path=args.data_path,
+                          epochs=args.epochs, lr=args.lr, teacher_path=teacher_path, num_workers=args.num_workers,
+                          out_dir=run_out, force=True, progress=False, **data, **(OPTIONS[variant] | fast))
+        stages = [dict(name=s["name"], cache_cpu_s=s.get("cache_cpu_s", 0.), cpu_s=s["cpu_s"], time_s=s["time_s"])
+                  for s in r["stages"]]  # the record's own CPU times of each step: its cache, then its fit
         scores = {k: r[k] for k in ("valid_accuracy", "test_accuracy")}
         n_train, n_valid = r["data"]["sizes"]["train"] // args.bs * args.bs, r["data"]["sizes"]["valid"]
         run_path = run_dir(run_out, args.dataset, run_name(r["params"]))
@@ -220,8 +197,9 @@ def main(argv=None):
     if unknown := set(variants) - set(VARIANTS): p.error(f"unknown variants {unknown}")
     teacher_path = args.teacher_path or run_dir(args.out, args.dataset, "teacher")
     if not args.teacher_path:
-        train_teacher(args.dataset, args.data_path, size=args.size, bs=args.bs, epochs=args.teacher_epochs,
-                      lr=args.teacher_lr, seed=args.seed, pretrained=args.pretrained, out_dir=args.out, progress=False)
+        train_teacher(dataset=args.dataset, data_path=args.data_path, size=args.size, bs=args.bs,
+                      epochs=args.teacher_epochs, lr=args.teacher_lr, seed=args.seed, pretrained=args.pretrained,
+                      out_dir=args.out, progress=False)
     plan = [(v, a) for a in {"on": [True], "off": [False], "both": [True, False]}[args.augment] for v in variants
             if not (v == "cached" and a) and (args.augment != "both" or v in PLAN[a])]
     results = {}

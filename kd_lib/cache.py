@@ -6,7 +6,7 @@
 * `TensorLoader`: a fastai `DataLoader` over cached tensors that gives the batches, in the order, of the
   loader it mirrors (same length, batch size, shuffle, drop_last and `rng`).
 * `ValidateOn`: validates a part of the student on the cached valid split while training on images.
-* `FeatureCache`: for each step of a method (see `kd_lib.train.Step`), the input of the first stage it
+* `FeatureCache`: for each step of a method (see `kd_lib.methods.Step`), the input of the first stage it
   trains (the frozen student prefix's output) and its target (teacher feature map, or the labels), for
   every train and valid item in dataset order; and the part of the student that maps one to the other.
   Stage by stage it chains: the next step's input is this step's trained part applied (eval) to this
@@ -15,7 +15,7 @@
 import math
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,21 +27,12 @@ from torch import nn
 
 from .data import data_dir
 from .distill import frozen
-from .models import STAGE_SLICES, STAGES, stage_part
+from .models import HEAD, STAGES, evaluating, stage_part, stage_span
 
-__all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "TensorLoader", "ValidateOn", "FeatureCache", "stage_span"]
+__all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "TensorLoader", "ValidateOn", "FeatureCache"]
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 AMP_DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16)
-HEAD = STAGES.index("head")
-# Where each stage starts in the body; the head starts at the body's end.
-_STARTS = [s.start for s in STAGE_SLICES.values()] + [STAGE_SLICES["layer4"].stop]
-
-
-def stage_span(model: nn.Module, first: int, last: int) -> nn.Module:
-    "`model` from the input of stage `STAGES[first]` to the output of `STAGES[last]`: a body slice (+ the head)."
-    if last < HEAD: return model.body[_STARTS[first]:_STARTS[last + 1]]
-    return model.body[_STARTS[first]:].append(model.head)
 
 
 class Store:
@@ -125,16 +116,6 @@ def _labelled(batches, y: torch.Tensor):
     for r, (xb, yb) in batches:
         y[r.start:r.stop] = yb.cpu()
         yield r, xb
-
-
-@contextmanager
-def _evaluating(*models):
-    "Every module of `models` in eval mode, and its mode restored after."
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models: model.eval()
-    try: yield
-    finally:
-        for m, training in modes: m.train(training)
 
 
 class FeatureCache:
@@ -229,7 +210,7 @@ class FeatureCache:
         "For each of `fns`, its outputs on `batches` of (range of items, input), `n` items in all, in one new tensor."
         amp = torch.autocast(self.dls.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp else nullcontext()
         outs = [None] * len(fns)
-        with torch.no_grad(), amp, _evaluating(*fns):
+        with torch.no_grad(), amp, evaluating(*fns):
             for r, b in batches:
                 for j, f in enumerate(fns):
                     o = f(b)

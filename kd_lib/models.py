@@ -6,6 +6,7 @@ torchvision's child names (``conv1``, ``bn1``, ``relu``, ``maxpool``,
 the teacher and in every student: see `stage_modules`.
 """
 from collections import OrderedDict
+from contextlib import contextmanager
 from urllib.error import URLError
 
 import torch
@@ -16,7 +17,8 @@ from torchvision.models import ResNet, ResNet34_Weights
 from torchvision.models.resnet import BasicBlock
 
 __all__ = ["BLOCKS", "STUDENTS", "STAGES", "FEATURE_STAGES", "PretrainedUnavailable",
-           "resnet", "teacher", "student_head", "stage_modules", "stage_part", "stage_shapes", "STAGE_SLICES"]
+           "resnet", "teacher", "student_head", "stage_modules", "stage_part", "stage_span", "stage_shapes", "STAGE_SLICES",
+           "HEAD", "evaluating"]
 
 # Blocks per layer (Table 1 of the paper); ResNet18 is torchvision's own.
 BLOCKS = {
@@ -30,6 +32,7 @@ BLOCKS = {
 STUDENTS = ["resnet10", "resnet14", "resnet18", "resnet20", "resnet26"]
 FEATURE_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
 STAGES = FEATURE_STAGES + ["head"]
+HEAD = STAGES.index("head")  # the head's number among the stages
 BODY_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
 N_FEATURES = 512  # channels out of layer4, for every BasicBlock ResNet
 
@@ -101,16 +104,29 @@ def stage_part(model: nn.Module, stage: str) -> nn.Module:
     return model.head if stage == "head" else model.body[STAGE_SLICES[stage]]
 
 
+def stage_span(model: nn.Module, first: int, last: int) -> nn.Module:
+    """`model` from the input of stage `STAGES[first]` to the output of `STAGES[last]` (numbers, `HEAD` for
+    the head): a slice of the body, followed by the head when `last` is `HEAD`."""
+    start = STAGE_SLICES[STAGES[first]].start if first < HEAD else len(model.body)
+    if last < HEAD: return model.body[start:STAGE_SLICES[STAGES[last]].stop]
+    return model.body[start:].append(model.head)
+
+
+@contextmanager
+def evaluating(*models: nn.Module):
+    "Every module of `models` in eval mode inside the block, and its own mode restored after."
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models: model.eval()
+    try: yield
+    finally:
+        for m, training in modes: m.train(training)
+
+
 @torch.no_grad()
 def stage_shapes(model: nn.Module, size: int = 224, channels: int = 3) -> "OrderedDict[str, tuple]":
     "The shape of each feature stage's output for one `size` x `size` image."
     from fastai.callback.hook import hook_outputs
     mods = stage_modules(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with hook_outputs([mods[s] for s in FEATURE_STAGES]) as hooks:
-            model.body(torch.zeros(1, channels, size, size))
-    finally:
-        model.train(was_training)
+    with evaluating(model), hook_outputs([mods[s] for s in FEATURE_STAGES]) as hooks:
+        model.body(torch.zeros(1, channels, size, size))
     return OrderedDict((s, tuple(o.shape[1:])) for s, o in zip(FEATURE_STAGES, hooks.stored))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "RECORD"]
+__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "param_conflicts", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -80,3 +80,11 @@ def run_name(params: dict) -> str:
     'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.train.train_student` names it."""
     if params.get("kind") == "teacher" or "student" not in params: return "teacher"
     return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}"
+
+
+def param_conflicts(recorded: dict, wanted: dict, ignore=()) -> dict:
+    """The parameters, but those in `ignore`, on which a run's `recorded` params (its record's or its
+    params.json) and the `wanted` ones (a configuration's `params()`) differ: {name: (recorded, wanted)};
+    empty when it is the same run."""
+    return {k: (recorded.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *recorded])
+            if k not in ignore and recorded.get(k) != wanted.get(k)}

@@ -12,7 +12,10 @@ from fastai.torch_core import set_seed
 from kd_lib.data import get_data
 from kd_lib.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
 from kd_lib.models import FEATURE_STAGES, STAGES, resnet, teacher
-from kd_lib.train import METHODS, Step, _seed, _step_learner
+from kd_lib.config import StudentConfig
+from kd_lib.fitting import seed_everything
+from kd_lib.methods import METHODS, Step
+from kd_lib.train import step_learner
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,8 @@ def _fit_step(step, method, dls, tchr, epochs=1, seed=0, **kw):
     "A fresh resnet10 (seeded), the learner of `step`, fitted `epochs`; returns (student, learner)."
     set_seed(seed)
     student = resnet("resnet10")
-    args = dict(freeze_bn=True, truncate=True, T=4.0, alpha=0.9) | kw
-    learn = _step_learner(step, method, student, tchr, dls, 1e-3, None, **args)
-    _seed(seed, dls)
+    learn = step_learner(step, StudentConfig(method=method, lr=1e-3, **kw), student, tchr, dls)
+    seed_everything(seed, dls)
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
     return student, learn
 
@@ -69,7 +71,7 @@ def test_feature_stage_trains_only_its_stage(stage, dls, tchr):
 def test_head_stage_trains_only_the_head(dls):
     set_seed(0)
     before = copy.deepcopy(resnet("resnet10").state_dict())
-    student, learn = _fit_step(METHODS["stagewise"][-1], "stagewise", dls, None)
+    student, learn = _fit_step(METHODS["stagewise"].steps[-1], "stagewise", dls, None)
     changed = _changed(before, student.state_dict())
     assert changed == {k for k in before if k.startswith("head.")}
 
@@ -114,7 +116,7 @@ def test_teacher_losses_add_a_term_in_training_only(method, cb, dls, tchr):
     spy = _Spy(tchr)
     set_seed(0)
     student = resnet("resnet10")
-    learn = _step_learner(METHODS[method][0], method, student, tchr, dls, 1e-3, None, True, True, 4.0, 0.9)
+    learn = step_learner(METHODS[method].steps[0], StudentConfig(method=method, lr=1e-3), student, tchr, dls)
     learn.add_cb(spy)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     n_train = len(dls.train)

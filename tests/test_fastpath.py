@@ -8,12 +8,14 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 
-import kd_lib.train as kt
-from kd_lib.cache import HEAD, FeatureCache, Store, stage_span
+from kd_lib.cache import FeatureCache, Store
+from kd_lib.config import StudentConfig
+from kd_lib.fitting import StopOnNaN, seed_everything
 from kd_lib.data import data_dir, get_data
 from kd_lib.distill import stage_features
-from kd_lib.models import FEATURE_STAGES, resnet, teacher
-from kd_lib.train import Step, _seed, _step_learner, load_teacher, train_student
+from kd_lib.methods import Step
+from kd_lib.models import FEATURE_STAGES, HEAD, resnet, stage_span, teacher
+from kd_lib.train import load_teacher, step_learner, train_student
 
 EPOCHS = 1  # per stage; the resume test takes 2
 RUN = "digits/resnet10-stagewise-f0.25-s0"
@@ -121,18 +123,18 @@ def test_cached_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny,
     args = dict(cache=True, epochs=2)  # fp16: a resumed run rebuilds the cache rounding where the whole run did
     whole, w_whole = _run(tmp_path / "a", tiny, teacher_path, **args)
     calls, n_batch = {"n": 0}, whole["data"]["sizes"]["train"] // tiny["bs"]
-    after_loss = kt.StopOnNaN.after_loss
+    after_loss = StopOnNaN.after_loss
 
     def crashing(self):  # in the second epoch of the layer1 step
         calls["n"] += self.training
         if calls["n"] == 2 * n_batch + n_batch + n_batch // 2: raise Crash("killed")
         after_loss(self)
 
-    monkeypatch.setattr(kt.StopOnNaN, "after_loss", crashing)
+    monkeypatch.setattr(StopOnNaN, "after_loss", crashing)
     with pytest.raises(Crash): _run(tmp_path / "b", tiny, teacher_path, cache_bytes=200_000, **args)
     assert (tmp_path / "b" / RUN / "layer1.state.pth").exists()
     assert not list((data_dir() / "cache").rglob("*"))  # a crash cleans the spilled cache up too
-    monkeypatch.setattr(kt.StopOnNaN, "after_loss", after_loss)
+    monkeypatch.setattr(StopOnNaN, "after_loss", after_loss)
     resumed, w_resumed = _run(tmp_path / "b", tiny, teacher_path, **args)
     assert _losses(resumed) == _losses(whole) and resumed["test_accuracy"] == whole["test_accuracy"]
     assert all(torch.equal(w_resumed[k], w_whole[k]) for k in w_whole)
@@ -164,9 +166,9 @@ def test_valid_cache_validates_without_the_teacher_and_changes_nothing(tiny, tea
         set_seed(0)
         student, calls[:] = resnet("resnet10"), []
         with FeatureCache(dls, student, tchr, "float32", train=False) if cached else nullcontext() as cache:
-            learn = _step_learner(Step("layer1", ("layer1",), "layer1"), "stagewise", student, tchr, dls, 1e-3, None,
-                                  True, True, 4.0, 0.9, cache=cache)
-            _seed(0, learn.dls)
+            learn = step_learner(Step("layer1", ("layer1",), "layer1"), StudentConfig(lr=1e-3), student, tchr, dls,
+                                 cache=cache)
+            seed_everything(0, learn.dls)
             n_cache = len(calls)
             with learn.no_bar(), learn.no_logging(): learn.fit(2)
         runs.append((student.state_dict(), learn.recorder.values, len(calls) - n_cache))
@@ -214,8 +216,8 @@ class _Look(Callback):
 def test_teacher_runs_under_the_learners_autocast(tiny):
     dls = get_data("digits", size=tiny["size"], bs=tiny["bs"], fraction=tiny["fraction"], augment=False)
     torch.manual_seed(0)
-    learn = _step_learner(Step("layer1", ("layer1",), "layer1"), "stagewise", resnet("resnet10"),
-                          teacher(10, pretrained=False), dls, 1e-3, None, True, True, 4.0, 0.9)
+    learn = step_learner(Step("layer1", ("layer1",), "layer1"), StudentConfig(lr=1e-3), resnet("resnet10"),
+                         teacher(10, pretrained=False), dls)
     look = _Look()
     learn.add_cbs([_AutocastCPU(), look])
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
@@ -225,8 +227,7 @@ def test_teacher_runs_under_the_learners_autocast(tiny):
 def test_channels_last_puts_the_student_in_that_format(tiny):
     dls = get_data("digits", size=tiny["size"], bs=tiny["bs"], fraction=tiny["fraction"], augment=False)
     student = resnet("resnet10")
-    learn = _step_learner(Step("head", ("head",)), "stagewise", student, None, dls, 1e-3, None, True, True, 4.0, 0.9,
-                          channels_last=True)
+    learn = step_learner(Step("head", ("head",)), StudentConfig(lr=1e-3, channels_last=True), student, None, dls)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     w = student.body.layer1[0].conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kd_lib.models import teacher
-from kd_lib.reproduce import NOTEBOOKS, run_notebook
+from kd_lib.runner import NOTEBOOKS, run_notebook
 
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
 
@@ -82,21 +82,30 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
 
 def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     import pandas as pd
-    from kd_lib import plots
+    from kd_lib import figures, results
     from kd_lib.paper import paper_results
     paper = paper_results()
-    as_runs = plots.paper_as_records(paper)
-    g = plots.gaps(as_runs)
+    as_runs = results.paper_as_records(paper)
+    g = results.gaps(as_runs)
     assert set(g["dataset"]) == {"imagenette", "imagewoof", "cifar10"} and (g["wins"] == 5).all()
-    c = plots.claims(as_runs, paper)
+    c = results.claims(as_runs, paper)
     assert len(c) == 12 and (c["verdict"] == "reproduced").all()  # the paper agrees with itself
-    for fig in (plots.figure3(as_runs, paper), plots.figure4(as_runs, paper), plots.paper_figure(paper, True)):
+    assert results.verdicts(c)["verdict_1"] == "reproduced on cifar10; reproduced on imagenette; reproduced on imagewoof"
+    assert results.headline(as_runs) == dict(gap_full="+9.3", gap_small="+18.7", small_fraction="25% of the data",
+                                             wins_full="15 of 15", wins_small="15 of 15", sim_gap_full="+0.5",
+                                             teacher_accuracy="92.7")
+    mine = as_runs.assign(method=as_runs["method"].replace({"simultaneous": "mine"}))  # a method not registered
+    assert results.summary(mine)["method"].drop_duplicates().tolist() == ["no_teacher", "stagewise", "mine"]
+    for fig in (figures.figure3(as_runs, paper), figures.figure4(as_runs, paper), figures.paper_figure(paper, True),
+                figures.figure3(mine)):
         assert fig._repr_png_()[:4] == b"\x89PNG"
     empty = pd.DataFrame()
-    assert plots.summary(empty).empty and plots.gaps(empty).empty and plots.claims(empty, paper).empty
-    assert plots.provenance(empty)["runs"] == 0
-    assert plots.figure3(empty, paper)._repr_png_()[:4] == b"\x89PNG"
-    assert plots.stage_diagram("resnet14", 32)._repr_png_()[:4] == b"\x89PNG"
+    assert results.summary(empty).empty and results.gaps(empty).empty and results.claims(empty, paper).empty
+    assert results.provenance(empty)["runs"] == 0 and results.provenance_text(empty)["datasets"] == "none"
+    assert set(results.headline(empty).values()) == {"n/a"}
+    assert set(results.verdicts(results.claims(empty, paper)).values()) == {"not tested by these runs"}
+    assert figures.figure3(empty, paper)._repr_png_()[:4] == b"\x89PNG"
+    assert figures.stage_diagram("resnet14", 32)._repr_png_()[:4] == b"\x89PNG"
 
 
 def colour_tree(root: Path) -> Path:

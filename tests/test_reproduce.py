@@ -1,4 +1,4 @@
-"""The runner (kd_lib.reproduce): profiles, the expansion of a profile into runs, skipping complete runs,
+"""The runner (kd_lib.runner): profiles, the expansion of a profile into runs, skipping complete runs,
 the order and parallelism of the runs, and its command line. Nothing here trains or starts a kernel."""
 import io
 import json
@@ -9,7 +9,9 @@ import papermill as pm
 import pytest
 import yaml
 
-from kd_lib import reproduce as rp
+from kd_lib import runner as rp
+from kd_lib.config import StudentConfig
+from kd_lib.runner.cli import main
 from kd_lib.records import run_name
 
 TINY = dict(name="tiny", datasets=[dict(
@@ -27,8 +29,7 @@ def tiny(tmp_path, **changes) -> dict:
 
 
 def write_record(job, status="complete", **changes):
-    params = {k: v for k, v in job.params.items() if k != "out_dir"}
-    params.update(kind=job.kind, **changes)
+    params = dict(job.config.params(), **changes)
     job.run.mkdir(parents=True, exist_ok=True)
     (job.run / "record.json").write_text(json.dumps(dict(kind=job.kind, status=status, params=params)))
 
@@ -45,7 +46,7 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
             if j.kind == kind: assert set(j.params) <= known, (j.name, set(j.params) - known)
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
-    rp._example(prof, jobs)  # the run the book shows is one of the profile's
+    rp.example(prof, jobs)  # the run the book shows is one of the profile's
 
 
 def test_shipped_profile_sizes():
@@ -66,12 +67,12 @@ def test_expand_is_the_product_of_the_lists_without_duplicates(tmp_path):
     # 2 students x 2 methods x 2 seeds, then resnet10 x 2 methods x 2 fractions of which 2 runs repeat
     assert len(students) == 8 + 2
     assert jobs[0].name == "digits/teacher" and jobs[0].run == tmp_path / "runs" / "digits" / "teacher"
-    assert jobs[0].params["out_dir"] == str(tmp_path / "runs") and jobs[0].extra["out_dir"] == tmp_path / "runs"
+    assert jobs[0].params["out_dir"] == str(tmp_path / "runs") and jobs[0].out_dir == tmp_path / "runs"
     j = next(j for j in students if j.params["fraction"] == 0.25)
     assert j.name == "digits/resnet10-stagewise-f0.25-s0" == f"digits/{run_name(j.params)}"
-    assert j.params | {"out_dir": None} == dict(dataset="digits", data_path=None, size=16, bs=16, lr=1e-3, epochs=1,
-                                               student="resnet10", method="stagewise", fraction=0.25, seed=0,
-                                               teacher_path=None, out_dir=None)
+    assert j.config == StudentConfig(dataset="digits", size=16, bs=16, lr=1e-3, epochs=1, student="resnet10",
+                                     method="stagewise", fraction=0.25, seed=0)
+    assert set(j.params) == set(StudentConfig.names()) | {"out_dir"}
     assert j.output == tmp_path / "runs" / "notebooks" / "digits" / "resnet10-stagewise-f0.25-s0.ipynb"
     assert jobs[0].params["pretrained"] is False and "student" not in jobs[0].params
 
@@ -100,7 +101,7 @@ def test_plan_skips_complete_runs_and_refuses_other_parameters(tmp_path):
 def test_plan_reads_params_json_of_a_run_not_yet_recorded(tmp_path):
     jobs = rp.expand(tiny(tmp_path))
     jobs[1].run.mkdir(parents=True)
-    (jobs[1].run / "params.json").write_text(json.dumps(dict(jobs[1].params, lr=0.5)))
+    (jobs[1].run / "params.json").write_text(json.dumps(dict(jobs[1].config.params(), lr=0.5)))
     with pytest.raises(rp.RunConflict, match="lr"): rp.plan(jobs)
 
 
@@ -157,33 +158,13 @@ def test_cost_orders_runs_sensibly(tmp_path):
 
 
 def test_dry_run_lists_runs(tmp_path, capsys):
-    rp.main(["--profile", "smoke", "--dry-run", "--out-dir", str(tmp_path)])
+    main(["--profile", "smoke", "--dry-run", "--out-dir", str(tmp_path)])
     out = capsys.readouterr()
     assert out.out.count("todo") == 11 and "11 runs, 11 to run" in out.err
 
 
 def test_unknown_profile_exits_with_a_message():
-    with pytest.raises(SystemExit, match="No profile"): rp.main(["--profile", "nope", "--dry-run"])
-
-
-def test_prune_keeps_the_record_and_the_final_weights(tmp_path):
-    run = tmp_path / "run"
-    for f in ("models/stem.pth", "models/head.pth", "stages/stem.pth", "stages/head.pth"):
-        (run / f).parent.mkdir(parents=True, exist_ok=True)
-        (run / f).write_bytes(b"x" * 10)
-    record = dict(kind="student", status="running", stages=[dict(name="stem"), dict(name="head")])
-    (run / "record.json").write_text(json.dumps(record))
-    assert rp.prune(run) == 0 and len(list(run.rglob("*.pth"))) == 4  # not complete: nothing goes
-    (run / "record.json").write_text(json.dumps(dict(record, status="complete")))
-    assert rp.prune(run) == 30
-    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*.pth")) == ["stages/head.pth"]
-    teacher = tmp_path / "teacher"
-    (teacher / "models").mkdir(parents=True)
-    (teacher / "models" / "teacher.pth").write_bytes(b"x")
-    (teacher / "teacher.pth").write_bytes(b"x")
-    (teacher / "record.json").write_text(json.dumps(dict(kind="teacher", status="complete", stages=[dict(name="t")])))
-    rp.prune(teacher)
-    assert [p.name for p in teacher.rglob("*.pth")] == ["teacher.pth"] and not (teacher / "models").exists()
+    with pytest.raises(SystemExit, match="No profile"): main(["--profile", "nope", "--dry-run"])
 
 
 def test_notebooks_get_out_dir_relative_to_the_repository():
@@ -199,3 +180,32 @@ def test_strays_are_records_of_no_job(tmp_path):
     other.mkdir(parents=True)
     (other / "record.json").write_text("{}")
     assert rp.strays(jobs) == [other / "record.json"]
+
+
+def test_a_profile_may_set_every_configuration_field(tmp_path):
+    "amp and channels_last (once missing from the notebook) load; the run refuses amp without CUDA, not the profile."
+    group = dict(student="resnet10", method="no_teacher", epochs=1, amp="bf16", channels_last=True, cache_bytes=2**20)
+    jobs = rp.expand(tiny(tmp_path, datasets=[dict(dataset="digits", students=[group])]))
+    assert jobs[1].config.amp == "bf16" and jobs[1].params["channels_last"] is True
+    assert set(jobs[1].params) <= set(pm.inspect_notebook(str(rp.NOTEBOOKS / "student.ipynb")))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(jbos=2), r"unknown key\(s\) \['jbos'\]"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(epochs=0)])]), "student group 1: epochs=0"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(method="stagewize")])]), "no_teacher, simultaneous"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(augment="false")])]), "augment='false'.*true or false"),
+    (dict(datasets=[dict(dataset="digits", teacher=dict(lr=-1))]), "teacher: lr=-1"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(seed=[])])]), "empty list of seed"),
+    (dict(datasets=[dict(dataset="digitz")]), "dataset='digitz'"),
+])
+def test_bad_settings_are_refused_by_the_dry_run_with_their_place(change, match, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY, out_dir=str(tmp_path / "runs"), **change)))
+    with pytest.raises(SystemExit, match=match): main(["--profile", str(path), "--dry-run"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_jobs_below_one_is_refused(capsys):
+    with pytest.raises(SystemExit): main(["--profile", "smoke", "--dry-run", "--jobs", "0"])
+    assert "at least 1" in capsys.readouterr().err

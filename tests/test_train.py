@@ -13,9 +13,12 @@ import torch
 from torchvision.models import _api as tv_api
 
 import kd_lib.train as kt
+from fastai.learner import Learner
 from kd_lib.models import PretrainedUnavailable, resnet, teacher
 from kd_lib.records import collect, read_json
-from kd_lib.train import METHODS, RunExists, load_teacher, train_student, train_teacher
+from kd_lib.fitting import StopOnNaN
+from kd_lib.methods import METHODS
+from kd_lib.train import RunExists, load_teacher, train_student, train_teacher
 
 
 def _student(tmp, tiny, teacher_path, **kw):
@@ -28,10 +31,10 @@ def _weights(run):
 
 
 def _no_time(record):
-    "A record without what differs from run to run on the same machine: times and dates."
+    "A record without what differs from run to run on the same machine: times (wall and CPU) and dates."
     r = json.loads(json.dumps(record))
     for k in ("wall_time_s", "finished", "versions"): r.pop(k)
-    for s in r["stages"]: s.pop("time_s")
+    for s in r["stages"]: s.pop("time_s"), s.pop("cpu_s")
     return r
 
 
@@ -71,14 +74,14 @@ def test_stagewise_record_has_every_field(tmp_path, tiny, teacher_path):
 @pytest.mark.parametrize("method", ["simultaneous", "hinton", "fitnets"])
 def test_other_methods_run_and_record(method, tmp_path, tiny, teacher_path):
     r = _student(tmp_path, tiny, teacher_path, method=method, epochs=1)
-    assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method]]
+    assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method].steps]
     assert r["test_accuracy"] > 0
 
 
 def test_finished_run_is_not_retrained(tmp_path, tiny, monkeypatch):
     args = tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)
     first = train_student(**args)
-    monkeypatch.setattr(kt.Learner, "fit", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    monkeypatch.setattr(Learner, "fit", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert train_student(**args) == first
     with pytest.raises(RunExists, match="epochs"):
         train_student(**(args | dict(epochs=2)))
@@ -99,19 +102,19 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny, teache
     whole = _student(tmp_path / "a", tiny, teacher_path, **args)
     # crash in the middle of the second epoch of the layer1 stage (the 3rd step: stem is done)
     calls, n_batch = {"n": 0}, whole["data"]["sizes"]["train"] // tiny["bs"]
-    after_loss = kt.StopOnNaN.after_loss
+    after_loss = StopOnNaN.after_loss
 
     def crashing(self):
         calls["n"] += self.training
         if calls["n"] == 2 * n_batch + n_batch + n_batch // 2: raise Crash("killed")
         after_loss(self)
 
-    monkeypatch.setattr(kt.StopOnNaN, "after_loss", crashing)
+    monkeypatch.setattr(StopOnNaN, "after_loss", crashing)
     with pytest.raises(Crash):
         _student(tmp_path / "b", tiny, teacher_path, **args)
     run = tmp_path / "b" / "digits" / "resnet10-stagewise-f0.25-s0"
     assert (run / "layer1.state.pth").exists() and not (run / "record.json").exists()
-    monkeypatch.setattr(kt.StopOnNaN, "after_loss", after_loss)
+    monkeypatch.setattr(StopOnNaN, "after_loss", after_loss)
     resumed = _student(tmp_path / "b", tiny, teacher_path, **args)
     assert _no_time(resumed) | {"params": 0} == _no_time(whole) | {"params": 0}
     a = _weights(tmp_path / "a" / "digits" / "resnet10-stagewise-f0.25-s0")

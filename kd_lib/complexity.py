@@ -3,6 +3,7 @@
 `flops` follows the counting rule of the profiler the paper used (thop, late
 2019), so Table 1 comes out to the digit; `macs` is today's count from
 `torch.utils.flop_counter` (multiply-accumulates of convolutions and matmuls).
+`compare_with_paper` checks our counts against the paper's printed Table 1.
 """
 import pandas as pd
 import torch
@@ -10,8 +11,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models import BLOCKS, resnet
+from .paper import paper_format
 
-__all__ = ["count_params", "paper_flops", "modern_macs", "table1"]
+__all__ = ["count_params", "paper_flops", "modern_macs", "table1", "compare_with_paper"]
 
 TABLE1_MODELS = ["resnet34", "resnet26", "resnet20", "resnet18", "resnet14", "resnet10"]
 
@@ -73,3 +75,14 @@ def table1(size: int = 224, n_classes: int = 10) -> pd.DataFrame:
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "model"
     return df.astype({"params": "int64", "flops": "int64", "macs": "int64"})
+
+
+def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """`ours` (a `table1`) with the paper's printed `params` and `flops` (`kd_lib.paper.paper_table1`) beside
+    them and `match`: True where both our exact counts, written the paper's way (`paper_format`), are the
+    paper's strings, 'not in paper' for the models the paper's table lacks (ResNet18)."""
+    table = ours.assign(**{f"paper {c}": paper[c].reindex(ours.index) for c in ("params", "flops")})
+    match = (table["params"].map(paper_format).eq(table["paper params"])
+             & table["flops"].map(paper_format).eq(table["paper flops"]))
+    table["match"] = match.where(table["paper params"].notna(), other="not in paper")
+    return table[["blocks", "params", "paper params", "flops", "paper flops", "macs", "match"]]

@@ -1,17 +1,17 @@
-"""The book's figures and the numbers beside them, drawn from run records (`kd_lib.records.collect`)
-and the paper's published numbers (`kd_lib.paper.paper_results`).
+"""The book's figures, drawn from run records (`kd_lib.records.collect`), the paper's published numbers
+(`kd_lib.paper.paper_results`), a run's record or its models; the numbers come from `kd_lib.results`.
 
-Every function takes data and returns a matplotlib `Figure` (or a DataFrame); nothing here trains,
-and nothing here types in a result. Figures are built without pyplot, so a notebook shows each one
-once, as the value of its cell, and `myst_nb.glue` can paste it elsewhere in the book.
+Every function returns a matplotlib `Figure`; nothing here trains, and nothing here types in a result. Figures
+are built without pyplot, so a notebook shows each one once, as the value of its cell, and `myst_nb.glue` can
+paste it elsewhere in the book. Methods are drawn in the order, colour and marker of `kd_lib.methods.METHODS`.
 
-* `summary`, `teachers`, `gaps`, `comparison`, `provenance`: records -> tables and facts.
-* `accuracy_vs_layers` (`figure3`, `figure4`): the paper's Figures 3 and 4, ours beside the paper's.
+* `accuracy_vs_layers` (`figure3`, `figure4`): the paper's Figures 3 and 4, ours beside the paper's;
+  `paper_figure`: the paper's own, redrawn from its numbers.
 * `history_figure`: a run's loss (and accuracy) per epoch, one panel per step.
 * `feature_maps_figure`: teacher vs student feature maps at each stage, for one image.
 * `stage_diagram`: teacher, student, the hook points and the order of the stages.
 """
-from pathlib import Path
+import io
 
 import numpy as np
 import pandas as pd
@@ -20,234 +20,37 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as _MplFigure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
-from .models import BLOCKS, FEATURE_STAGES, resnet, stage_shapes
-from .records import RECORD, read_json
+from .distill import stage_features
+from .methods import METHODS
+from .models import BLOCKS, FEATURE_STAGES, evaluating, resnet, stage_shapes
+from .results import PAPER_DATASETS, fraction_label, method_order, n_layers, paper_as_records, summary, teachers
 
-__all__ = ["METHOD_COLORS", "PAPER_DATASETS", "n_layers", "summary", "teachers", "gaps", "comparison", "provenance",
-           "accuracy_vs_layers", "figure3", "figure4", "history_figure", "feature_maps_figure", "stage_diagram",
-           "load_student", "fraction_label", "paper_as_records", "claims", "paper_figure"]
+__all__ = ["Figure", "accuracy_vs_layers", "figure3", "figure4", "paper_figure", "history_figure",
+           "feature_maps_figure", "stage_diagram"]
 
-METHOD_ORDER = ["no_teacher", "simultaneous", "stagewise", "hinton", "fitnets"]
-METHOD_COLORS = {"no_teacher": "tab:blue", "simultaneous": "tab:orange", "stagewise": "tab:green",
-                 "hinton": "tab:purple", "fitnets": "tab:brown"}
-METHOD_MARKERS = {"no_teacher": "o", "simultaneous": "s", "stagewise": "^", "hinton": "D", "fitnets": "v"}
-PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]
 DATASET_TITLES = {"digits": "digits", "imagenette": "Imagenette", "imagewoof": "Imagewoof", "cifar10": "CIFAR10"}
-KEYS = ["dataset", "fraction", "student", "method"]
 
 
 class Figure(_MplFigure):
     """A matplotlib figure that shows itself as a PNG in Jupyter (and in `myst_nb.glue`) without pyplot:
     no global figure state, so a notebook shows it once, as the value of its cell."""
     def _repr_png_(self) -> bytes:
-        import io
         buf = io.BytesIO()
         FigureCanvasAgg(self).print_png(buf)
         return buf.getvalue()
-
-
-def n_layers(student: str) -> int:
-    "The number of layers a student's name says: 'resnet26' -> 26."
-    return int(str(student).removeprefix("resnet"))
-
-
-def fraction_label(fraction: float) -> str:
-    "1.0 -> 'full data', 0.25 -> '25% of the data'."
-    return "full data" if fraction >= 1 else f"{100 * fraction:g}% of the data"
 
 
 def _title(dataset: str) -> str:
     return DATASET_TITLES.get(dataset, dataset)
 
 
-def _methods(present) -> list:
-    present = list(dict.fromkeys(present))
-    return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
-
-
-def summary(records: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Student runs grouped over seeds: one row per dataset, fraction, student and method with the
-    `mean`, `std` (0 for one seed) and `n` (seeds) of `metric`, the seeds and the epochs used."""
-    cols = KEYS + ["layers", "mean", "std", "n", "seeds", "epochs"]
-    if records is None or records.empty or "kind" not in records: return pd.DataFrame(columns=cols)
-    s = records[records["kind"] == "student"]
-    if s.empty: return pd.DataFrame(columns=cols)
-    g = s.groupby(KEYS, sort=False)
-    out = g[metric].agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
-    out["seeds"] = g["seed"].agg(lambda v: ",".join(str(int(x)) for x in sorted(v)))
-    out["epochs"] = g["epochs"].agg(lambda v: ",".join(str(int(x)) for x in sorted(set(v))))
-    out = out.reset_index()
-    out["layers"] = out["student"].map(n_layers)
-    return out.sort_values(["dataset", "fraction", "method", "layers"], ascending=[True, False, True, True],
-                           key=lambda c: c.map(METHOD_ORDER.index) if c.name == "method" else c)[cols] \
-              .reset_index(drop=True)
-
-
-def teachers(records: pd.DataFrame, metric: str = "test_accuracy") -> pd.Series:
-    "Teacher `metric` per dataset (mean over teacher runs) from the records' teacher rows."
-    if records is None or records.empty or "kind" not in records: return pd.Series(dtype=float)
-    t = records[records["kind"] == "teacher"]
-    return t.groupby("dataset")[metric].mean()
-
-
-def gaps(records: pd.DataFrame, better: str = "stagewise", than: str = "no_teacher",
-         metric: str = "test_accuracy") -> pd.DataFrame:
-    """Per dataset and fraction, `better` minus `than` in points of `metric`, student by student (means over
-    seeds): the mean, min and max over students, how many students `better` beats `than` on, and on how
-    many of them the gap exceeds the two std (over seeds) added, and the fewest seeds of any of those means."""
-    s = summary(records, metric).set_index(KEYS)
-    cols = ["dataset", "fraction", "mean_gap", "min_gap", "max_gap", "students", "wins", "clear_wins", "seeds"]
-    if s.empty: return pd.DataFrame(columns=cols)
-    rows = []
-    for (ds, fr), grp in s.groupby(level=["dataset", "fraction"]):
-        m = grp.reset_index().pivot(index="student", columns="method", values="mean")
-        sd = grp.reset_index().pivot(index="student", columns="method", values="std")
-        if better not in m or than not in m: continue
-        d = (m[better] - m[than]).dropna()
-        if d.empty: continue
-        noise = (sd[better] + sd[than]).reindex(d.index)
-        rows.append(dict(dataset=ds, fraction=fr, mean_gap=d.mean(), min_gap=d.min(), max_gap=d.max(),
-                         students=len(d), wins=int((d > 0).sum()), clear_wins=int((d > noise).sum()),
-                         seeds=int(grp["n"].min())))
-    return pd.DataFrame(rows, columns=cols).sort_values(["dataset", "fraction"], ascending=[True, False]) \
-             .reset_index(drop=True)
-
-
-def comparison(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Every number of the figures in one table: ours (mean, std, seeds) beside the paper's accuracy for the
-    same dataset, fraction, student and method (empty where the paper has none), teachers included."""
-    s = summary(records, metric).rename(columns={"mean": "ours", "std": "ours_std", "n": "ours_seeds"})
-    t = teachers(records, metric)
-    if len(t):
-        trows = pd.DataFrame(dict(dataset=t.index, fraction=1.0, student="resnet34", method="teacher", layers=34,
-                                  ours=t.values, ours_std=np.nan, ours_seeds=np.nan))
-        s = pd.concat([trows, s], ignore_index=True) if len(s) else trows
-    if s.empty: return pd.DataFrame(columns=KEYS + ["layers", "ours", "ours_std", "ours_seeds", "paper"])
-    if paper is not None and len(paper):
-        s = s.merge(paper.rename(columns={"accuracy": "paper"}), on=KEYS, how="left")
-    else: s["paper"] = np.nan
-    return s[KEYS + ["layers", "ours", "ours_std", "ours_seeds", "paper"]]
-
-
-def provenance(records: pd.DataFrame) -> dict:
-    """What produced `records`: datasets, seeds, epochs per kind/method, image sizes, batch sizes, learning
-    rates, the devices and torch threads of the records' `versions`, and the compute time summed."""
-    if records is None or records.empty:
-        return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
-                    threads=[], hours=0.0)
-    st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
-    epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
-    for m in _methods(st.get("method", [])):
-        epochs[m] = sorted({int(e) for e in st.loc[st["method"] == m, "epochs"]})
-    lr = {}
-    if len(te): lr["teacher"] = sorted(set(te["lr"]))
-    if len(st): lr["student"] = sorted(set(st["lr"]))
-    return dict(runs=len(records), datasets=sorted(set(records["dataset"])),
-                seeds=sorted({int(x) for x in st.get("seed", [])}),
-                epochs=epochs, sizes=sorted({int(x) for x in records["size"].dropna()}) if "size" in records else [],
-                bs=sorted({int(x) for x in records["bs"]}), lr=lr,
-                fractions=sorted({float(x) for x in st.get("fraction", [])}, reverse=True),
-                devices=sorted(set(records["device"])), threads=sorted({int(t) for t in records["torch_threads"].dropna()}),
-                hours=float(records["wall_time_s"].sum()) / 3600)
-
-
-def paper_as_records(paper: pd.DataFrame) -> pd.DataFrame:
-    "The paper's numbers shaped like `collect`'s records (one seed, accuracy as test_accuracy), for `summary`/`gaps`."
-    if paper is None or paper.empty: return pd.DataFrame(columns=["kind", "dataset", "test_accuracy"])
-    st = paper[paper["method"] != "teacher"]
-    te = paper[paper["method"] == "teacher"]
-    rows = [dict(kind="student", dataset=r.dataset, student=r.student, method=r.method, fraction=float(r.fraction),
-                 seed=0, epochs=100, test_accuracy=r.accuracy) for r in st.itertuples()]
-    rows += [dict(kind="teacher", dataset=r.dataset, epochs=50, test_accuracy=r.accuracy) for r in te.itertuples()]
-    return pd.DataFrame(rows)
-
-
-def _num(x, fmt="{:+.1f}") -> str:
-    return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
-
-
-def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
-    """The paper's claims checked against `records`, a row per claim and dataset: what we measured, what the
-    paper's own numbers give for the same dataset (or their range over the paper's datasets when it has not
-    run ours: 'range a to b' over its three datasets), and the verdict: 'reproduced' when the `rule` holds
-    (for claim 1, 'partly reproduced' when it holds for some students), else 'not reproduced'.
-
-    1. full data: stagewise above no_teacher for every student;
-    2. full data: simultaneous gains less than half of stagewise's gain over no_teacher;
-    3. the stagewise gain is larger on the smallest fraction than on full data;
-    4. full data: stagewise students within 2 points of the teacher, on average."""
-    rows = []
-    pr = paper_as_records(paper) if paper is not None else None
-    pg = gaps(pr) if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
-    pgs = gaps(pr, "simultaneous") if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
-    psum = summary(pr) if pr is not None and len(pr) else pd.DataFrame(columns=KEYS + ["mean"])
-    pteach = teachers(pr) if pr is not None and len(pr) else pd.Series(dtype=float)
-    g, gs, s, t = gaps(records, metric=metric), gaps(records, "simultaneous", metric=metric), \
-        summary(records, metric), teachers(records, metric)
-
-    def at(df, ds, fraction, col="mean_gap"):
-        r = df[(df["dataset"] == ds) & np.isclose(df["fraction"].astype(float), fraction)] if len(df) else df
-        return float(r[col].iloc[0]) if len(r) else None
-
-    def teacher_gap(summ, teach, ds):
-        sw = summ[(summ["dataset"] == ds) & np.isclose(summ["fraction"].astype(float), 1.0)
-                  & (summ["method"] == "stagewise")] if len(summ) else summ
-        return float(teach[ds] - sw["mean"].mean()) if len(sw) and ds in teach else None
-
-    def paper_cell(fn, ds, fmt="{:+.1f}"):
-        if ds in PAPER_DATASETS: return _num(fn(ds), fmt)
-        vals = [v for v in (fn(d) for d in PAPER_DATASETS) if v is not None and np.isfinite(v)]
-        return f"range {fmt.format(min(vals))} to {fmt.format(max(vals))}" if vals else "n/a"
-
-    for ds in sorted(set(s["dataset"])) if len(s) else []:
-        fr = sorted({float(f) for f in s.loc[s["dataset"] == ds, "fraction"]})
-        small = fr[0] if fr and fr[0] < 1 else None
-        # 1
-        full = g[(g["dataset"] == ds) & np.isclose(g["fraction"].astype(float), 1.0)] if len(g) else g
-        if len(full):
-            r = full.iloc[0]
-            verdict = ("reproduced" if r.wins == r.students else "partly reproduced" if r.wins else "not reproduced")
-            rows.append(dict(claim="1. stagewise beats no_teacher (full data)", dataset=ds,
-                             ours=f"{r.mean_gap:+.1f} points on average; above for {r.wins} of {r.students} students"
-                                  + (f" ({r.clear_wins} by more than the two std over seeds added)" if r.seeds > 1
-                                     else " (one seed)"),
-                             paper=paper_cell(lambda d: at(pg, d, 1.0), ds) + " points",
-                             verdict=verdict, rule="above for every student"))
-        # 2
-        sim, sw = at(gs, ds, 1.0), at(g, ds, 1.0)
-        if sim is not None and sw is not None:
-            rows.append(dict(claim="2. simultaneous gains little over no_teacher (full data)", dataset=ds,
-                             ours=f"simultaneous {sim:+.1f}, stagewise {sw:+.1f} points over no_teacher",
-                             paper="simultaneous " + paper_cell(lambda d: at(pgs, d, 1.0), ds) + ", stagewise "
-                                   + paper_cell(lambda d: at(pg, d, 1.0), ds),
-                             verdict="reproduced" if sim < sw / 2 else "not reproduced",
-                             rule="simultaneous gain < half the stagewise gain"))
-        # 3
-        if small is not None and sw is not None and at(g, ds, small) is not None:
-            lo = at(g, ds, small)
-            rows.append(dict(claim=f"3. the stagewise gain is larger with less data ({fraction_label(small)})",
-                             dataset=ds, ours=f"{lo:+.1f} points at {fraction_label(small)}, {sw:+.1f} at full data",
-                             paper=paper_cell(lambda d: at(pg, d, 0.25), ds) + " at 25%, "
-                                   + paper_cell(lambda d: at(pg, d, 1.0), ds) + " at full data",
-                             verdict="reproduced" if lo > sw else "not reproduced",
-                             rule="gain on the smallest fraction > gain on full data"))
-        # 4
-        tg = teacher_gap(s, t, ds)
-        if tg is not None:
-            rows.append(dict(claim="4. stagewise students come close to the teacher (full data)", dataset=ds,
-                             ours=f"teacher minus stagewise: {tg:.1f} points on average",
-                             paper=paper_cell(lambda d: teacher_gap(psum, pteach, d), ds, "{:.1f}") + " points",
-                             verdict="reproduced" if tg <= 2 else "not reproduced",
-                             rule="teacher minus stagewise at most 2 points"))
-    return pd.DataFrame(rows, columns=["claim", "dataset", "ours", "paper", "verdict", "rule"])
-
-
 # ---------------------------------------------------------------- Figures 3 and 4
 def _errorbar(ax, rows: pd.DataFrame, method: str, label: str, dashed=False, paper=False):
     r = rows[rows["method"] == method].sort_values("layers")
     if r.empty: return
-    ax.errorbar(r["layers"], r["mean"], yerr=None if paper else r["std"], color=METHOD_COLORS.get(method, "black"),
-                marker=METHOD_MARKERS.get(method, "x"), ls=":" if paper else "--" if dashed else "-",
+    m = METHODS.get(method)
+    ax.errorbar(r["layers"], r["mean"], yerr=None if paper else r["std"], color=m.color if m else "black",
+                marker=m.marker if m else "x", ls=":" if paper else "--" if dashed else "-",
                 alpha=0.45 if dashed else 1.0, capsize=3, lw=1.1 if paper else 1.6, ms=5,
                 mfc="white" if paper else None, label=label)
 
@@ -264,11 +67,11 @@ def _panels(summ: pd.DataFrame, teach: pd.Series, reduced: bool) -> list:
         d = summ[summ["dataset"] == ds]
         full = d[np.isclose(d["fraction"].astype(float), 1.0)]
         if not reduced:
-            if len(full): out.append((ds, 1.0, full, _methods(full["method"]), teach.get(ds), None))
+            if len(full): out.append((ds, 1.0, full, method_order(full["method"]), teach.get(ds), None))
             continue
         for fr in sorted({float(f) for f in d["fraction"] if f < 1}, reverse=True):
             r = d[np.isclose(d["fraction"].astype(float), fr)]
-            methods = _methods(r["method"])
+            methods = method_order(r["method"])
             out.append((ds, fr, r, methods, teach.get(ds), full[full["method"].isin(methods)]))
     return out
 
@@ -398,16 +201,6 @@ def history_figure(record: dict) -> Figure:
     return fig
 
 
-def load_student(run, n_classes: int = None) -> torch.nn.Module:
-    "The trained student of a finished run folder: its model with the weights its last step kept."
-    run = Path(run)
-    record = read_json(run / RECORD)
-    n = n_classes or len(record["data"]["vocab"])
-    model = resnet(record["params"]["student"], n)
-    model.load_state_dict(torch.load(run / "stages" / f"{record['stages'][-1]['name']}.pth", weights_only=True))
-    return model.eval()
-
-
 def _picture(f: torch.Tensor) -> np.ndarray:
     """What to draw of one feature map (C x H x W): its channel mean (H x W), or, when it has 4 pixels or
     fewer, each channel's spatial mean laid out as a grid (C values), which is what such a map carries."""
@@ -425,14 +218,10 @@ def feature_maps_figure(teacher: torch.nn.Module, student: torch.nn.Module, x: t
     teacher and a row for the student (either may be None), a column per stage, one colour scale per column,
     the MSE between the two maps under the student's. A map is drawn as its channel mean; a map of 4 pixels
     or fewer (the deep stages of small images) as its channels' means on a grid."""
-    from .distill import stage_features
     rows = [(n, m) for n, m in (("teacher", teacher), ("student", student)) if m is not None]
-    maps = {}
-    for name, m in rows:
-        was = m.training
-        m.eval()
-        maps[name] = [f[0] for f in stage_features(m, x.to(next(m.parameters()).device), list(stages))]
-        m.train(was)
+    with evaluating(*(m for _, m in rows)):
+        maps = {name: [f[0] for f in stage_features(m, x.to(next(m.parameters()).device), list(stages))]
+                for name, m in rows}
     ncols = len(stages) + 1
     fig = Figure(figsize=(1.9 * ncols, 2.0 * max(len(rows), 1) + 0.5), layout="constrained")
     axes = np.array(fig.subplots(max(len(rows), 1), ncols, squeeze=False))

@@ -1,0 +1,244 @@
+"""One frozen configuration per run kind: `TeacherConfig` and `StudentConfig`.
+
+Each field has its default, its group (what it governs: model, method, data, optimisation, speed)
+and a one-line meaning. A configuration checks itself when it is made, so a bad setting fails
+before anything is written. Everything else derives from these classes: a run record's `params`
+(`params`), the runner's profile keys and defaults, and the notebooks' `parameters` cells
+(`parameters_cell` writes them; the tests compare).
+
+    config = StudentConfig(student="resnet14", method="no_teacher", fraction=0.25)
+    config.params()              # what the run's record holds
+    StudentConfig.fields("speed")  # the speed options, with defaults and meanings
+"""
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import AMP_DTYPES, CACHE_DTYPES
+from .data import DATASETS, SELECTIONS
+from .methods import get_method
+from .models import STUDENTS
+from .records import run_name
+
+__all__ = ["GROUPS", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
+
+GROUPS = ("model", "method", "data", "optimisation", "speed")
+
+
+def option(default, group: str, help: str, same_result: bool = False):
+    """A configuration field: its `default`, its `group` (one of `GROUPS`) and its one-line `help`;
+    `same_result`: every value gives the same numbers, so a run may resume with another."""
+    return field(default=default, metadata=dict(group=group, help=help, same_result=same_result))
+
+
+@dataclass(frozen=True)
+class Option:
+    "A field of a configuration, as the notebooks and the docs show it."
+    name: str
+    type: str
+    default: object
+    group: str
+    help: str
+
+
+def _type_name(t) -> str:
+    "'int' for int, 'str' for Optional[str], None for a choice of types: what a parameters cell declares."
+    types = [a for a in (typing.get_args(t) or (t,)) if a is not type(None)]
+    return types[0].__name__ if len(types) == 1 else None
+
+
+def _is(v, t: type) -> bool:
+    "`v` is a `t`, where a bool is no int (YAML's `true` must not pass as 1)."
+    return isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    "The fields of every run: which data, seen how. Subclasses add their model, method and optimisation."
+    kind: typing.ClassVar[str] = ""
+
+    dataset: str = option("digits", "data", "dataset: digits (embedded, no download), imagenette, imagewoof, "
+                                            "cifar10, or folder")
+    data_path: typing.Optional[str] = option(None, "data", "root of the dataset's folder tree (required for "
+                                                           "folder; None: data/ or a download)")
+    size: typing.Optional[int] = option(None, "data", "image side in pixels (None: 32 for digits and cifar10, "
+                                                      "224 otherwise)")
+    bs: int = option(64, "data", "batch size (the paper: 64)")
+    seed: int = option(0, "data", "random seed of the splits, the initialisation and the batch order")
+    selection: str = option("valid", "data", "set that picks the best epoch: valid (held out from train) or test "
+                                             "(the paper's protocol)")
+    augment: bool = option(True, "data", "the paper's augmentation on the training set (random crop, warp, "
+                                         "rotation, zoom, lighting)")
+    num_workers: int = option(0, "speed", "data-loading processes (to keep a GPU fed; with augmentation the "
+                                          "random draws then differ)")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, self._coerce(f, getattr(self, f.name)))
+        self.check()
+
+    @staticmethod
+    def _coerce(f, v):
+        "`v` as field `f` holds it (whole numbers as floats where a float is asked, paths as strings), or a TypeError."
+        types = [a for a in (typing.get_args(f.type) or (f.type,)) if a is not type(None)]
+        optional = type(None) in typing.get_args(f.type)
+        if v is None and optional: return None
+        if isinstance(v, Path) and str in types: return str(v)
+        if float in types and _is(v, int): return float(v)
+        if any(_is(v, t) for t in types): return v
+        want = " or ".join(t.__name__ for t in types) + (" or None" if optional else "")
+        raise TypeError(f"{f.name}={v!r} ({type(v).__name__}): {f.name} takes a {want}"
+                        + (" (true or false, unquoted in YAML)" if bool in types else "") + ".")
+
+    def check(self) -> None:
+        "Raise ValueError naming the field and the fix when a value cannot make a sensible run."
+        def need(ok, msg):
+            if not ok: raise ValueError(msg)
+        need(self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)}.")
+        need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
+        need(self.size is None or self.size >= 8, f"size={self.size}: give an image side of at least 8 pixels "
+                                                  "(or None for the dataset's default).")
+        need(self.bs >= 1, f"bs={self.bs}: the batch size is at least 1.")
+        need(self.seed >= 0, f"seed={self.seed}: seeds are whole numbers from 0.")
+        need(self.selection in SELECTIONS, f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}.")
+        need(self.num_workers >= 0, f"num_workers={self.num_workers}: 0 (load in the main process) or more.")
+        need(self.epochs >= 1, f"epochs={self.epochs}: train at least 1 epoch per step.")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: the learning rate must be positive.")
+
+    @classmethod
+    def options(cls, group: str = None) -> list:
+        "The fields as `Option`s (name, type, default, group, help), in the order of `GROUPS`, or of one group."
+        out = [Option(f.name, _type_name(f.type), f.default, f.metadata["group"], f.metadata["help"])
+               for f in dataclasses.fields(cls)]
+        out.sort(key=lambda o: GROUPS.index(o.group))
+        return [o for o in out if group is None or o.group == group]
+
+    @classmethod
+    def names(cls) -> list: return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict: return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def same_result(cls) -> set:
+        "The fields whose values do not change a run's numbers (a run resumes with other values of them)."
+        return {f.name for f in dataclasses.fields(cls) if f.metadata["same_result"]}
+
+    @classmethod
+    def from_mapping(cls, mapping: dict, strict: bool = False):
+        """The configuration of the fields found in `mapping` (a notebook's `globals()`, a profile's group);
+        other keys are ignored, or with `strict` refused with their names."""
+        if strict and (bad := set(mapping) - set(cls.names())):
+            raise ValueError(f"{sorted(bad)}: not settings of a {cls.kind} run; its settings are "
+                             f"{', '.join(cls.names())}.")
+        return cls(**{k: mapping[k] for k in cls.names() if k in mapping})
+
+    def replace(self, **changes): return dataclasses.replace(self, **changes)
+    def as_dict(self) -> dict: return {k: getattr(self, k) for k in self.names()}
+
+    def changed(self) -> dict:
+        "The fields whose values are not the defaults."
+        return {k: v for k, v in self.as_dict().items() if v != self.defaults()[k]}
+
+    def params(self) -> dict:
+        "What a run's record holds as `params`: the run kind and every field."
+        return dict(kind=self.kind, **self.as_dict())
+
+    @property
+    def run_name(self) -> str: return run_name(self.params())
+
+
+@dataclass(frozen=True)
+class TeacherConfig(RunConfig):
+    "The teacher run: the paper's ResNet34, one-cycle for `epochs` at max `lr`, best valid accuracy kept."
+    kind: typing.ClassVar[str] = "teacher"
+
+    pretrained: typing.Optional[bool] = option(None, "model", "True: ImageNet weights (error if unavailable); "
+                                                              "False: from scratch; None: ImageNet if available")
+    epochs: int = option(50, "optimisation", "epochs of one-cycle training (the paper: 50)")
+    lr: float = option(1e-4, "optimisation", "maximum learning rate of the one-cycle schedule (the paper: 1e-4, "
+                                             "5e-4 for Imagewoof)")
+
+
+@dataclass(frozen=True)
+class StudentConfig(RunConfig):
+    "A student run: `student` trained by `method` (a key of `kd_lib.methods.METHODS`)."
+    kind: typing.ClassVar[str] = "student"
+
+    student: str = option("resnet10", "model", "student model: resnet10, resnet14, resnet18, resnet20 or resnet26")
+    method: str = option("stagewise", "method", "a method of kd_lib.methods.METHODS: no_teacher, simultaneous, "
+                                                "stagewise (the paper's), hinton, fitnets")
+    teacher_path: typing.Optional[str] = option(None, "method", "the teacher's run folder or .pth (None: "
+                                                                "<out_dir>/<dataset>/teacher)")
+    freeze_bn: bool = option(True, "method", "keep frozen stages' BatchNorm statistics fixed (False: let them "
+                                             "drift, as the paper's code did)")
+    T: float = option(4.0, "method", "temperature of the soft targets (method hinton only)")
+    alpha: float = option(0.9, "method", "weight of the soft-target loss (method hinton only)")
+    fraction: float = option(1.0, "data", "part of the training set used, sampled per class (the paper: 1.0 "
+                                          "and 0.25)")
+    epochs: int = option(100, "optimisation", "epochs per step: per stage for stagewise, in all for the one-step "
+                                              "methods (the paper: 100)")
+    lr: float = option(1e-4, "optimisation", "learning rate of Adam, constant (the paper: 1e-4)")
+    truncate: bool = option(True, "speed", "run each model only as far as the stage trained (False: whole models, "
+                                           "as the paper's code did)")
+    cache: typing.Union[bool, str] = option(False, "speed", "fast path (book/performance.md): True caches per "
+                                            "step what frozen parts and teacher give (needs augment off); valid: "
+                                            "the valid split only")
+    cache_dtype: str = option("float16", "speed", "dtype of the cache: float16, bfloat16, or float32 for exactly "
+                                                  "the result without cache")
+    cache_bytes: int = option(4 * 2**30, "speed", "cache kept in (device) memory; beyond it, memory-mapped "
+                                                  "files under data/cache", same_result=True)
+    amp: typing.Optional[str] = option(None, "speed", "mixed precision on CUDA: bf16 or fp16 (None: float32)")
+    channels_last: bool = option(False, "speed", "student and teacher in channels_last memory format (for "
+                                                 "GPUs)")
+
+    def check(self) -> None:
+        super().check()
+        method = get_method(self.method)
+
+        def need(ok, msg):
+            if not ok: raise ValueError(msg)
+        need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
+        need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
+        need(self.T > 0, f"T={self.T}: the temperature must be positive.")
+        need(0 <= self.alpha <= 1, f"alpha={self.alpha}: a weight in [0, 1].")
+        need(self.amp is None or self.amp in AMP_DTYPES, f"amp={self.amp!r}: choose None, {', '.join(AMP_DTYPES)}.")
+        need(self.cache in (False, True, "valid"), f"cache={self.cache!r}: choose False, True or 'valid' (in YAML: false, true or valid).")
+        need(self.cache_dtype in CACHE_DTYPES,
+             f"cache_dtype={self.cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
+        need(self.cache_bytes >= 0, f"cache_bytes={self.cache_bytes}: a number of bytes, 0 or more.")
+        if not self.cache: return
+        need(not (self.augment and self.cache is True),
+             "cache=True needs augment=False: augmentation gives new training images every epoch, so there is "
+             "nothing to compute once; cache='valid' caches the (never augmented) valid split.")
+        need(self.freeze_bn, "cache needs freeze_bn=True: with freeze_bn=False the BatchNorm statistics of frozen "
+                             "stages drift every batch, which no cache can follow.")
+        need(self.truncate, "cache never runs whole models: pass truncate=True (the default).")
+        need(method.cacheable, f"cache caches steps that train some stages on one target; {self.method!r} adds a "
+                               "teacher loss over the whole student every batch: pass cache=False.")
+
+    def check_device(self) -> None:
+        "Raise ValueError when the options ask for hardware this machine lacks (checked when the run starts)."
+        import torch
+        if self.amp and not torch.cuda.is_available():
+            raise ValueError(f"amp={self.amp!r} needs a CUDA GPU (fastai's MixedPrecision autocasts on CUDA) and "
+                             "there is none: pass amp=None.")
+
+
+CONFIGS = {c.kind: c for c in (TeacherConfig, StudentConfig)}
+
+
+def parameters_cell(config: type, extra: list = ()) -> str:
+    """The source of a notebook's `parameters` cell for `config`'s fields, grouped, each with its default
+    and meaning, then `extra` lines (the notebook's own parameters, such as `out_dir`)."""
+    lines, group = [], None
+    for o in config.options():
+        if o.group != group:
+            lines.append(f"# {o.group}")
+            group = o.group
+        value = f'"{o.default}"' if isinstance(o.default, str) else repr(o.default)
+        lines.append(f"{o.name}{f': {o.type}' if o.type else ''} = {value}  # {o.help}")
+    if extra: lines += ["# this notebook", *extra]
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""The numbers of the book's results, from run records (`kd_lib.records.collect`) and the paper's published
+numbers (`kd_lib.paper.paper_results`): records in, DataFrames, dicts and strings out; nothing here draws or
+types in a result (`kd_lib.figures` draws them).
+
+* `summary`, `teachers`: our runs grouped over seeds; `gaps`: one method minus another, student by student.
+* `comparison`: every number of the figures, ours beside the paper's; `provenance`: what produced the records.
+* `claims`: the paper's claims checked.
+* `provenance_text`, `headline`, `verdicts`: what the book's text quotes of these, as strings to glue.
+"""
+import numpy as np
+import pandas as pd
+
+from .methods import METHODS
+
+__all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
+           "provenance", "provenance_text", "paper_as_records", "claims", "verdicts", "headline"]
+
+PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]
+KEYS = ["dataset", "fraction", "student", "method"]
+
+
+def n_layers(student: str) -> int:
+    "The number of layers a student's name says: 'resnet26' -> 26."
+    return int(str(student).removeprefix("resnet"))
+
+
+def fraction_label(fraction: float) -> str:
+    "1.0 -> 'full data', 0.25 -> '25% of the data'."
+    return "full data" if fraction >= 1 else f"{100 * fraction:g}% of the data"
+
+
+def method_order(methods) -> list:
+    "The distinct `methods` in display order: the registered ones in `METHODS`' order, then the others sorted."
+    present = list(dict.fromkeys(methods))
+    return [m for m in METHODS if m in present] + sorted(m for m in present if m not in METHODS)
+
+
+def _ranks(methods) -> dict:
+    return {m: i for i, m in enumerate(method_order(methods))}
+
+
+def summary(records: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
+    """Student runs grouped over seeds: one row per dataset, fraction, student and method with the
+    `mean`, `std` (0 for one seed) and `n` (seeds) of `metric`, the seeds and the epochs used."""
+    cols = KEYS + ["layers", "mean", "std", "n", "seeds", "epochs"]
+    if records is None or records.empty or "kind" not in records: return pd.DataFrame(columns=cols)
+    s = records[records["kind"] == "student"]
+    if s.empty: return pd.DataFrame(columns=cols)
+    g = s.groupby(KEYS, sort=False)
+    out = g[metric].agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
+    out["seeds"] = g["seed"].agg(lambda v: ",".join(str(int(x)) for x in sorted(v)))
+    out["epochs"] = g["epochs"].agg(lambda v: ",".join(str(int(x)) for x in sorted(set(v))))
+    out = out.reset_index()
+    out["layers"] = out["student"].map(n_layers)
+    return out.sort_values(["dataset", "fraction", "method", "layers"], ascending=[True, False, True, True],
+                           key=lambda c: c.map(_ranks(c)) if c.name == "method" else c)[cols] \
+              .reset_index(drop=True)
+
+
+def teachers(records: pd.DataFrame, metric: str = "test_accuracy") -> pd.Series:
+    "Teacher `metric` per dataset (mean over teacher runs) from the records' teacher rows."
+    if records is None or records.empty or "kind" not in records: return pd.Series(dtype=float)
+    t = records[records["kind"] == "teacher"]
+    return t.groupby("dataset")[metric].mean()
+
+
+def gaps(records: pd.DataFrame, better: str = "stagewise", than: str = "no_teacher",
+         metric: str = "test_accuracy") -> pd.DataFrame:
+    """Per dataset and fraction, `better` minus `than` in points of `metric`, student by student (means over
+    seeds): the mean, min and max over students, how many students `better` beats `than` on, and on how
+    many of them the gap exceeds the two std (over seeds) added, and the fewest seeds of any of those means."""
+    s = summary(records, metric).set_index(KEYS)
+    cols = ["dataset", "fraction", "mean_gap", "min_gap", "max_gap", "students", "wins", "clear_wins", "seeds"]
+    if s.empty: return pd.DataFrame(columns=cols)
+    rows = []
+    for (ds, fr), grp in s.groupby(level=["dataset", "fraction"]):
+        m = grp.reset_index().pivot(index="student", columns="method", values="mean")
+        sd = grp.reset_index().pivot(index="student", columns="method", values="std")
+        if better not in m or than not in m: continue
+        d = (m[better] - m[than]).dropna()
+        if d.empty: continue
+        noise = (sd[better] + sd[than]).reindex(d.index)
+        rows.append(dict(dataset=ds, fraction=fr, mean_gap=d.mean(), min_gap=d.min(), max_gap=d.max(),
+                         students=len(d), wins=int((d > 0).sum()), clear_wins=int((d > noise).sum()),
+                         seeds=int(grp["n"].min())))
+    return pd.DataFrame(rows, columns=cols).sort_values(["dataset", "fraction"], ascending=[True, False]) \
+             .reset_index(drop=True)
+
+
+def comparison(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
+    """Every number of the figures in one table: ours (mean, std, seeds) beside the paper's accuracy for the
+    same dataset, fraction, student and method (empty where the paper has none), teachers included."""
+    s = summary(records, metric).rename(columns={"mean": "ours", "std": "ours_std", "n": "ours_seeds"})
+    t = teachers(records, metric)
+    if len(t):
+        trows = pd.DataFrame(dict(dataset=t.index, fraction=1.0, student="resnet34", method="teacher", layers=34,
+                                  ours=t.values, ours_std=np.nan, ours_seeds=np.nan))
+        s = pd.concat([trows, s], ignore_index=True) if len(s) else trows
+    if s.empty: return pd.DataFrame(columns=KEYS + ["layers", "ours", "ours_std", "ours_seeds", "paper"])
+    if paper is not None and len(paper):
+        s = s.merge(paper.rename(columns={"accuracy": "paper"}), on=KEYS, how="left")
+    else: s["paper"] = np.nan
+    return s[KEYS + ["layers", "ours", "ours_std", "ours_seeds", "paper"]]
+
+
+def provenance(records: pd.DataFrame) -> dict:
+    """What produced `records`: datasets, seeds, epochs per kind/method, image sizes, batch sizes, learning
+    rates, the devices and torch threads of the records' `versions`, and the compute time summed."""
+    if records is None or records.empty:
+        return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
+                    threads=[], hours=0.0)
+    st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
+    epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
+    for m in method_order(st.get("method", [])):
+        epochs[m] = sorted({int(e) for e in st.loc[st["method"] == m, "epochs"]})
+    lr = {}
+    if len(te): lr["teacher"] = sorted(set(te["lr"]))
+    if len(st): lr["student"] = sorted(set(st["lr"]))
+    return dict(runs=len(records), datasets=sorted(set(records["dataset"])),
+                seeds=sorted({int(x) for x in st.get("seed", [])}),
+                epochs=epochs, sizes=sorted({int(x) for x in records["size"].dropna()}) if "size" in records else [],
+                bs=sorted({int(x) for x in records["bs"]}), lr=lr,
+                fractions=sorted({float(x) for x in st.get("fraction", [])}, reverse=True),
+                devices=sorted(set(records["device"])),
+                threads=sorted({int(t) for t in records["torch_threads"].dropna()}),
+                hours=float(records["wall_time_s"].sum()) / 3600)
+
+
+def _listing(values) -> str:
+    return ", ".join(map(str, values)) if values else "none"
+
+
+def provenance_text(records: pd.DataFrame) -> dict:
+    """`provenance` written out for the book's text: `datasets`, `seeds`, `n_seeds`, `epochs`, `sizes`,
+    `batch_sizes`, `lrs`, `fractions`, `hardware`, `n_runs` and `compute_hours`."""
+    f = provenance(records)
+    def per(d): return "; ".join(f"{k} {_listing(v)}" for k, v in d.items()) or "none"
+    return dict(datasets=_listing(f["datasets"]), seeds=_listing(f["seeds"]), n_seeds=len(f["seeds"]),
+                epochs=per(f["epochs"]), sizes=_listing(f["sizes"]), batch_sizes=_listing(f["bs"]), lrs=per(f["lr"]),
+                fractions=_listing(f["fractions"]),
+                hardware=_listing(f["devices"]) + f", {_listing(f['threads'])} torch thread(s) per run",
+                n_runs=f["runs"], compute_hours=f"{f['hours']:.2f}")
+
+
+def paper_as_records(paper: pd.DataFrame) -> pd.DataFrame:
+    "The paper's numbers shaped like `collect`'s records (one seed, accuracy as test_accuracy), for `summary`/`gaps`."
+    if paper is None or paper.empty: return pd.DataFrame(columns=["kind", "dataset", "test_accuracy"])
+    st = paper[paper["method"] != "teacher"]
+    te = paper[paper["method"] == "teacher"]
+    rows = [dict(kind="student", dataset=r.dataset, student=r.student, method=r.method, fraction=float(r.fraction),
+                 seed=0, epochs=100, test_accuracy=r.accuracy) for r in st.itertuples()]
+    rows += [dict(kind="teacher", dataset=r.dataset, epochs=50, test_accuracy=r.accuracy) for r in te.itertuples()]
+    return pd.DataFrame(rows)
+
+
+def _num(x, fmt="{:+.1f}") -> str:
+    return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
+
+
+def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
+    """The paper's claims checked against `records`, a row per claim and dataset: what we measured, what the
+    paper's own numbers give for the same dataset (or their range over the paper's datasets when it has not
+    run ours: 'range a to b' over its three datasets), and the verdict: 'reproduced' when the `rule` holds
+    (for claim 1, 'partly reproduced' when it holds for some students), else 'not reproduced'.
+
+    1. full data: stagewise above no_teacher for every student;
+    2. full data: simultaneous gains less than half of stagewise's gain over no_teacher;
+    3. the stagewise gain is larger on the smallest fraction than on full data;
+    4. full data: stagewise students within 2 points of the teacher, on average."""
+    rows = []
+    pr = paper_as_records(paper) if paper is not None else None
+    pg = gaps(pr) if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
+    pgs = gaps(pr, "simultaneous") if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
+    psum = summary(pr) if pr is not None and len(pr) else pd.DataFrame(columns=KEYS + ["mean"])
+    pteach = teachers(pr) if pr is not None and len(pr) else pd.Series(dtype=float)
+    g, gs, s, t = gaps(records, metric=metric), gaps(records, "simultaneous", metric=metric), \
+        summary(records, metric), teachers(records, metric)
+
+    def at(df, ds, fraction, col="mean_gap"):
+        r = df[(df["dataset"] == ds) & np.isclose(df["fraction"].astype(float), fraction)] if len(df) else df
+        return float(r[col].iloc[0]) if len(r) else None
+
+    def teacher_gap(summ, teach, ds):
+        sw = summ[(summ["dataset"] == ds) & np.isclose(summ["fraction"].astype(float), 1.0)
+                  & (summ["method"] == "stagewise")] if len(summ) else summ
+        return float(teach[ds] - sw["mean"].mean()) if len(sw) and ds in teach else None
+
+    def paper_cell(fn, ds, fmt="{:+.1f}"):
+        if ds in PAPER_DATASETS: return _num(fn(ds), fmt)
+        vals = [v for v in (fn(d) for d in PAPER_DATASETS) if v is not None and np.isfinite(v)]
+        return f"range {fmt.format(min(vals))} to {fmt.format(max(vals))}" if vals else "n/a"
+
+    for ds in sorted(set(s["dataset"])) if len(s) else []:
+        fr = sorted({float(f) for f in s.loc[s["dataset"] == ds, "fraction"]})
+        small = fr[0] if fr and fr[0] < 1 else None
+        # 1
+        full = g[(g["dataset"] == ds) & np.isclose(g["fraction"].astype(float), 1.0)] if len(g) else g
+        if len(full):
+            r = full.iloc[0]
+            verdict = ("reproduced" if r.wins == r.students else "partly reproduced" if r.wins else "not reproduced")
+            rows.append(dict(claim="1. stagewise beats no_teacher (full data)", dataset=ds,
+                             ours=f"{r.mean_gap:+.1f} points on average; above for {r.wins} of {r.students} students"
+                                  + (f" ({r.clear_wins} by more than the two std over seeds added)" if r.seeds > 1
+                                     else " (one seed)"),
+                             paper=paper_cell(lambda d: at(pg, d, 1.0), ds) + " points",
+                             verdict=verdict, rule="above for every student"))
+        # 2
+        sim, sw = at(gs, ds, 1.0), at(g, ds, 1.0)
+        if sim is not None and sw is not None:
+            rows.append(dict(claim="2. simultaneous gains little over no_teacher (full data)", dataset=ds,
+                             ours=f"simultaneous {sim:+.1f}, stagewise {sw:+.1f} points over no_teacher",
+                             paper="simultaneous " + paper_cell(lambda d: at(pgs, d, 1.0), ds) + ", stagewise "
+                                   + paper_cell(lambda d: at(pg, d, 1.0), ds),
+                             verdict="reproduced" if sim < sw / 2 else "not reproduced",
+                             rule="simultaneous gain < half the stagewise gain"))
+        # 3
+        if small is not None and sw is not None and at(g, ds, small) is not None:
+            lo = at(g, ds, small)
+            rows.append(dict(claim=f"3. the stagewise gain is larger with less data ({fraction_label(small)})",
+                             dataset=ds, ours=f"{lo:+.1f} points at {fraction_label(small)}, {sw:+.1f} at full data",
+                             paper=paper_cell(lambda d: at(pg, d, 0.25), ds) + " at 25%, "
+                                   + paper_cell(lambda d: at(pg, d, 1.0), ds) + " at full data",
+                             verdict="reproduced" if lo > sw else "not reproduced",
+                             rule="gain on the smallest fraction > gain on full data"))
+        # 4
+        tg = teacher_gap(s, t, ds)
+        if tg is not None:
+            rows.append(dict(claim="4. stagewise students come close to the teacher (full data)", dataset=ds,
+                             ours=f"teacher minus stagewise: {tg:.1f} points on average",
+                             paper=paper_cell(lambda d: teacher_gap(psum, pteach, d), ds, "{:.1f}") + " points",
+                             verdict="reproduced" if tg <= 2 else "not reproduced",
+                             rule="teacher minus stagewise at most 2 points"))
+    return pd.DataFrame(rows, columns=["claim", "dataset", "ours", "paper", "verdict", "rule"])
+
+
+def verdicts(table: pd.DataFrame) -> dict:
+    "`verdict_1` to `verdict_4`: each claim's verdicts in a `claims` table, as 'verdict on dataset; ...'."
+    out = {}
+    for n in range(1, 5):
+        r = table[table["claim"].str.startswith(f"{n}.")]
+        out[f"verdict_{n}"] = ("; ".join(f"{v} on {d}" for v, d in zip(r["verdict"], r["dataset"])) if len(r)
+                               else "not tested by these runs")
+    return out
+
+
+def _at(df: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    "The rows of `df` at training `fraction`."
+    return df[np.isclose(df["fraction"].astype(float), fraction)] if len(df) else df
+
+
+def headline(records: pd.DataFrame, metric: str = "test_accuracy") -> dict:
+    """The numbers the results page quotes, as text: stagewise minus no_teacher (mean over datasets of `gaps`'
+    `mean_gap`) at full data (`gap_full`) and at the smallest fraction (`gap_small`, `small_fraction`), the
+    students it is better for there (`wins_full`, `wins_small`: 'k of n'), simultaneous minus no_teacher at
+    full data (`sim_gap_full`) and the teachers' mean (`teacher_accuracy`); 'n/a' where the records have none."""
+    has = records is not None and len(records) > 0 and "kind" in records
+    fractions = {float(f) for f in records.loc[records["kind"] == "student", "fraction"]} if has else set()
+    small = min(fractions) if fractions and min(fractions) < 1 else np.nan
+    g, gs = gaps(records, metric=metric), gaps(records, "simultaneous", metric=metric)
+    t = records.loc[records["kind"] == "teacher", metric] if has else pd.Series(dtype=float)
+
+    def gap(df, fraction): return _num(_at(df, fraction)["mean_gap"].mean())
+
+    def wins(fraction):
+        r = _at(g, fraction)
+        return f"{int(r['wins'].sum())} of {int(r['students'].sum())}" if len(r) else "n/a"
+
+    return dict(gap_full=gap(g, 1.0), gap_small=gap(g, small),
+                small_fraction=fraction_label(small) if np.isfinite(small) else "n/a",
+                wins_full=wins(1.0), wins_small=wins(small), sim_gap_full=gap(gs, 1.0),
+                teacher_accuracy=_num(t.mean(), "{:.1f}"))

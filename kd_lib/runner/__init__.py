@@ -1,0 +1,25 @@
+"""The runner: a profile (YAML) -> papermill runs of the notebooks -> the book.
+
+    python -m kd_lib.runner --profile digits            # what `make book` runs
+    python -m kd_lib.runner --profile smoke --jobs 2    # the tiny profile of the tests and CI
+    python -m kd_lib.runner --profile my.yaml           # a profile file of your own
+    python -m kd_lib.runner --profile digits --dry-run  # list the runs, run nothing
+    python -m kd_lib.runner --profile digits --book-only  # rebuild the book from what already ran
+
+A profile (``kd_lib/profiles/<name>.yaml``) names, per dataset, the teacher's settings and groups of
+student runs; list-valued ``student``, ``method``, ``fraction`` and ``seed`` of a group expand to every
+combination. The runner executes ``notebooks/teacher.ipynb`` once per dataset, then
+``notebooks/student.ipynb`` once per student run, with papermill, into ``<out_dir>/notebooks/``
+(``out_dir`` is ``runs/<profile>`` unless the profile says otherwise); the records land in
+``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. Then it writes the
+book's notebooks into ``book/generated/`` (Table 1, the method diagram, the figures, one teacher and
+one student run) and builds the book with ``jupyter-book build . -W -n --keep-going``.
+"""
+from .book import GENERATED, build_book, write_book_notebooks
+from .jobs import Progress, kernel_env, run_job, run_jobs, run_notebook
+from .profiles import (NOTEBOOKS, PROFILES, ROOT, Job, ProfileError, RunConflict, example, expand, load_profile, plan,
+                       profiles, strays)
+
+__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "GENERATED", "Job", "ProfileError", "RunConflict", "profiles",
+           "load_profile", "expand", "plan", "strays", "example", "kernel_env", "run_notebook", "Progress", "run_job",
+           "run_jobs", "write_book_notebooks", "build_book"]

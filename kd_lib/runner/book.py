@@ -1,0 +1,46 @@
+"""The book: the notebooks of `book/generated/` (Table 1, the method, the figures of a profile's records, one
+teacher and one student run), then Jupyter Book's build of the whole book, failing on any warning."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .jobs import run_notebook
+from .profiles import ROOT, example, shown
+
+__all__ = ["GENERATED", "write_book_notebooks", "build_book"]
+
+GENERATED = ROOT / "book" / "generated"
+
+
+def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
+    """Write `book/generated/`: Table 1 and the method diagram (run now), the figures of the profile's records
+    (run now), and the executed notebooks of the example teacher and student runs (copied; executed again
+    first when missing or older than `notebooks/<kind>.ipynb`, which only reads the complete run's record)."""
+    stream = stream or sys.stderr
+    GENERATED.mkdir(parents=True, exist_ok=True)
+    out = jobs[0].out_dir
+    teacher, student = example(prof, jobs)
+    for j in (teacher, student):
+        if not j.output.exists() or j.output.stat().st_mtime < j.notebook.stat().st_mtime:
+            print(f"executing {j.kind}.ipynb again for {j.name}: its run is complete (nothing is trained again) but "
+                  "its executed notebook is missing or older than the notebook", file=stream, flush=True)
+            run_notebook(j.kind, j.output, **j.params)
+        shutil.copyfile(j.output, GENERATED / f"{j.kind}.ipynb")
+    steps = [("table1", dict(size=224, n_classes=10)),
+             ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
+                             dataset=teacher.config.dataset)),
+             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None))]
+    for name, params in steps:
+        print(f"writing book/generated/{name}.ipynb", file=stream, flush=True)
+        run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", **params)
+
+
+def build_book() -> None:
+    "Build the Jupyter Book into `_build/html`, failing on any warning (SystemExit naming the cause)."
+    jb = str(Path(sys.executable).with_name("jupyter-book"))
+    r = subprocess.run([jb, "build", str(ROOT), "-W", "-n", "--keep-going"], cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit("error: jupyter-book build failed: the warnings above name the page and line (a broken glue key or "
+                 "link, a notebook missing from book/generated/ ...)")
+    print(f"the book is in {ROOT / '_build' / 'html' / 'index.html'}", file=sys.stderr)

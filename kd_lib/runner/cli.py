@@ -1,0 +1,50 @@
+"""The command line of the runner, `python -m kd_lib.runner --profile digits` (see `kd_lib.runner`)."""
+import argparse
+import sys
+
+from .. import runner
+from .book import build_book, write_book_notebooks
+from .jobs import run_jobs
+from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
+
+
+def main(argv=None) -> None:
+    "Run a profile's notebooks and build the book, or what the flags ask for (`--help`)."
+    p = argparse.ArgumentParser(prog="python -m kd_lib.runner", description=runner.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="digits", help=f"a profile ({', '.join(profiles())}) or a YAML file")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs executed at once (default: the profile's `jobs`, else 1)")
+    p.add_argument("--out-dir", default=None, help="where runs and executed notebooks go (default: the profile's)")
+    p.add_argument("--book-only", action="store_true", help="build the book from notebooks already run")
+    p.add_argument("--runs-only", action="store_true", help="run the profile's notebooks, build no book")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is complete; run nothing")
+    args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1: p.error(f"--jobs {args.jobs}: run at least 1 job at a time.")
+    if args.book_only:
+        build_book()
+        return
+    try:
+        prof = load_profile(args.profile)
+        jobs = plan(expand(prof, args.out_dir))
+        example(prof, jobs)
+    except (ProfileError, RunConflict) as e:
+        sys.exit(f"error: {e}")
+    if stray := strays(jobs):
+        print(f"note: {len(stray)} record(s) under {stray[0].parents[2]} are not runs of the profile "
+              f"{prof['name']!r} (for example {stray[0].parent.name}); the figures include every record there. "
+              "Move them away, or give the profile another out_dir, to show the profile's runs only.",
+              file=sys.stderr)
+    if args.dry_run:
+        for j in jobs: print(f"{j.status:9} {j.name}  {j.config.changed()}")
+        todo = [j for j in jobs if j.status == "todo"]
+        print(f"{len(jobs)} runs, {len(todo)} to run", file=sys.stderr)
+        return
+    n_jobs = args.jobs or int(prof.get("jobs", 1))
+    try:
+        run_jobs(jobs, n_jobs)
+        if args.runs_only: return
+        write_book_notebooks(prof, jobs)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    build_book()

@@ -1,0 +1,198 @@
+"""Profiles: YAML files that name, per dataset, the teacher's settings and groups of student runs;
+loaded and checked whole (`load_profile`), expanded into jobs (`expand`), planned against what already ran
+(`plan`). Every setting is a field of `kd_lib.config.TeacherConfig` or `StudentConfig`, checked by them."""
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..config import StudentConfig, TeacherConfig
+from ..methods import get_method
+from ..records import RECORD, param_conflicts, read_json
+
+__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "ProfileError", "RunConflict", "Job", "profiles",
+           "load_profile", "expand", "plan", "strays", "example", "shown"]
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+NOTEBOOKS = ROOT / "notebooks"
+EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
+_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir"}  # the keys of a profile
+_DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
+_START_COST = 2.0  # a kernel's start, imports and figures, in units of one no_teacher epoch of resnet10
+
+
+class ProfileError(ValueError):
+    "A profile is missing or malformed; the message says what to change."
+
+
+class RunConflict(RuntimeError):
+    "A run folder holds a run with other parameters than the profile asks for."
+
+
+@dataclass
+class Job:
+    "One papermill run of `notebooks/<kind>.ipynb` for `config`, recorded in `run` (its folder), executed into `output`."
+    config: object  # a TeacherConfig or a StudentConfig
+    name: str  # "<dataset>/<run folder name>"
+    run: Path
+    output: Path
+    out_dir: Path  # the profile's out_dir, absolute
+    status: str = "todo"  # todo | complete | running | failed | done
+    seconds: float = 0.0
+    log: Path = None
+    error: str = None
+
+    @property
+    def kind(self) -> str: return self.config.kind
+
+    @property
+    def notebook(self) -> Path: return NOTEBOOKS / f"{self.kind}.ipynb"
+
+    @property
+    def params(self) -> dict:
+        "The notebook's parameters: the configuration's fields and `out_dir` (relative to the repository when inside)."
+        return dict(self.config.as_dict(), out_dir=shown(self.out_dir))
+
+    @property
+    def needs_teacher(self) -> bool:
+        "A student that distils its dataset's default teacher, so waits for it."
+        return self.kind == "student" and get_method(self.config.method).needs_teacher \
+            and not self.config.teacher_path
+
+    @property
+    def cost(self) -> float:
+        "A rough relative cost (for the time estimate): epochs x steps x data, from the configuration."
+        c = self.config
+        if self.kind == "teacher": return _START_COST + 3.3 * c.epochs
+        depth = 1 + 0.1 * (int(c.student.removeprefix("resnet")) - 10)  # resnet26 ~ 2.6 x resnet10
+        valid = 0.35 if self.needs_teacher else 0.1  # the validation share, which no fraction shrinks
+        return _START_COST + c.epochs * get_method(c.method).epoch_cost(c.cache is True) * depth \
+            * (c.fraction + valid) / (1 + valid)
+
+
+def profiles() -> list:
+    "The names of the profiles that ship with kd_lib."
+    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
+
+
+def _unknown(where: str, keys, known) -> None:
+    if bad := sorted(set(keys) - set(known)):
+        raise ProfileError(f"{where}: unknown key(s) {bad}; the keys here are {', '.join(sorted(known))}.")
+
+
+def load_profile(profile) -> dict:
+    """The profile `profile`: the name of one in `kd_lib/profiles/` (smoke, digits, paper) or the path of a
+    YAML file, its keys checked (`expand` checks the settings); `name` defaults to the file's stem and
+    `out_dir` to `runs/<name>`."""
+    path = Path(profile)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()): path = PROFILES / f"{profile}.yaml"
+    if not path.is_file():
+        raise ProfileError(f"No profile {profile!r}: choose one of {', '.join(profiles())} "
+                           f"(kd_lib/profiles/) or give the path of a YAML file.")
+    try: prof = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e: raise ProfileError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(prof, dict): raise ProfileError(f"{path}: a profile is a YAML mapping.")
+    _unknown(str(path), prof, _TOP)
+    prof.setdefault("name", path.stem)
+    prof.setdefault("out_dir", f"runs/{prof['name']}")
+    prof["path"] = str(path)
+    datasets = prof.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise ProfileError(f"{path}: `datasets` must be a list with one entry per dataset.")
+    both = set(TeacherConfig.names()) & set(StudentConfig.names())
+    for d in datasets:
+        if not isinstance(d, dict) or "dataset" not in d:
+            raise ProfileError(f"{path}: each entry of `datasets` needs a `dataset` name.")
+        where = f"{path}, dataset {d['dataset']}"
+        _unknown(where, d, _DATASET)
+        for key, known in (("common", both), ("teacher", TeacherConfig.names())):
+            if not isinstance(d.get(key) or {}, dict): raise ProfileError(f"{where}: `{key}` is a mapping of settings.")
+            _unknown(f"{where}, {key}", d.get(key) or {}, known)
+        if not isinstance(d.get("students") or [], list):
+            raise ProfileError(f"{where}: `students` is a list of groups (mappings of settings).")
+        for i, g in enumerate(d.get("students") or []):
+            if not isinstance(g, dict): raise ProfileError(f"{where}: student group {i + 1} is not a mapping.")
+            _unknown(f"{where}, student group {i + 1}", g, StudentConfig.names())
+    return prof
+
+
+def _listify(v) -> list: return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _config(cls, settings: dict, where: str):
+    try: return cls(**settings)
+    except (TypeError, ValueError) as e: raise ProfileError(f"{where}: {e}") from e
+
+
+def expand(prof: dict, out_dir=None) -> list:
+    """The profile's jobs in order: each dataset's teacher, then every student run of every group (the
+    product of the group's `student`, `method`, `fraction` and `seed` lists), duplicates dropped. Every
+    run's settings are checked by its configuration: a bad one is a `ProfileError` naming its place."""
+    out = Path(out_dir or prof["out_dir"])
+    out = out if out.is_absolute() else ROOT / out
+    teachers, students, seen = [], [], set()
+    defaults = StudentConfig.defaults()
+
+    def job(config):
+        return Job(config, f"{config.dataset}/{config.run_name}", out / config.dataset / config.run_name,
+                   out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out)
+    for d in prof["datasets"]:
+        ds, where = d["dataset"], f"{prof['path']}, dataset {d['dataset']}"
+        base = dict(dataset=ds, data_path=d.get("data_path"), **(d.get("common") or {}))
+        teachers.append(job(_config(TeacherConfig, dict(base, **(d.get("teacher") or {})), f"{where}, teacher")))
+        for i, g in enumerate(d.get("students") or []):
+            lists = [_listify(g.get(k, defaults[k])) for k in EXPANDED]
+            if not all(lists): raise ProfileError(f"{where}, student group {i + 1}: an empty list of "
+                                                  f"{', '.join(k for k, v in zip(EXPANDED, lists) if not v)}.")
+            for combo in itertools.product(*lists):
+                settings = dict(base, **{k: v for k, v in g.items() if k not in EXPANDED}, **dict(zip(EXPANDED, combo)))
+                j = job(_config(StudentConfig, settings, f"{where}, student group {i + 1}"))
+                if j.name not in seen:
+                    seen.add(j.name)
+                    students.append(j)
+    return teachers + students
+
+
+def shown(path: Path) -> str:
+    "`path` as the notebooks get it: relative to the repository root (their working folder) when inside it."
+    try: return Path(path).relative_to(ROOT).as_posix()
+    except ValueError: return str(path)
+
+
+def plan(jobs: list) -> list:
+    """Mark each job `complete` when its run folder holds a complete record with the job's parameters
+    (it is not started again), else `todo`; raise `RunConflict` when a folder holds other parameters."""
+    bad = []
+    for j in jobs:
+        rec = read_json(j.run / RECORD)
+        params = (rec or {}).get("params") or read_json(j.run / "params.json")
+        if params is not None and (c := param_conflicts(params, j.config.params(), j.config.same_result())):
+            bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
+            continue
+        j.status = "complete" if rec is not None and rec.get("status") == "complete" else "todo"
+    if bad:
+        raise RunConflict("These run folders hold runs with other parameters than the profile's:\n  "
+                          + "\n  ".join(bad) + "\nDelete them, or give the profile another out_dir.")
+    return jobs
+
+
+def strays(jobs: list) -> list:
+    "Record files under the jobs' out_dir that belong to none of the jobs (the figures would include them)."
+    if not jobs: return []
+    mine = {j.run / RECORD for j in jobs}
+    return sorted(p for p in jobs[0].out_dir.rglob(RECORD) if p not in mine)
+
+
+def example(prof: dict, jobs: list) -> tuple:
+    "The teacher and student jobs the book shows: the profile's `example` (dataset, student, method, ...)."
+    ex = dict(prof.get("example") or {})
+    ds = ex.pop("dataset", prof["datasets"][0]["dataset"])
+    teacher = next((j for j in jobs if j.kind == "teacher" and j.config.dataset == ds), None)
+    students = [j for j in jobs if j.kind == "student" and j.config.dataset == ds
+                and all(k in j.params and j.params[k] == v for k, v in ex.items())]
+    if teacher is None or not students:
+        raise ProfileError(f"The profile's example {prof.get('example')} matches none of its runs: name the "
+                           "dataset, student, method, fraction and seed of one of them.")
+    return teacher, students[0]

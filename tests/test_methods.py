@@ -1,0 +1,44 @@
+"""The method registry: a method is one definition, which the recipes, the runner and the figures follow."""
+import pytest
+import torch
+
+from kd_lib.config import StudentConfig
+from kd_lib.figures import figure4
+from kd_lib.fitting import seed_everything
+from kd_lib.methods import METHODS, Method, Step, get_method, register
+from kd_lib.models import resnet
+from kd_lib.records import collect
+from kd_lib.runner import expand, load_profile
+from kd_lib.train import load_student, train_student
+
+
+@pytest.fixture()
+def head_only():
+    "A toy method, registered for one test: only the head trains, on the labels, with the body left random."
+    m = register(Method("head_only", (Step("head", ("head",)),), needs_teacher=False, cacheable=True,
+                        color="tab:pink", marker="*", description="the head alone"))
+    yield m
+    del METHODS["head_only"]
+
+
+def test_the_papers_methods_are_registered_in_display_order():
+    assert list(METHODS)[:3] == ["no_teacher", "simultaneous", "stagewise"]
+    assert [s.name for s in METHODS["stagewise"].steps] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert not METHODS["no_teacher"].needs_teacher and METHODS["stagewise"].needs_teacher
+    assert {m for m in METHODS if not METHODS[m].cacheable} == {"simultaneous", "hinton"}
+    with pytest.raises(ValueError, match="choose one of no_teacher"): get_method("stagewize")
+
+
+def test_a_new_method_is_one_definition_and_runs_end_to_end(head_only, tmp_path, tiny):
+    r = train_student(**(tiny | dict(method="head_only", epochs=2, out_dir=tmp_path, progress=False)))
+    assert [s["name"] for s in r["stages"]] == ["head"] and r["teacher"]["path"] is None
+    assert StudentConfig(method="head_only", cache=True, augment=False).cache is True  # the configuration knows it
+    seed_everything(0)  # the run's initialisation: only the head moved from it
+    init = resnet("resnet10").state_dict()
+    trained = load_student(tmp_path / "digits" / "resnet10-head_only-f0.25-s0").state_dict()
+    assert {k.split(".")[0] for k, v in trained.items() if not torch.equal(v, init[k])} == {"head"}
+    fig = figure4(collect(tmp_path))  # the figures draw it (less data: Figure 4), in its colour
+    assert any(line.get_color() == "tab:pink" for ax in fig.axes for line in ax.get_lines())
+    prof = dict(load_profile("smoke"), datasets=[dict(dataset="digits", students=[dict(method="head_only")])])
+    jobs = expand(prof, tmp_path / "runs")
+    assert jobs[1].config.method == "head_only" and not jobs[1].needs_teacher
