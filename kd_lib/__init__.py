@@ -1,2 +1,17 @@
-"""kd_lib: Stagewise Knowledge Distillation on fastai."""
+"""kd_lib: Stagewise Knowledge Distillation on fastai. One concept per module, in the order the data flows:
+
+* `data`: the datasets as fastai DataLoaders (train, valid, test) with split metadata.
+* `models`: the paper's teacher and student ResNets, their stages by name.
+* `distill`: the distillation as fastai callbacks (teacher targets, freezing, teacher losses).
+* `methods`: the method registry (`METHODS`), each method defined once.
+* `config`: every setting of a teacher or student run (`TeacherConfig`, `StudentConfig`).
+* `cache`: what frozen parts compute, computed once (the fast path).
+* `fitting`: one fit with best-epoch checkpoints and exact resume.
+* `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
+* `records`: run records, written atomically and collected into a DataFrame.
+* `results`: analysis of records: summaries, gaps, the paper's claims.
+* `figures`: the book's figures, from records.
+* `complexity`: parameters and FLOPs (Table 1's counting rule); `paper`: the paper's published numbers.
+* `runner`: profiles, jobs and the book behind `make book` (`python -m kd_lib.runner`).
+"""
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import BLOCKS, resnet
+from .models import BLOCKS, evaluating, resnet
 from .paper import paper_format
 
 __all__ = ["count_params", "paper_flops", "modern_macs", "table1", "compare_with_paper"]
@@ -51,7 +51,7 @@ def paper_flops(model: nn.Module, size: int = 224) -> int:
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        model.eval()(torch.zeros(1, 3, size, size))
+        with evaluating(model): model(torch.zeros(1, 3, size, size))
     finally:
         for h in handles: h.remove()
     return total
@@ -60,8 +60,8 @@ def paper_flops(model: nn.Module, size: int = 224) -> int:
 @torch.no_grad()
 def modern_macs(model: nn.Module, size: int = 224) -> int:
     "Multiply-accumulates of one forward pass, from `torch.utils.flop_counter`."
-    with FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, 3, size, size))
+    with FlopCounterMode(display=False) as counter, evaluating(model):
+        model(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() // 2
 
 

@@ -227,6 +227,13 @@ class StudentConfig(RunConfig):
                              "there is none: pass amp=None.")
 
 
+def _settings_doc(config: type) -> str:
+    "The fields of `config` as a list for its docstring (pydoc and the book's API reference)."
+    items = [f"* ``{o.name} = {o.default!r}`` ({o.group}): {o.help}" for o in config.options()]
+    return "\n\n    Settings (``name = default`` (group): meaning):\n\n    " + "\n    ".join(items) + "\n"
+
+
+for _c in (TeacherConfig, StudentConfig): _c.__doc__ += _settings_doc(_c)
 CONFIGS = {c.kind: c for c in (TeacherConfig, StudentConfig)}
 
 
