@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import BLOCKS, evaluating, resnet
+from .models import BLOCKS, STUDENTS, evaluating, resnet
 from .paper import paper_format
 
 __all__ = ["count_params", "paper_flops", "modern_macs", "table1", "compare_with_paper"]
 
-TABLE1_MODELS = ["resnet34", "resnet26", "resnet20", "resnet18", "resnet14", "resnet10"]
+TABLE1_MODELS = ["resnet34", *reversed(STUDENTS)]  # the teacher, then the students from the largest
 
 
 def count_params(model: nn.Module) -> int:

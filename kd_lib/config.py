@@ -8,7 +8,7 @@ before anything is written. Everything else derives from these classes: a run re
 
     config = StudentConfig(student="resnet14", method="no_teacher", fraction=0.25)
     config.params()              # what the run's record holds
-    StudentConfig.fields("speed")  # the speed options, with defaults and meanings
+    StudentConfig.options("speed")  # the speed settings, with defaults and meanings
 """
 import dataclasses
 import math
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cache import AMP_DTYPES, CACHE_DTYPES
 from .data import DATASETS, SELECTIONS
-from .methods import get_method
+from .methods import METHODS, get_method
 from .models import STUDENTS
 from .records import run_name
 
@@ -167,9 +167,9 @@ class StudentConfig(RunConfig):
     "A student run: `student` trained by `method` (a key of `kd_lib.methods.METHODS`)."
     kind: typing.ClassVar[str] = "student"
 
-    student: str = option("resnet10", "model", "student model: resnet10, resnet14, resnet18, resnet20 or resnet26")
-    method: str = option("stagewise", "method", "a method of kd_lib.methods.METHODS: no_teacher, simultaneous, "
-                                                "stagewise (the paper's), hinton, fitnets")
+    student: str = option("resnet10", "model", f"student model: {', '.join(STUDENTS)}")
+    method: str = option("stagewise", "method", f"a method of kd_lib.methods.METHODS: {', '.join(METHODS)} "
+                                                "(stagewise: the paper's)")
     teacher_path: typing.Optional[str] = option(None, "method", "the teacher's run folder or .pth (None: "
                                                                 "<out_dir>/<dataset>/teacher)")
     freeze_bn: bool = option(True, "method", "keep frozen stages' BatchNorm statistics fixed (False: let them "
@@ -205,7 +205,8 @@ class StudentConfig(RunConfig):
         need(self.T > 0, f"T={self.T}: the temperature must be positive.")
         need(0 <= self.alpha <= 1, f"alpha={self.alpha}: a weight in [0, 1].")
         need(self.amp is None or self.amp in AMP_DTYPES, f"amp={self.amp!r}: choose None, {', '.join(AMP_DTYPES)}.")
-        need(self.cache in (False, True, "valid"), f"cache={self.cache!r}: choose False, True or 'valid' (in YAML: false, true or valid).")
+        need(self.cache in (False, True, "valid"),
+             f"cache={self.cache!r}: choose False, True or 'valid' (in YAML: false, true or valid).")
         need(self.cache_dtype in CACHE_DTYPES,
              f"cache_dtype={self.cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
         need(self.cache_bytes >= 0, f"cache_bytes={self.cache_bytes}: a number of bytes, 0 or more.")

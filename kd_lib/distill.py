@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.hook import hook_outputs
+from fastai.callback.hook import HookCallback, hook_outputs
 from fastai.callback.training import set_bn_eval
 from fastcore.basics import store_attr
 from torch import nn
@@ -110,17 +110,20 @@ class TeacherLoss(Callback):
     def lf(self, pred, *yb): return self.old_lf(pred, *yb) + self.extra(pred)
 
 
-class FeatureLoss(TeacherLoss):
-    "Simultaneous training: cross entropy + `weight` x the sum of the MSEs between student and teacher at `stages`."
-    def __init__(self, teacher: nn.Module, stages=FEATURE_STAGES, weight: float = 1.0, truncate: bool = True):
-        store_attr()
+class FeatureLoss(TeacherLoss, HookCallback):
+    """Simultaneous training of `student`: cross entropy + `weight` x the sum of the MSEs between its feature
+    maps and the teacher's at `stages`; its maps come from fastai hooks (`HookCallback`) on its stage modules."""
+    def __init__(self, teacher: nn.Module, student: nn.Module, stages=FEATURE_STAGES, weight: float = 1.0,
+                 truncate: bool = True):
+        mods = stage_modules(student)
+        super().__init__(modules=[mods[s] for s in stages], detach=False, cpu=False)
+        store_attr("teacher,stages,weight,truncate")
 
     def before_fit(self):
-        super().before_fit()
-        mods = stage_modules(self.model)
-        self.hooks = hook_outputs([mods[s] for s in self.stages], detach=False)
+        TeacherLoss.before_fit(self)  # the teacher frozen; neither base's before_fit calls the other's
+        HookCallback.before_fit(self)  # the hooks registered (HookCallback.after_fit removes them)
 
-    def after_fit(self): self.hooks.remove()
+    def hook(self, m, i, o): return o
     def teacher_out(self, x): return stage_features(self.teacher, x, self.stages, self.truncate)
 
     def extra(self, pred):

@@ -46,7 +46,7 @@ class StopOnNaN(Callback):
 
 
 def seed_everything(seed: int, dls=None) -> None:
-    "Seed every generator a fit uses (torch, numpy, Python) and each loader's own, so that a fit starts from a known state."
+    "Seed every generator a fit uses (torch, numpy, Python) and each loader of `dls`: a fit starts from a known state."
     set_seed(seed, reproducible=True)
     for i, dl in enumerate(dls.loaders if dls is not None else []): dl.rng = random.Random(seed * 10 + i)
 
@@ -106,8 +106,8 @@ class BestCheckpoint(TrackerCallback):
             self.learn.save(self.fname, with_opt=False)
         names = self.recorder.metric_names[1:-1]
         self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}))
-        self.elapsed, self.cpu_s = self.elapsed + time.perf_counter() - self.t0, self.cpu_s + time.process_time() - self.c0
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        t, c = time.perf_counter(), time.process_time()
+        self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
         state = dict(model=self.learn.model.state_dict(), opt=self.opt.state_dict(),
                      rng=_rng_state(self.dls), history=self.history, best=float(self.best),
                      best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s,
@@ -154,4 +154,5 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
 def evaluate(learn: Learner) -> dict:
     "Valid and test accuracy (%) of the learner's model (loaders 1 and 2 of `learn.dls`)."
     with learn.no_bar():
-        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) for k, i in (("valid", 1), ("test", 2))}
+        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4)
+                for k, i in (("valid", 1), ("test", 2))}

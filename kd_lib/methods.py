@@ -29,7 +29,7 @@ class Method:
 
     `steps` run in order, each from the best checkpoint of the one before. A step with a feature target
     trains on the MSE to the teacher's map there; a label step trains on the cross entropy, plus what
-    `callbacks(teacher, config)` adds (fastai callbacks, for example a teacher term in the loss).
+    `callbacks(teacher, student, config)` adds (fastai callbacks, for example a teacher term in the loss).
     `needs_teacher`: a trained teacher must exist before the method runs. `cacheable`: every step trains
     some stages on one target, so `kd_lib.cache.FeatureCache` can serve it (`config.cache`). `color` and
     `marker` draw it in the figures; `cost` is the time of one epoch relative to no_teacher's (the runner's
@@ -46,9 +46,9 @@ class Method:
     cached_cost: float = None
     description: str = ""
 
-    def label_callbacks(self, teacher, config) -> list:
-        "The callbacks this method adds to a label step's Learner (none by default)."
-        return list(self.callbacks(teacher, config)) if self.callbacks else []
+    def label_callbacks(self, teacher, student, config) -> list:
+        "The callbacks this method adds to a label step's Learner of `student` (none by default)."
+        return list(self.callbacks(teacher, student, config)) if self.callbacks else []
 
     def epoch_cost(self, cached: bool = False) -> float:
         "The relative time of one epoch of this method (with the cache when `cached`)."
@@ -73,13 +73,13 @@ def get_method(name: str) -> Method:
 register(Method("no_teacher", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:blue", marker="o",
                 description="the student alone, on the labels"))
 register(Method("simultaneous", (Step("all"),),
-                callbacks=lambda teacher, c: [FeatureLoss(teacher, truncate=c.truncate)],
+                callbacks=lambda teacher, student, c: [FeatureLoss(teacher, student, truncate=c.truncate)],
                 color="tab:orange", marker="s", cost=1.4,
                 description="the whole student on the labels plus the five feature MSEs at once"))
 register(Method("stagewise", tuple(Step(s, (s,), s) for s in FEATURE_STAGES) + (Step("head", ("head",)),),
                 cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
                 description="the paper's: each feature stage on the MSE to the teacher's, in order, then the head"))
-register(Method("hinton", (Step("all"),), callbacks=lambda teacher, c: [SoftTargets(teacher, c.T, c.alpha)],
+register(Method("hinton", (Step("all"),), callbacks=lambda teacher, student, c: [SoftTargets(teacher, c.T, c.alpha)],
                 color="tab:purple", marker="D", cost=1.3,
                 description="Hinton et al.'s soft targets at temperature T, weight alpha"))
 register(Method("fitnets", (Step("hint", ("stem", "layer1", "layer2"), "layer2"),

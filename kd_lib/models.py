@@ -17,8 +17,8 @@ from torchvision.models import ResNet, ResNet34_Weights
 from torchvision.models.resnet import BasicBlock
 
 __all__ = ["BLOCKS", "STUDENTS", "STAGES", "FEATURE_STAGES", "PretrainedUnavailable",
-           "resnet", "teacher", "student_head", "stage_modules", "stage_part", "stage_span", "stage_shapes", "STAGE_SLICES",
-           "HEAD", "evaluating"]
+           "resnet", "teacher", "student_head", "stage_modules", "stage_part", "stage_span", "stage_shapes",
+           "STAGE_SLICES", "HEAD", "evaluating", "check_stage_shapes"]
 
 # Blocks per layer (Table 1 of the paper); ResNet18 is torchvision's own.
 BLOCKS = {
@@ -130,3 +130,12 @@ def stage_shapes(model: nn.Module, size: int = 224, channels: int = 3) -> "Order
     with evaluating(model), hook_outputs([mods[s] for s in FEATURE_STAGES]) as hooks:
         model.body(torch.zeros(1, channels, size, size))
     return OrderedDict((s, tuple(o.shape[1:])) for s, o in zip(FEATURE_STAGES, hooks.stored))
+
+
+def check_stage_shapes(student: nn.Module, teacher: nn.Module, size: int) -> None:
+    "Raise ValueError naming the stages where `student`'s and `teacher`'s feature maps differ at `size` px."
+    s, t = stage_shapes(student, size), stage_shapes(teacher, size)
+    if s != t:
+        bad = {k: (s[k], t[k]) for k in s if s[k] != t[k]}
+        raise ValueError(f"Student and teacher feature maps differ at {bad} (student, teacher) for {size} px "
+                         "inputs: stage losses need equal shapes.")

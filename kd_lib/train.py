@@ -26,7 +26,7 @@ from .data import get_data
 from .distill import FreezeOthers, StudentStage, TeacherFeatures
 from .fitting import StopOnNaN, evaluate, fit, paper_adam, seed_everything, step_seed
 from .methods import Step, get_method
-from .models import PretrainedUnavailable, resnet, stage_part, stage_shapes, teacher
+from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
 from .records import RECORD, atomic_write, param_conflicts, read_json, versions, write_json
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
@@ -121,14 +121,6 @@ def load_student(run) -> nn.Module:
     return model.eval()
 
 
-def _check_shapes(student: nn.Module, tchr: nn.Module, size: int) -> None:
-    s, t = stage_shapes(student, size), stage_shapes(tchr, size)
-    if s != t:
-        bad = {k: (s[k], t[k]) for k in s if s[k] != t[k]}
-        raise ValueError(f"Student and teacher feature maps differ at {bad} (student, teacher) for {size} px "
-                         "inputs: stage losses need equal shapes.")
-
-
 def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn.Module, dls, run: Path = None,
                  cache: FeatureCache = None) -> Learner:
     """The Learner of one step of `config.method`: its model, loss, metric, trained parameters and callbacks.
@@ -148,7 +140,7 @@ def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn
         return Learner(dls, StudentStage(student, step.target, config.truncate),
                        cbs=cbs + [TeacherFeatures(tchr, step.target, config.truncate, run_valid=cache is None)],
                        **common)
-    return Learner(dls, student, cbs=cbs + get_method(config.method).label_callbacks(tchr, config), **common)
+    return Learner(dls, student, cbs=cbs + get_method(config.method).label_callbacks(tchr, student, config), **common)
 
 
 def train_student(config: StudentConfig = None, out_dir="runs", force: bool = False, progress=None,
@@ -176,7 +168,7 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
         tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
         tchr = load_teacher(tpath, dls.c)
         teacher_record = read_json((tpath if tpath.is_dir() else tpath.parent) / RECORD) or {}
-        _check_shapes(model, tchr, dls.split_info["size"])
+        check_stage_shapes(model, tchr, dls.split_info["size"])
         if c.channels_last: tchr.to(memory_format=torch.channels_last)
     progress_path = run / "progress.json"
     steps = (read_json(progress_path) or {}).get("steps", [])
@@ -187,14 +179,15 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
         for i, step in enumerate(method.steps[len(steps):], start=len(steps)):
             t0, c0 = time.perf_counter(), time.process_time()
             learn = step_learner(step, c, model, tchr, dls, run, features)
-            cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) if c.cache else {}
+            cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) \
+                if c.cache else {}
             seed_everything(step_seed(c.seed, i), learn.dls)
             monitor = "accuracy" if step.target == "labels" else "valid_loss"
             steps.append({"parts": step.parts, "target": step.target,
                           **fit(learn, step.name, c.epochs, c.lr, monitor, run, progress=progress), **cached})
             atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
             write_json(progress_path, dict(steps=steps))
-            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last step's weights suffice
+            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
     scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
     teacher_info = {k: teacher_record.get(k) for k in ("valid_accuracy", "test_accuracy")} if tchr else {}
     return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,

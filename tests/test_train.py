@@ -14,7 +14,7 @@ from torchvision.models import _api as tv_api
 
 import kd_lib.train as kt
 from fastai.learner import Learner
-from kd_lib.models import PretrainedUnavailable, resnet, teacher
+from kd_lib.models import PretrainedUnavailable, check_stage_shapes, resnet, teacher
 from kd_lib.records import collect, read_json
 from kd_lib.fitting import StopOnNaN
 from kd_lib.methods import METHODS
@@ -157,7 +157,7 @@ def test_mismatched_stage_shapes_are_a_clear_error():
     t = teacher(10, pretrained=False)
     t.body.layer4 = torch.nn.Identity()
     with pytest.raises(ValueError, match="layer4"):
-        kt._check_shapes(resnet("resnet10"), t, 32)
+        check_stage_shapes(resnet("resnet10"), t, 32)
 
 
 def test_missing_teacher_says_how_to_get_one(tmp_path, tiny):

@@ -84,7 +84,8 @@ class Progress:
             self.done_s += job.seconds
             spent = time.perf_counter() - self.t0
             # seconds per unit of cost in one slot, from the finished runs (a long run still going does not skew it)
-            left = self.done_s / self.done_cost * (self.todo_cost - self.done_cost) / self.n_jobs if self.done_cost else 0
+            left = self.done_s / self.done_cost * (self.todo_cost - self.done_cost) / self.n_jobs \
+                if self.done_cost else 0
             what = "done" if job.status == "done" else "FAILED"
             print(f"[{self.i:>3}/{len(self.jobs)}] {what:6} {job.name} in {_fmt(job.seconds)} | elapsed {_fmt(spent)}"
                   f" | about {_fmt(left)} left", file=self.stream, flush=True)
@@ -109,7 +110,8 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None) -> list:
     """Run the `todo` jobs, `n_jobs` at a time, each kernel with cores / `n_jobs` torch threads, in order,
     except that a student which distils a teacher starts only once its dataset's teacher is complete
     (no_teacher runs need not wait); a student whose teacher failed is not started. `execute(job, threads,
-    progress)` runs one job (default: `run_job`, papermill). Returns the jobs; raises `RuntimeError` listing failures."""
+    progress)` runs one job (default: `run_job`, papermill). Returns the jobs; raises `RuntimeError` listing
+    failures."""
     execute = execute or run_job
     cpu0 = _children_cpu()
     progress = Progress(jobs, stream, n_jobs)

@@ -33,7 +33,7 @@ class RunConflict(RuntimeError):
 
 @dataclass
 class Job:
-    "One papermill run of `notebooks/<kind>.ipynb` for `config`, recorded in `run` (its folder), executed into `output`."
+    "One papermill run of `notebooks/<kind>.ipynb` for `config`, recorded in `run` (its folder), executed as `output`."
     config: object  # a TeacherConfig or a StudentConfig
     name: str  # "<dataset>/<run folder name>"
     run: Path
