@@ -7,6 +7,7 @@
 * `config`: every setting of a teacher or student run (`TeacherConfig`, `StudentConfig`).
 * `cache`: what frozen parts compute, computed once (the fast path).
 * `fitting`: one fit with best-epoch checkpoints and exact resume.
+* `locks`: one process trains a run folder at a time.
 * `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
 * `records`: run records, written atomically and collected into a DataFrame.
 * `results`: analysis of records: summaries, gaps, the paper's claims.

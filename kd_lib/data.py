@@ -16,6 +16,7 @@ is what fastai v1's ``rand_crop`` did in the paper; there is no scale augmentati
 (``RandomResizedCrop``), as in the paper.
 """
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -168,12 +169,22 @@ def _listing(root: Path, split: str) -> tuple[list, list]:
 
 
 def _unreadable(root: Path, items: list) -> list:
-    "Relative paths of the `items` PIL cannot open and verify."
+    """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
+    only when its pixels are read). Decoding every image takes a while on a large dataset, so the answer is
+    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes and modification times."""
+    stats = [(rel, *(lambda st: (st.st_size, st.st_mtime_ns))((root / rel).stat())) for rel, _ in items]
+    key = hashlib.sha256(json.dumps([str(root.resolve()), stats]).encode()).hexdigest()[:16]
+    memo = data_dir() / "checks" / f"{key}.json"
+    if memo.exists(): return json.loads(memo.read_text())
     bad = []
     for rel, _ in items:
         try:
-            with Image.open(root / rel) as im: im.verify()
+            with Image.open(root / rel) as im: im.load()
         except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(bad))
+    os.replace(tmp, memo)
     return bad
 
 

@@ -18,9 +18,10 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Learner
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import Optimizer, OptimWrapper
 from fastai.torch_core import set_seed
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 
 from .records import atomic_write
 
@@ -73,6 +74,25 @@ def _set_rng_state(s: dict, dls) -> None:
     for dl, st in zip(dls.loaders, s["loaders"]): dl.rng.setstate(st)
 
 
+def _plain(o):
+    "`o` with fastcore's `L` lists as plain lists, which a weights-only load reads back."
+    if isinstance(o, (L, list)): return [_plain(x) for x in o]
+    if isinstance(o, tuple): return tuple(_plain(x) for x in o)
+    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
+    return o
+
+
+def _load_opt_state(opt, sd: dict) -> None:
+    """Load `sd` (saved through `_plain`, on the CPU) into `opt`: torch's optimizers (`OptimWrapper`) move
+    it to their parameters' device themselves; fastai's `Optimizer` gets its `hypers` as an `L` again and
+    its state tensors moved to each parameter's device."""
+    if not isinstance(opt, Optimizer): return opt.load_state_dict(sd)
+    opt.load_state_dict(dict(sd, hypers=L(sd["hypers"])))
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor): st[k] = v.to(p.device)
+
+
 class BestCheckpoint(TrackerCallback):
     """fastai's `TrackerCallback` (track the best `monitor`) that saves the best epoch's weights as `fname`
     and reloads them at the end, weights-only, as `SaveModelCallback` does (without its print per improvement),
@@ -92,7 +112,7 @@ class BestCheckpoint(TrackerCallback):
         if s:
             self.best = s["best"]
             self.learn.model.load_state_dict(s["model"])
-            self.learn.opt.load_state_dict(s["opt"])
+            _load_opt_state(self.learn.opt, s["opt"])
             count, val = s["smooth_loss"]
             self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = count, torch.tensor(val)
             _set_rng_state(s["rng"], self.dls)
@@ -108,7 +128,7 @@ class BestCheckpoint(TrackerCallback):
         self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}))
         t, c = time.perf_counter(), time.process_time()
         self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
-        state = dict(model=self.learn.model.state_dict(), opt=self.opt.state_dict(),
+        state = dict(model=self.learn.model.state_dict(), opt=_plain(self.opt.state_dict()),
                      rng=_rng_state(self.dls), history=self.history, best=float(self.best),
                      best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s,
                      smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
@@ -137,7 +157,7 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     """Fit `learn` for `epochs`, resuming from `run/<name>.state.pth` when a killed run left one, and keep
     the best epoch by `monitor`. Returns this fit's summary: history, best epoch and value, wall and CPU time."""
     state_path = run / f"{name}.state.pth"
-    state = torch.load(state_path, weights_only=True) if state_path.exists() else None
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
     ckpt = BestCheckpoint(monitor, name, state_path, state)
     cbs = [ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else [])

@@ -1,7 +1,9 @@
 """Run records: self-describing JSON files written atomically, and a collector into one DataFrame."""
+import errno
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -9,20 +11,45 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-__all__ = ["atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "param_conflicts", "RECORD"]
+__all__ = ["DiskFull", "atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "param_conflicts",
+           "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
 
+class DiskFull(OSError):
+    "A file could not be written for lack of space; nothing half-written was left."
+
+
+def _umask() -> int:
+    "This process's umask (from /proc on Linux, where reading it changes nothing)."
+    try:
+        return next(int(line.split()[1], 8) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
 def atomic_write(path, write) -> Path:
-    "Call `write(tmp_path)` then rename onto `path`, so a reader (or a killed run) never sees a half file."
+    """Call `write(tmp_path)` then rename onto `path`, so a reader (or a killed run) never sees a half file.
+    The file gets the permissions the umask gives new files; a full disk is a `DiskFull` in plain words."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() makes a new file, not mkstemp's 0600: a group may share runs
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if getattr(e, "errno", None) == errno.ENOSPC or "file write failed" in str(e):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise DiskFull(errno.ENOSPC, f"The disk is full: could not write {path} ({free:.0f} MB free there). "
+                                         "Nothing half-written was kept; free some space (old runs, data/cache) "
+                                         "and start the run again: it resumes.") from e
+        raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
@@ -88,3 +115,12 @@ def param_conflicts(recorded: dict, wanted: dict, ignore=()) -> dict:
     empty when it is the same run."""
     return {k: (recorded.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *recorded])
             if k not in ignore and recorded.get(k) != wanted.get(k)}
+
+
+def recorded_params(run) -> dict:
+    """The params of the run in folder `run`: its record's, or, for a run that started training (its
+    `progress.json` or a `*.state.pth` exists), its `params.json`'s; None for a folder holding no progress."""
+    run = Path(run)
+    if (record := read_json(run / RECORD)) is not None: return record.get("params")
+    started = (run / "progress.json").exists() or any(run.glob("*.state.pth"))
+    return read_json(run / "params.json") if started else None

@@ -27,7 +27,8 @@ from .distill import FreezeOthers, StudentStage, TeacherFeatures
 from .fitting import StopOnNaN, evaluate, fit, paper_adam, seed_everything, step_seed
 from .methods import Step, get_method
 from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .records import RECORD, atomic_write, param_conflicts, read_json, versions, write_json
+from .locks import LOCK, RunLock
+from .records import RECORD, atomic_write, param_conflicts, read_json, recorded_params, versions, write_json
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
            "load_student"]
@@ -43,13 +44,13 @@ def run_dir(out_dir, dataset: str, name: str) -> Path:
 
 
 def _start(run: Path, config, force: bool):
-    """The record of a finished run of `config` (to return as is), or None after preparing `run`; a run
-    folder holding progress made with other settings (but those of `config.same_result()`) is an error."""
-    if force and run.exists(): shutil.rmtree(run)
-    old, params = read_json(run / "params.json"), config.params()
-    progress = [run / RECORD, run / "progress.json", *run.glob("*.state.pth")]
-    if old is not None and (diff := param_conflicts(old, params, config.same_result())) \
-            and any(p.exists() for p in progress):
+    """The record of a finished run of `config` (to return as is), or None after preparing `run` (its lock
+    held); a run folder holding progress made with other settings (but `config.same_result()`) is an error."""
+    if force:
+        for p in run.glob("*"):
+            if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
+    params = config.params()
+    if (old := recorded_params(run)) is not None and (diff := param_conflicts(old, params, config.same_result())):
         raise RunExists(f"{run} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
     record = read_json(run / RECORD)
@@ -79,23 +80,31 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     """
     c = _config(TeacherConfig, config, changes)
     run = run_dir(out_dir, c.dataset, "teacher")
-    if (done := _start(run, c, force)) is not None: return done
-    dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
-                   augment=c.augment, num_workers=c.num_workers)
-    seed_everything(c.seed, dls)
-    imagenet = c.pretrained is not False
-    try: model = teacher(dls.c, pretrained=imagenet)
-    except PretrainedUnavailable as e:
-        if c.pretrained: raise
-        warnings.warn(f"Training the teacher from scratch: {e}")
-        imagenet, model = False, teacher(dls.c, pretrained=False)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run, model_dir="models",
-                    cbs=StopOnNaN())
-    summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run, one_cycle_lr=True, progress=progress)
-    atomic_write(run / "teacher.pth", partial(torch.save, model.state_dict()))
-    return _finish(run, dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
-                             weights="teacher.pth", imagenet_weights=imagenet, wall_time_s=summary["time_s"],
-                             **evaluate(learn)))
+    with RunLock(run):  # one process trains a run folder at a time
+        if (done := _start(run, c, force)) is not None: return done
+        dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
+                       augment=c.augment, num_workers=c.num_workers)
+        seed_everything(c.seed, dls)
+        imagenet = c.pretrained is not False
+        try: model = teacher(dls.c, pretrained=imagenet)
+        except PretrainedUnavailable as e:
+            if c.pretrained: raise
+            warnings.warn(f"Training the teacher from scratch: {e}")
+            imagenet, model = False, teacher(dls.c, pretrained=False)
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run, model_dir="models",
+                        cbs=StopOnNaN())
+        summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run, one_cycle_lr=True, progress=progress)
+        atomic_write(run / "teacher.pth", partial(torch.save, model.state_dict()))
+        return _finish(run, dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
+                                 weights="teacher.pth", imagenet_weights=imagenet, wall_time_s=summary["time_s"],
+                                 **evaluate(learn)))
+
+
+def _load_weights(path: Path) -> dict:
+    "The state dict saved at `path`, weights-only, on the CPU (weights saved on a GPU load anywhere)."
+    try: return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types on a file that is not a checkpoint (pickle, zip, index errors)
+        raise ValueError(f"{path} is not a PyTorch weights file saved by kd_lib ({type(e).__name__}: {e}).") from e
 
 
 def load_teacher(path, n_classes: int) -> nn.Module:
@@ -105,8 +114,17 @@ def load_teacher(path, n_classes: int) -> nn.Module:
     if not path.exists():
         raise FileNotFoundError(f"No teacher at {path}: train it first with kd_lib.train.train_teacher(...) "
                                 "or notebooks/teacher.ipynb, or pass teacher_path.")
-    model = teacher(n_classes, pretrained=False)
-    model.load_state_dict(torch.load(path, weights_only=True))
+    model, weights = teacher(n_classes, pretrained=False), _load_weights(path)
+    try: model.load_state_dict(weights)
+    except RuntimeError as e:
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        extra, missing = sorted(set(weights) - set(mine)), sorted(set(mine) - set(weights))
+        shapes = [k for k in mine if k in weights and tuple(weights[k].shape) != mine[k]]
+        what = (f"{len(missing)} of the teacher's tensors are missing and {len(extra)} are not the teacher's "
+                "(a student's weights?)" if missing or extra else f"tensors of other shapes ({shapes[:3]}: "
+                f"a teacher of another number of classes than {n_classes}?)")
+        raise ValueError(f"{path} does not hold a ResNet34 teacher of {n_classes} classes as train_teacher saves "
+                         f"one: {what}. Pass the teacher's run folder or its teacher.pth.") from e
     return model
 
 
@@ -117,7 +135,7 @@ def load_student(run) -> nn.Module:
     if record is None or record.get("status") != "complete":
         raise FileNotFoundError(f"No finished student run in {run}: train it with kd_lib.train.train_student(...).")
     model = resnet(record["params"]["student"], len(record["data"]["vocab"]))
-    model.load_state_dict(torch.load(run / "stages" / f"{record['stages'][-1]['name']}.pth", weights_only=True))
+    model.load_state_dict(_load_weights(run / "stages" / f"{record['stages'][-1]['name']}.pth"))
     return model.eval()
 
 
@@ -143,6 +161,47 @@ def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn
     return Learner(dls, student, cbs=cbs + get_method(config.method).label_callbacks(tchr, student, config), **common)
 
 
+def _teacher_of(c: StudentConfig, out_dir, dls, student: nn.Module) -> tuple:
+    """The teacher a student run distils (frozen parts are checked: same classes, same stage shapes), its
+    path and its record; (None, None, {}) for a method without a teacher."""
+    if not get_method(c.method).needs_teacher: return None, None, {}
+    tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
+    tchr = load_teacher(tpath, dls.c)
+    record = read_json((tpath if tpath.is_dir() else tpath.parent) / RECORD) or {}
+    vocab, theirs = dls.split_info["vocab"], (record.get("data") or {}).get("vocab")
+    if theirs is not None and list(theirs) != vocab:
+        raise ValueError(f"The teacher at {tpath} was trained on the classes {theirs}, this run's data has {vocab}: "
+                         "a teacher labels its own classes. Train a teacher on this dataset (teacher.ipynb) or "
+                         "pass the teacher_path of one.")
+    check_stage_shapes(student, tchr, dls.split_info["size"])
+    if c.channels_last: tchr.to(memory_format=torch.channels_last)
+    return tchr, tpath, record
+
+
+def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progress) -> list:
+    """Fit the method's steps not yet done (`progress.json` lists the done ones; the last one's weights are
+    in `stages/`), each from the weights the one before kept; returns every step's summary."""
+    progress_path = run / "progress.json"
+    steps = (read_json(progress_path) or {}).get("steps", [])
+    if steps: model.load_state_dict(_load_weights(run / "stages" / f"{steps[-1]['name']}.pth"))
+    with ExitStack() as stack:
+        features = stack.enter_context(FeatureCache(dls, model, tchr, c.cache_dtype, c.cache_bytes, c.amp,
+                                                    train=c.cache is True)) if c.cache else None
+        for i, step in enumerate(get_method(c.method).steps[len(steps):], start=len(steps)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            learn = step_learner(step, c, model, tchr, dls, run, features)
+            cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) \
+                if c.cache else {}
+            seed_everything(step_seed(c.seed, i), learn.dls)
+            monitor = "accuracy" if step.target == "labels" else "valid_loss"
+            steps.append({"parts": step.parts, "target": step.target,
+                          **fit(learn, step.name, c.epochs, c.lr, monitor, run, progress=progress), **cached})
+            atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
+            write_json(progress_path, dict(steps=steps))
+            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
+    return steps
+
+
 def train_student(config: StudentConfig = None, out_dir="runs", force: bool = False, progress=None,
                   **changes) -> dict:
     """Train a student as `config` (a `StudentConfig`, to which `changes`, its fields as keywords, apply)
@@ -156,40 +215,18 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     """
     c = _config(StudentConfig, config, changes)
     c.check_device()
-    method = get_method(c.method)
     run = run_dir(out_dir, c.dataset, c.run_name)
-    if (done := _start(run, c, force)) is not None: return done
-    dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
-                   selection=c.selection, augment=c.augment, num_workers=c.num_workers)
-    seed_everything(c.seed)
-    model = resnet(c.student, dls.c)
-    tchr, teacher_record, tpath = None, None, None
-    if method.needs_teacher:
-        tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
-        tchr = load_teacher(tpath, dls.c)
-        teacher_record = read_json((tpath if tpath.is_dir() else tpath.parent) / RECORD) or {}
-        check_stage_shapes(model, tchr, dls.split_info["size"])
-        if c.channels_last: tchr.to(memory_format=torch.channels_last)
-    progress_path = run / "progress.json"
-    steps = (read_json(progress_path) or {}).get("steps", [])
-    if steps: model.load_state_dict(torch.load(run / "stages" / f"{steps[-1]['name']}.pth", weights_only=True))
-    with ExitStack() as stack:
-        features = stack.enter_context(FeatureCache(dls, model, tchr, c.cache_dtype, c.cache_bytes, c.amp,
-                                                    train=c.cache is True)) if c.cache else None
-        for i, step in enumerate(method.steps[len(steps):], start=len(steps)):
-            t0, c0 = time.perf_counter(), time.process_time()
-            learn = step_learner(step, c, model, tchr, dls, run, features)
-            cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) \
-                if c.cache else {}
-            seed_everything(step_seed(c.seed, i), learn.dls)
-            monitor = "accuracy" if step.target == "labels" else "valid_loss"
-            steps.append({"parts": step.parts, "target": step.target,
-                          **fit(learn, step.name, c.epochs, c.lr, monitor, run, progress=progress), **cached})
-            atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
-            write_json(progress_path, dict(steps=steps))
-            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
-    scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
-    teacher_info = {k: teacher_record.get(k) for k in ("valid_accuracy", "test_accuracy")} if tchr else {}
-    return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,
-                             teacher=dict(teacher_info, path=str(tpath) if tchr else None),
-                             wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0) for s in steps), **scores))
+    with RunLock(run):  # one process trains a run folder at a time
+        if (done := _start(run, c, force)) is not None: return done
+        dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
+                       selection=c.selection, augment=c.augment, num_workers=c.num_workers)
+        seed_everything(c.seed)
+        model = resnet(c.student, dls.c)
+        tchr, tpath, trecord = _teacher_of(c, out_dir, dls, model)
+        steps = _train_steps(c, run, dls, model, tchr, progress)
+        scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
+        teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy")}, path=str(tpath)) if tchr \
+            else dict(path=None)
+        return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,
+                                 teacher=teacher, wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0)
+                                                                  for s in steps), **scores))

@@ -98,10 +98,13 @@ def test_plan_skips_complete_runs_and_refuses_other_parameters(tmp_path):
     with pytest.raises(rp.RunConflict, match="epochs was 7"): rp.plan(jobs)
 
 
-def test_plan_reads_params_json_of_a_run_not_yet_recorded(tmp_path):
+def test_plan_reads_params_json_of_a_run_that_started_training(tmp_path):
+    "A folder with params.json only (a run stopped before training, e.g. by a typo since fixed) blocks nothing."
     jobs = rp.expand(tiny(tmp_path))
     jobs[1].run.mkdir(parents=True)
     (jobs[1].run / "params.json").write_text(json.dumps(dict(jobs[1].config.params(), lr=0.5)))
+    assert rp.plan(jobs)[1].status == "todo"
+    (jobs[1].run / "progress.json").write_text(json.dumps(dict(steps=[])))
     with pytest.raises(rp.RunConflict, match="lr"): rp.plan(jobs)
 
 
@@ -195,9 +198,12 @@ def test_a_profile_may_set_every_configuration_field(tmp_path):
     (dict(datasets=[dict(dataset="digits", students=[dict(epochs=0)])]), "student group 1: epochs=0"),
     (dict(datasets=[dict(dataset="digits", students=[dict(method="stagewize")])]), "no_teacher, simultaneous"),
     (dict(datasets=[dict(dataset="digits", students=[dict(augment="false")])]), "augment='false'.*true or false"),
-    (dict(datasets=[dict(dataset="digits", teacher=dict(lr=-1))]), "teacher: lr=-1"),
+    (dict(datasets=[dict(dataset="digits", teacher=dict(lr=-1), students=[{}])]), "teacher: lr=-1"),
     (dict(datasets=[dict(dataset="digits", students=[dict(seed=[])])]), "empty list of seed"),
-    (dict(datasets=[dict(dataset="digitz")]), "dataset='digitz'"),
+    (dict(datasets=[dict(dataset="digitz", students=[{}])]), "dataset='digitz'"),
+    (dict(datasets=[dict(dataset="digits", students=None)]), "one or more groups"),
+    (dict(datasets=[dict(dataset="digits", students=[])]), "one or more groups"),
+    (dict(example=dict(student="resnet99")), "example .* matches none of its runs"),
 ])
 def test_bad_settings_are_refused_by_the_dry_run_with_their_place(change, match, tmp_path):
     path = tmp_path / "bad.yaml"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from ..locks import lock_holder
+from ..records import RECORD, read_json
 from .profiles import NOTEBOOKS, ROOT, Job
 
 __all__ = ["kernel_env", "run_notebook", "Progress", "run_job", "run_jobs"]
@@ -86,7 +88,7 @@ class Progress:
             # seconds per unit of cost in one slot, from the finished runs (a long run still going does not skew it)
             left = self.done_s / self.done_cost * (self.todo_cost - self.done_cost) / self.n_jobs \
                 if self.done_cost else 0
-            what = "done" if job.status == "done" else "FAILED"
+            what = {"done": "done", "complete": "done by another runner"}.get(job.status, "FAILED")
             print(f"[{self.i:>3}/{len(self.jobs)}] {what:6} {job.name} in {_fmt(job.seconds)} | elapsed {_fmt(spent)}"
                   f" | about {_fmt(left)} left", file=self.stream, flush=True)
 
@@ -106,12 +108,20 @@ def run_job(job: Job, threads: int, progress: Progress) -> Job:
     return job
 
 
-def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None) -> list:
+def _finished_elsewhere(job: Job) -> bool:
+    "Whether another process completed `job`'s run (its record is complete) while this runner waited for it."
+    record = read_json(job.run / RECORD)
+    return record is not None and record.get("status") == "complete"
+
+
+def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: float = 5.0) -> list:
     """Run the `todo` jobs, `n_jobs` at a time, each kernel with cores / `n_jobs` torch threads, in order,
     except that a student which distils a teacher starts only once its dataset's teacher is complete
-    (no_teacher runs need not wait); a student whose teacher failed is not started. `execute(job, threads,
-    progress)` runs one job (default: `run_job`, papermill). Returns the jobs; raises `RuntimeError` listing
-    failures."""
+    (no_teacher runs need not wait), and that a run folder another process is training (its lock held) is
+    waited for, checked every `poll_s` seconds, and not trained again if that process completed it. A job
+    whose run fails, by any exception, is reported failed with its cause, and the students of a failed
+    teacher as not started. `execute(job, threads, progress)` runs one job (default: `run_job`, papermill).
+    Returns the jobs; raises `RuntimeError` listing the failures."""
     execute = execute or run_job
     cpu0 = _children_cpu()
     progress = Progress(jobs, stream, n_jobs)
@@ -120,8 +130,13 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None) -> list:
     progress.say(f"{len(jobs)} runs: {n_done} complete already, {len(jobs) - n_done} to run, {n_jobs} at a time "
                  f"on {_cores()} cores, {threads} torch thread(s) each")
     teacher = {j.config.dataset: ("done" if j.status == "complete" else "todo") for j in jobs if j.kind == "teacher"}
-    pending = [j for j in jobs if j.status == "todo"]
+    pending, waiting = [j for j in jobs if j.status == "todo"], set()
     cond = threading.Condition()
+
+    def settle(j):
+        "Record a finished job's outcome for the students that wait on it (under `cond`)."
+        if j.kind == "teacher": teacher[j.config.dataset] = "done" if j.status in ("done", "complete") else "failed"
+        cond.notify_all()
 
     def next_job():
         with cond:
@@ -131,27 +146,42 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None) -> list:
                     j.status, j.error = "failed", f"not started: the teacher of {j.config.dataset} failed"
                     progress.finish(j)
                 if not pending: return None
-                j = next((j for j in pending if not j.needs_teacher
-                          or teacher.get(j.config.dataset, "done") == "done"), None)
-                if j is not None:
+                locked = False
+                for j in [j for j in pending if not j.needs_teacher or teacher.get(j.config.dataset, "done") == "done"]:
+                    if (owner := lock_holder(j.run)) is not None:
+                        if j.name not in waiting:
+                            waiting.add(j.name)
+                            progress.say(f"waiting: {j.name} is being trained by pid {owner.get('pid')} on "
+                                         f"{owner.get('host')}")
+                        locked = True
+                        continue
                     pending.remove(j)
+                    if j.name in waiting and _finished_elsewhere(j):
+                        j.status = "complete"
+                        progress.finish(j)
+                        settle(j)
+                        break
                     return j
-                cond.wait()
+                else: cond.wait(timeout=poll_s if locked else None)
 
     def worker():
         while (j := next_job()) is not None:
             try: execute(j, threads, progress)
+            except Exception as e:  # noqa: BLE001 -- a failing `execute` fails its job, never the runner
+                j.status, j.error = "failed", f"{type(e).__name__}: {e}"
             finally:
-                with cond:
-                    if j.kind == "teacher": teacher[j.config.dataset] = "done" if j.status == "done" else "failed"
-                    cond.notify_all()
+                with cond: settle(j)
 
     workers = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(n_jobs, len(pending))))]
     for w in workers: w.start()
     for w in workers: w.join()
+    for j in jobs:
+        if j.status not in ("done", "complete", "failed"):
+            j.status, j.error = "failed", f"ended {j.status}, without a result"
     failed = [j for j in jobs if j.status == "failed"]
     if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed:\n" + "\n".join(f"* {j.name}: {j.error}" for j in failed))
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} run(s) failed:\n"
+                           + "\n".join(f"* {j.name}: {j.error}" for j in failed))
     progress.say(f"all {len(jobs)} runs complete (elapsed {progress.elapsed}, CPU time of the kernels "
                  f"{_fmt(_children_cpu() - cpu0)})")
     return jobs

@@ -9,7 +9,7 @@ import yaml
 
 from ..config import StudentConfig, TeacherConfig
 from ..methods import get_method
-from ..records import RECORD, param_conflicts, read_json
+from ..records import RECORD, param_conflicts, read_json, recorded_params
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "ProfileError", "RunConflict", "Job", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "shown"]
@@ -110,8 +110,9 @@ def load_profile(profile) -> dict:
         for key, known in (("common", both), ("teacher", TeacherConfig.names())):
             if not isinstance(d.get(key) or {}, dict): raise ProfileError(f"{where}: `{key}` is a mapping of settings.")
             _unknown(f"{where}, {key}", d.get(key) or {}, known)
-        if not isinstance(d.get("students") or [], list):
-            raise ProfileError(f"{where}: `students` is a list of groups (mappings of settings).")
+        if not isinstance(d.get("students"), list) or not d["students"]:
+            raise ProfileError(f"{where}: `students` must be a list of one or more groups of student runs, "
+                               "for example [{student: resnet10, method: [no_teacher, stagewise]}].")
         for i, g in enumerate(d.get("students") or []):
             if not isinstance(g, dict): raise ProfileError(f"{where}: student group {i + 1} is not a mapping.")
             _unknown(f"{where}, student group {i + 1}", g, StudentConfig.names())
@@ -166,8 +167,7 @@ def plan(jobs: list) -> list:
     (it is not started again), else `todo`; raise `RunConflict` when a folder holds other parameters."""
     bad = []
     for j in jobs:
-        rec = read_json(j.run / RECORD)
-        params = (rec or {}).get("params") or read_json(j.run / "params.json")
+        rec, params = read_json(j.run / RECORD), recorded_params(j.run)
         if params is not None and (c := param_conflicts(params, j.config.params(), j.config.same_result())):
             bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
             continue

@@ -1,0 +1,240 @@
+"""Nothing lost, nothing false: every run kind resumes after a kill, a failing run is reported as failed,
+bad settings and wrong files are refused early with a message that names the fix, one process trains a
+run folder at a time, and results stay readable (on another device, by the group)."""
+import errno
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from kd_lib import runner as rp
+from kd_lib.data import DatasetError, get_data
+from kd_lib.locks import LOCK, RunLock, RunLocked, lock_holder
+from kd_lib.models import resnet, teacher
+from kd_lib.records import DiskFull, atomic_write, read_json, write_json
+from kd_lib.runner import jobs as runner_jobs
+from kd_lib.runner.cli import main
+from kd_lib.train import train_student, train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = dict(dataset="digits", size=16, bs=32, epochs=3, lr=1e-3, pretrained=False, progress=False)
+PROFILE = dict(name="tiny", datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
+                                           teacher=dict(epochs=1, pretrained=False),
+                                           students=[dict(student="resnet10", method=["no_teacher", "stagewise"],
+                                                          epochs=1)])])
+
+
+def _profile(tmp_path) -> dict:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(PROFILE, out_dir=str(tmp_path / "runs"))))
+    return rp.load_profile(path)
+
+
+def _start_and_kill(code: str, out_dir: Path, state: Path) -> None:
+    "Run `code` in a subprocess and `kill -9` it once `state` (a resume file) exists."
+    p = subprocess.Popen([sys.executable, "-c", code, str(out_dir)], env=os.environ | {"KD_PROGRESS": "0"})
+    deadline = time.time() + 180
+    while not state.exists() and time.time() < deadline and p.poll() is None: time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+KILLED_TEACHER = f"""
+import sys, torch
+from kd_lib.train import train_teacher
+torch.set_num_threads(1)
+train_teacher(**{TEACHER!r}, out_dir=sys.argv[1])
+"""
+
+
+def test_a_teacher_killed_mid_fit_resumes_to_the_uninterrupted_weights(tmp_path):
+    "Its state holds fastai's optimizer (an `L` of hypers), which a weights-only load once refused."
+    run = tmp_path / "b" / "digits" / "teacher"
+    _start_and_kill(KILLED_TEACHER, tmp_path / "b", run / "teacher.state.pth")
+    assert not (run / "record.json").exists()
+    with pytest.warns(UserWarning, match="no longer running"):
+        resumed = train_teacher(**TEACHER, out_dir=tmp_path / "b")
+    whole = train_teacher(**TEACHER, out_dir=tmp_path / "a")
+    assert [h for h in resumed["stages"][0]["history"]] == [h for h in whole["stages"][0]["history"]]
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    a, b = (torch.load(p / "digits" / "teacher" / "teacher.pth") for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run.glob("*.state.pth")) and not (run / LOCK).exists()
+
+
+def test_any_exception_in_a_run_fails_that_run_and_the_runner(tmp_path, monkeypatch):
+    "An OSError (a read-only out_dir) once killed the worker thread and the runner said 'all complete'."
+    def read_only(name, out, **kw): raise OSError(errno.EROFS, "Read-only file system", str(out))
+    monkeypatch.setattr(runner_jobs, "run_notebook", read_only)
+    jobs = rp.plan(rp.expand(_profile(tmp_path)))
+    with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO())
+    lines = dict(re.findall(r"\* (\S+): (.*)", str(e.value)))
+    assert "OSError" in lines["digits/teacher"] and "Read-only" in lines["digits/teacher"]
+    assert "OSError" in lines["digits/resnet10-no_teacher-f1-s0"]  # its own failure, not the teacher's
+    assert lines["digits/resnet10-stagewise-f1-s0"] == "not started: the teacher of digits failed"
+    with pytest.raises(SystemExit) as e:
+        main(["--profile", str(tmp_path / "tiny.yaml"), "--runs-only"])
+    assert e.value.code != 0 and "3 of 3 run(s) failed" in str(e.value.code)
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(epochs=-2), dict(lr=-1e-3), dict(size=0), dict(size=-16),
+                                dict(pretrained="false"), dict(augment="no")])
+def test_bad_settings_write_nothing(kw, tmp_path, tiny):
+    "Each of these once trained (or crashed after writing) a record marked complete."
+    with pytest.raises((TypeError, ValueError)): train_teacher(**(TEACHER | kw), out_dir=tmp_path)
+    if "pretrained" not in kw:
+        with pytest.raises((TypeError, ValueError)): train_student(**(tiny | kw), out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_with_params_json_only_blocks_nothing(tmp_path, tiny):
+    "A run stopped before it trained (a typo, since fixed) leaves params.json: neither recipe nor runner refuses."
+    args = tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)
+    run = tmp_path / "digits" / "resnet10-no_teacher-f0.25-s0"
+    run.mkdir(parents=True)
+    write_json(run / "params.json", dict(kind="student", epochs=99))
+    assert train_student(**args)["params"]["epochs"] == 1
+
+
+HOLD = "import sys, time\nfrom kd_lib.locks import RunLock\nwith RunLock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(120)"
+
+
+def _hold(run: Path) -> subprocess.Popen:
+    "A process that holds `run`'s lock until killed."
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_one_process_trains_a_run_folder_and_a_dead_ones_lock_is_taken_over(tmp_path, tiny):
+    run = tmp_path / "digits" / "resnet10-no_teacher-f0.25-s0"
+    args = tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)
+    p = _hold(run)
+    try:
+        with pytest.raises(RunLocked, match=f"pid {p.pid} on .*wait for it"): train_student(**args)
+        assert lock_holder(run)["pid"] == p.pid and not (run / "params.json").exists()
+    finally:
+        p.kill()
+        p.wait()
+    assert lock_holder(run) is None  # its owner is dead: stale
+    with pytest.warns(UserWarning, match=f"from pid {p.pid}, which is no longer running"):
+        assert train_student(**args)["status"] == "complete"
+    assert not (run / LOCK).exists() and not list(run.glob(f"{LOCK}*"))
+
+
+def test_a_lock_is_one_owners_at_a_time_in_this_process_too(tmp_path):
+    with RunLock(tmp_path / "r"):
+        assert lock_holder(tmp_path / "r")["pid"] == os.getpid()
+        with pytest.raises(RunLocked): RunLock(tmp_path / "r").__enter__()
+    assert lock_holder(tmp_path / "r") is None and not (tmp_path / "r" / LOCK).exists()
+
+
+def test_a_second_runner_waits_for_a_locked_run_and_does_not_train_it_again(tmp_path):
+    jobs = rp.plan(rp.expand(_profile(tmp_path)))
+    busy = jobs[1]  # the no_teacher run, which another runner is training
+    executed, stream = [], io.StringIO()
+
+    def execute(job, threads, progress):
+        progress.start(job)
+        executed.append(job.name)
+        job.status = "done"
+        progress.finish(job)
+
+    other = _hold(busy.run)
+    try:
+        t = threading.Thread(target=rp.run_jobs, args=(jobs, 1, stream, execute, 0.05))
+        t.start()
+        deadline = time.time() + 30
+        while "waiting: " + busy.name not in stream.getvalue() and time.time() < deadline: time.sleep(0.02)
+        assert "is being trained by pid" in stream.getvalue() and busy.name not in executed
+        write_json(busy.run / "record.json", dict(kind="student", status="complete", params=busy.config.params()))
+    finally:
+        other.kill()
+        other.wait()
+    t.join(30)
+    assert not t.is_alive() and busy.name not in executed and busy.status == "complete"
+    assert set(executed) == {j.name for j in jobs} - {busy.name} and "done by another runner" in stream.getvalue()
+
+
+def _jpeg_tree(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def test_a_truncated_jpeg_is_named_by_the_image_check(tmp_path):
+    "It opens and verifies, and failed only mid-epoch with 'image file is truncated', naming no file."
+    root = _jpeg_tree(tmp_path / "t")
+    bad = root / "train" / "b" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:1200])
+    with Image.open(bad) as im: im.verify()  # what the check once did: it passes
+    with pytest.raises(DatasetError, match="train/b/3.jpg"): get_data("folder", root, size=16, bs=4)
+    assert get_data("folder", root, size=16, bs=4, skip_bad=True).split_info["skipped_bad"] == 1
+
+
+def test_wrong_teacher_paths_get_clear_errors(tmp_path, tiny):
+    args = tiny | dict(method="stagewise", epochs=1, out_dir=tmp_path, progress=False)
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    with pytest.raises(ValueError, match="notes.txt is not a PyTorch weights file"):
+        train_student(**args, teacher_path=text)
+    student = tmp_path / "student.pth"
+    torch.save(resnet("resnet10").state_dict(), student)
+    with pytest.raises(ValueError, match="does not hold a ResNet34 teacher of 10 classes.*a student's weights"):
+        train_student(**args, teacher_path=student)
+    other = tmp_path / "other" / "teacher"  # a teacher of another dataset with as many classes
+    other.mkdir(parents=True)
+    torch.save(teacher(10, pretrained=False).state_dict(), other / "teacher.pth")
+    write_json(other / "record.json", dict(kind="teacher", data=dict(vocab=[f"c{i}" for i in range(10)])))
+    with pytest.raises(ValueError, match=r"trained on the classes \['c0'.*this run's data has \['0'"):
+        train_student(**args, teacher_path=other)
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(errno.ENOSPC, "No space left on device")])
+def test_a_full_disk_is_said_plainly_and_nothing_half_written_stays(failure, tmp_path):
+    def write(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise failure
+    with pytest.raises(DiskFull, match="The disk is full: could not write .*w.pth.*it resumes"):
+        atomic_write(tmp_path / "w.pth", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_load_maps_to_the_cpu():
+    "Weights saved on a GPU load on a machine without one (the book built on a laptop from GPU runs)."
+    for p in (ROOT / "kd_lib").rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", p.read_text()):
+            assert "map_location" in call, (p, call)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_written_files_are_as_readable_as_the_umask_allows(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "r.json", {})
+        atomic_write(tmp_path / "w.pth", partial(torch.save, {}))
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {mode}
+    assert read_json(tmp_path / "r.json") == {}
