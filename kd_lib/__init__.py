@@ -10,7 +10,8 @@
 * `locks`: one process trains a run folder at a time.
 * `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
 * `records`: run records, written atomically and collected into a DataFrame.
-* `results`: analysis of records: summaries, gaps, the paper's claims.
+* `results`: analysis of records: summaries, gaps, convergence, what test-set selection adds.
+* `claims`: the paper's claims, each checked by a rule on paired runs, with its interval.
 * `figures`: the book's figures, from records.
 * `complexity`: parameters and FLOPs (Table 1's counting rule); `paper`: the paper's published numbers.
 * `runner`: profiles, jobs and the book behind `make book` (`python -m kd_lib.runner`).

@@ -24,7 +24,7 @@ from .records import run_name
 
 __all__ = ["GROUPS", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
 
-GROUPS = ("model", "method", "data", "optimisation", "speed")
+GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
 
 
 def option(default, group: str, help: str, same_result: bool = False):
@@ -181,6 +181,12 @@ class StudentConfig(RunConfig):
     epochs: int = option(100, "optimisation", "epochs per step: per stage for stagewise, in all for the one-step "
                                               "methods (the paper: 100)")
     lr: float = option(1e-4, "optimisation", "learning rate of Adam, constant (the paper: 1e-4)")
+    patience: typing.Optional[int] = option(None, "optimisation", "stop a step once its monitored value has not "
+                                                                  "improved for this many epochs, epochs being the "
+                                                                  "most (None: all epochs, the paper's protocol)")
+    test_each_epoch: bool = option(False, "evaluation", "record the test accuracy at every epoch of the label "
+                                                        "steps (to measure what picking epochs on the test set "
+                                                        "adds)")
     truncate: bool = option(True, "speed", "run each model only as far as the stage trained (False: whole models, "
                                            "as the paper's code did)")
     cache: typing.Union[bool, str] = option(False, "speed", "fast path (book/performance.md): True caches per "
@@ -202,6 +208,8 @@ class StudentConfig(RunConfig):
             if not ok: raise ValueError(msg)
         need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
         need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
+        need(self.patience is None or self.patience >= 1,
+             f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")
         need(self.T > 0, f"T={self.T}: the temperature must be positive.")
         need(0 <= self.alpha <= 1, f"alpha={self.alpha}: a weight in [0, 1].")
         need(self.amp is None or self.amp in AMP_DTYPES, f"amp={self.amp!r}: choose None, {', '.join(AMP_DTYPES)}.")

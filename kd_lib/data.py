@@ -61,8 +61,13 @@ class DownloadError(DatasetNotFoundError):
 
 
 class KDDataLoaders(DataLoaders):
-    "fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info`"
+    "fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info` and the `unused` items"
     test = property(lambda self: self[2])
+    unused = []  # (path, class) of the training part's items that `fraction` left out
+
+    def unused_dl(self):
+        "A loader of the `unused` items (valid transforms, in order), or None when `fraction` left none out."
+        return self.test_dl(self.unused, with_labels=True) if self.unused else None
 
 
 class _CenterResize(Resize):
@@ -282,6 +287,7 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     size = size or (32 if name in _SMALL else 224)
     stats = _digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
     dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers)
+    dls.unused = [(root / p, c) for p, c in splits["unused"]]
     dls.split_info = dict(
         name=name, path=str(root), size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
         valid_pct=valid_pct if selection == "valid" else None, augment=augment, test_folder=test_name,

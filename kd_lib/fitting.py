@@ -5,6 +5,7 @@
 * `BestCheckpoint`: keep the best epoch by a monitored value, and save all a killed run needs, every epoch.
 * `fit`: a fit with those, resumed from its state file when one is there; `evaluate`: valid and test accuracy.
 """
+import math
 import os
 import random
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Learner
@@ -23,10 +24,11 @@ from fastai.torch_core import set_seed
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
+from .models import evaluating
 from .records import atomic_write
 
-__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "BestCheckpoint", "one_cycle", "fit",
-           "evaluate", "quiet"]
+__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "CONVERGENCE_RULE", "converged",
+           "BestCheckpoint", "one_cycle", "fit", "evaluate", "quiet"]
 
 
 def paper_adam(params, lr: float = 1e-3, **kwargs) -> OptimWrapper:
@@ -57,21 +59,45 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1000 + step
 
 
-def _rng_state(dls) -> dict:
-    "Every random state a fit consumes: torch (and CUDA), numpy, Python, and each loader's own generator."
+def _rng_state(dls=None) -> dict:
+    "Every random state a fit consumes: torch (and CUDA), numpy, Python, and each loader of `dls`'s own generator."
     keys, pos, gauss, cached = np.random.get_state()[1:]
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 numpy=[torch.from_numpy(keys.astype(np.int64)), pos, gauss, cached], python=random.getstate(),
-                loaders=[dl.rng.getstate() for dl in dls.loaders])
+                loaders=[dl.rng.getstate() for dl in (dls.loaders if dls is not None else [])])
 
 
-def _set_rng_state(s: dict, dls) -> None:
+def _set_rng_state(s: dict, dls=None) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"]: torch.cuda.set_rng_state_all(s["cuda"])
     keys, pos, gauss, cached = s["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, gauss, cached))
     random.setstate(s["python"])
-    for dl, st in zip(dls.loaders, s["loaders"]): dl.rng.setstate(st)
+    for dl, st in zip(dls.loaders if dls is not None else [], s["loaders"]): dl.rng.setstate(st)
+
+
+@torch.no_grad()
+def accuracy_of(model: torch.nn.Module, dl) -> float:
+    """Accuracy (%) of `model` on the batches of `dl`, in eval mode (its modes restored after), leaving every
+    global random state as it was (so a fit that measures it each epoch trains exactly as one that does not)."""
+    state, correct, n = _rng_state(), 0, 0
+    try:
+        with evaluating(model):
+            for xb, yb in dl:
+                correct += int((model(xb).argmax(1) == yb).sum())
+                n += len(yb)
+    finally: _set_rng_state(state)
+    return 100 * correct / max(n, 1)
+
+
+CONVERGENCE_RULE = ("a fit converged when it stopped early (no better epoch for `patience` epochs) or when the epoch "
+                    "it kept is not in the last fifth of the epochs it ran")
+
+
+def converged(best_epoch, epochs_run: int, stopped_early: bool) -> bool:
+    "Whether a fit converged by `CONVERGENCE_RULE`: it stopped early, or its kept epoch is not in its last fifth."
+    if best_epoch is None: return False
+    return stopped_early or best_epoch < epochs_run - max(1, math.ceil(epochs_run / 5))
 
 
 def _plain(o):
@@ -97,17 +123,21 @@ class BestCheckpoint(TrackerCallback):
     """fastai's `TrackerCallback` (track the best `monitor`) that saves the best epoch's weights as `fname`
     and reloads them at the end, weights-only, as `SaveModelCallback` does (without its print per improvement),
     and that also saves, after every epoch and atomically, all a killed run needs to resume exactly:
-    weights, optimizer, random states, smoothed loss, history, the best so far and the time spent."""
+    weights, optimizer, random states, smoothed loss, history, the best so far and the time spent.
+    With `patience`, it stops the fit once `patience` epochs have passed without a better one; `extras`
+    (name -> function) adds values measured after every epoch to the history."""
     order = TrackerCallback.order + 1
 
-    def __init__(self, monitor: str, fname: str, state_path: Path, state: dict = None):
+    def __init__(self, monitor: str, fname: str, state_path: Path, state: dict = None, patience: int = None,
+                 extras: dict = None):
         super().__init__(monitor=monitor)
-        store_attr("fname,state_path,state")
+        store_attr("fname,state_path,state,patience,extras")
 
     def before_fit(self):
         super().before_fit()
         s = self.state or {}
         self.history, self.best_epoch = list(s.get("history", [])), s.get("best_epoch")
+        self.stopped_early = s.get("stopped_early", False)
         self.elapsed, self.cpu_s = s.get("elapsed", 0.), s.get("cpu", 0.)
         if s:
             self.best = s["best"]
@@ -125,14 +155,17 @@ class BestCheckpoint(TrackerCallback):
             self.best_epoch = epoch
             self.learn.save(self.fname, with_opt=False)
         names = self.recorder.metric_names[1:-1]
-        self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}))
+        self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])},
+                                 **{k: f() for k, f in (self.extras or {}).items()}))
+        self.stopped_early = self.patience is not None and epoch - self.best_epoch >= self.patience
         t, c = time.perf_counter(), time.process_time()
         self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
         state = dict(model=self.learn.model.state_dict(), opt=_plain(self.opt.state_dict()),
                      rng=_rng_state(self.dls), history=self.history, best=float(self.best),
-                     best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s,
+                     best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s, stopped_early=self.stopped_early,
                      smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
         atomic_write(self.state_path, partial(torch.save, state))
+        if self.stopped_early: raise CancelFitException()
 
     def after_fit(self):
         super().after_fit()
@@ -153,21 +186,24 @@ def quiet(progress=None) -> bool:
 
 
 def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Path, one_cycle_lr: bool = False,
-        progress=None) -> dict:
-    """Fit `learn` for `epochs`, resuming from `run/<name>.state.pth` when a killed run left one, and keep
-    the best epoch by `monitor`. Returns this fit's summary: history, best epoch and value, wall and CPU time."""
+        progress=None, patience: int = None, extras: dict = None) -> dict:
+    """Fit `learn` for at most `epochs` (fewer with `patience`: see `BestCheckpoint`), resuming from
+    `run/<name>.state.pth` when a killed run left one, and keep the best epoch by `monitor`. Returns this
+    fit's summary: history, best epoch and value, whether it converged (`CONVERGENCE_RULE`), wall and CPU time."""
     state_path = run / f"{name}.state.pth"
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
-    ckpt = BestCheckpoint(monitor, name, state_path, state)
+    ckpt = BestCheckpoint(monitor, name, state_path, state, patience, extras)
     cbs = [ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else [])
     with ExitStack() as stack:
         if quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
-        learn.fit(epochs - done, lr, cbs=cbs)
+        learn.fit(0 if state and state.get("stopped_early") else epochs - done, lr, cbs=cbs)
     state_path.unlink(missing_ok=True)
     (learn.path / learn.model_dir / f"{name}.pth").unlink(missing_ok=True)  # the best weights now live in the model
     best = ckpt.history[ckpt.best_epoch] if ckpt.best_epoch is not None else {}
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
+                epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early,
+                converged=converged(ckpt.best_epoch, len(ckpt.history), ckpt.stopped_early),
                 time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, history=ckpt.history)
 
 

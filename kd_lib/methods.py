@@ -33,7 +33,8 @@ class Method:
     `needs_teacher`: a trained teacher must exist before the method runs. `cacheable`: every step trains
     some stages on one target, so `kd_lib.cache.FeatureCache` can serve it (`config.cache`). `color` and
     `marker` draw it in the figures; `cost` is the time of one epoch relative to no_teacher's (the runner's
-    time estimate), `cached_cost` the same with `cache=True`.
+    time estimate), `cached_cost` the same with `cache=True`. Each step trains for `epochs_factor` x the
+    configuration's `epochs` (a baseline given another method's budget).
     """
     name: str
     steps: tuple
@@ -44,6 +45,7 @@ class Method:
     marker: str = "o"
     cost: float = 1.0
     cached_cost: float = None
+    epochs_factor: int = 1
     description: str = ""
 
     def label_callbacks(self, teacher, student, config) -> list:
@@ -51,11 +53,12 @@ class Method:
         return list(self.callbacks(teacher, student, config)) if self.callbacks else []
 
     def epoch_cost(self, cached: bool = False) -> float:
-        "The relative time of one epoch of this method (with the cache when `cached`)."
-        return self.cached_cost if cached and self.cached_cost is not None else self.cost
+        "The relative time of one epoch (`epochs` of the configuration) of this method, with the cache when `cached`."
+        return self.epochs_factor * (self.cached_cost if cached and self.cached_cost is not None else self.cost)
 
 
 METHODS: dict = {}  # name -> Method, in display order
+STAGEWISE = tuple(Step(s, (s,), s) for s in FEATURE_STAGES) + (Step("head", ("head",)),)  # the paper's six steps
 
 
 def register(method: Method) -> Method:
@@ -72,11 +75,14 @@ def get_method(name: str) -> Method:
 
 register(Method("no_teacher", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:blue", marker="o",
                 description="the student alone, on the labels"))
+register(Method("no_teacher_budget", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:cyan",
+                marker="P", epochs_factor=len(STAGEWISE),
+                description="no_teacher given stagewise's budget: 6 x epochs, its optimizer steps on the same data"))
 register(Method("simultaneous", (Step("all"),),
                 callbacks=lambda teacher, student, c: [FeatureLoss(teacher, student, truncate=c.truncate)],
                 color="tab:orange", marker="s", cost=1.4,
                 description="the whole student on the labels plus the five feature MSEs at once"))
-register(Method("stagewise", tuple(Step(s, (s,), s) for s in FEATURE_STAGES) + (Step("head", ("head",)),),
+register(Method("stagewise", STAGEWISE,
                 cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
                 description="the paper's: each feature stage on the MSE to the teacher's, in order, then the head"))
 register(Method("hinton", (Step("all"),), callbacks=lambda teacher, student, c: [SoftTargets(teacher, c.T, c.alpha)],

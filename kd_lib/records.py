@@ -87,14 +87,21 @@ def versions() -> dict:
 
 
 def collect(folder) -> pd.DataFrame:
-    """One row per complete run record under `folder` (searched recursively): its parameters,
-    final accuracies, teacher accuracy, wall time, device and torch threads, and the path of the record."""
+    """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
+    (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
+    accuracy of any epoch of its last label step (when recorded: the paper's test-set selection), the
+    teacher's accuracy, wall time, device and torch threads, and the path of the record."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
         r = read_json(p)
         if r.get("status") != "complete": continue
+        label_steps = [s for s in r.get("stages", []) if s.get("target", "labels") == "labels"]
+        tested = [h["test_accuracy"] for h in (label_steps[-1]["history"] if label_steps else [])
+                  if "test_accuracy" in h]
         rows.append({"kind": r["kind"], **r["params"],
                      "valid_accuracy": r["valid_accuracy"], "test_accuracy": r["test_accuracy"],
+                     "converged": r.get("converged"), "unused_accuracy": r.get("unused_accuracy"),
+                     "best_test_accuracy": max(tested) if tested else None,
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
                      "device": r.get("versions", {}).get("device", "unknown"),

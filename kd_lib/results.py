@@ -4,8 +4,10 @@ types in a result (`kd_lib.figures` draws them).
 
 * `summary`, `teachers`: our runs grouped over seeds; `gaps`: one method minus another, student by student.
 * `comparison`: every number of the figures, ours beside the paper's; `provenance`: what produced the records.
-* `claims`: the paper's claims checked.
-* `provenance_text`, `headline`, `verdicts`: what the book's text quotes of these, as strings to glue.
+* `convergence`: how many runs converged; `selection`: what picking epochs on the test set adds, and the
+  accuracy on the unused part of the training set (the paper's other description of "less data").
+* `provenance_text`, `headline`: what the book's text quotes of these, as strings to glue.
+The paper's claims, with their rules and uncertainty, are `kd_lib.claims`.
 """
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ import pandas as pd
 from .methods import METHODS
 
 __all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
-           "provenance", "provenance_text", "paper_as_records", "claims", "verdicts", "headline"]
+           "provenance", "provenance_text", "paper_as_records", "convergence", "selection", "headline"]
 
 PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]
 KEYS = ["dataset", "fraction", "student", "method"]
@@ -157,90 +159,39 @@ def _num(x, fmt="{:+.1f}") -> str:
     return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
 
 
-def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
-    """The paper's claims checked against `records`, a row per claim and dataset: what we measured, what the
-    paper's own numbers give for the same dataset (or their range over the paper's datasets when it has not
-    run ours: 'range a to b' over its three datasets), and the verdict: 'reproduced' when the `rule` holds
-    (for claim 1, 'partly reproduced' when it holds for some students), else 'not reproduced'.
-
-    1. full data: stagewise above no_teacher for every student;
-    2. full data: simultaneous gains less than half of stagewise's gain over no_teacher;
-    3. the stagewise gain is larger on the smallest fraction than on full data;
-    4. full data: stagewise students within 2 points of the teacher, on average."""
-    rows = []
-    pr = paper_as_records(paper) if paper is not None else None
-    pg = gaps(pr) if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
-    pgs = gaps(pr, "simultaneous") if pr is not None and len(pr) else pd.DataFrame(columns=["dataset"])
-    psum = summary(pr) if pr is not None and len(pr) else pd.DataFrame(columns=KEYS + ["mean"])
-    pteach = teachers(pr) if pr is not None and len(pr) else pd.Series(dtype=float)
-    g, gs, s, t = gaps(records, metric=metric), gaps(records, "simultaneous", metric=metric), \
-        summary(records, metric), teachers(records, metric)
-
-    def at(df, ds, fraction, col="mean_gap"):
-        r = df[(df["dataset"] == ds) & np.isclose(df["fraction"].astype(float), fraction)] if len(df) else df
-        return float(r[col].iloc[0]) if len(r) else None
-
-    def teacher_gap(summ, teach, ds):
-        sw = summ[(summ["dataset"] == ds) & np.isclose(summ["fraction"].astype(float), 1.0)
-                  & (summ["method"] == "stagewise")] if len(summ) else summ
-        return float(teach[ds] - sw["mean"].mean()) if len(sw) and ds in teach else None
-
-    def paper_cell(fn, ds, fmt="{:+.1f}"):
-        if ds in PAPER_DATASETS: return _num(fn(ds), fmt)
-        vals = [v for v in (fn(d) for d in PAPER_DATASETS) if v is not None and np.isfinite(v)]
-        return f"range {fmt.format(min(vals))} to {fmt.format(max(vals))}" if vals else "n/a"
-
-    for ds in sorted(set(s["dataset"])) if len(s) else []:
-        fr = sorted({float(f) for f in s.loc[s["dataset"] == ds, "fraction"]})
-        small = fr[0] if fr and fr[0] < 1 else None
-        # 1
-        full = g[(g["dataset"] == ds) & np.isclose(g["fraction"].astype(float), 1.0)] if len(g) else g
-        if len(full):
-            r = full.iloc[0]
-            verdict = ("reproduced" if r.wins == r.students else "partly reproduced" if r.wins else "not reproduced")
-            rows.append(dict(claim="1. stagewise beats no_teacher (full data)", dataset=ds,
-                             ours=f"{r.mean_gap:+.1f} points on average; above for {r.wins} of {r.students} students"
-                                  + (f" ({r.clear_wins} by more than the two std over seeds added)" if r.seeds > 1
-                                     else " (one seed)"),
-                             paper=paper_cell(lambda d: at(pg, d, 1.0), ds) + " points",
-                             verdict=verdict, rule="above for every student"))
-        # 2
-        sim, sw = at(gs, ds, 1.0), at(g, ds, 1.0)
-        if sim is not None and sw is not None:
-            rows.append(dict(claim="2. simultaneous gains little over no_teacher (full data)", dataset=ds,
-                             ours=f"simultaneous {sim:+.1f}, stagewise {sw:+.1f} points over no_teacher",
-                             paper="simultaneous " + paper_cell(lambda d: at(pgs, d, 1.0), ds) + ", stagewise "
-                                   + paper_cell(lambda d: at(pg, d, 1.0), ds),
-                             verdict="reproduced" if sim < sw / 2 else "not reproduced",
-                             rule="simultaneous gain < half the stagewise gain"))
-        # 3
-        if small is not None and sw is not None and at(g, ds, small) is not None:
-            lo = at(g, ds, small)
-            rows.append(dict(claim=f"3. the stagewise gain is larger with less data ({fraction_label(small)})",
-                             dataset=ds, ours=f"{lo:+.1f} points at {fraction_label(small)}, {sw:+.1f} at full data",
-                             paper=paper_cell(lambda d: at(pg, d, 0.25), ds) + " at 25%, "
-                                   + paper_cell(lambda d: at(pg, d, 1.0), ds) + " at full data",
-                             verdict="reproduced" if lo > sw else "not reproduced",
-                             rule="gain on the smallest fraction > gain on full data"))
-        # 4
-        tg = teacher_gap(s, t, ds)
-        if tg is not None:
-            rows.append(dict(claim="4. stagewise students come close to the teacher (full data)", dataset=ds,
-                             ours=f"teacher minus stagewise: {tg:.1f} points on average",
-                             paper=paper_cell(lambda d: teacher_gap(psum, pteach, d), ds, "{:.1f}") + " points",
-                             verdict="reproduced" if tg <= 2 else "not reproduced",
-                             rule="teacher minus stagewise at most 2 points"))
-    return pd.DataFrame(rows, columns=["claim", "dataset", "ours", "paper", "verdict", "rule"])
+def convergence(records: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, fraction and method (teachers as method 'teacher'): runs, how many recorded convergence
+    (records made before it was recorded did not), how many converged by `kd_lib.fitting.CONVERGENCE_RULE`
+    (every step of a run), and the share of those that recorded it."""
+    cols = ["dataset", "fraction", "method", "runs", "recorded", "converged", "share"]
+    if records is None or records.empty or "converged" not in records: return pd.DataFrame(columns=cols)
+    r = records.assign(method=records["method"].where(records["kind"] == "student", "teacher") if "method" in records
+                       else "teacher", fraction=records["fraction"].fillna(1.0) if "fraction" in records else 1.0)
+    g = r.groupby(["dataset", "fraction", "method"], sort=False)["converged"]
+    out = g.agg(runs="size", recorded="count", converged=lambda v: int((v == True).sum())).reset_index()  # noqa: E712
+    out["share"] = (out["converged"] / out["recorded"]).where(out["recorded"] > 0)  # NaN: made before it was recorded
+    ranks = _ranks(out["method"])
+    return out.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
+                           key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
 
 
-def verdicts(table: pd.DataFrame) -> dict:
-    "`verdict_1` to `verdict_4`: each claim's verdicts in a `claims` table, as 'verdict on dataset; ...'."
-    out = {}
-    for n in range(1, 5):
-        r = table[table["claim"].str.startswith(f"{n}.")]
-        out[f"verdict_{n}"] = ("; ".join(f"{v} on {d}" for v, d in zip(r["verdict"], r["dataset"])) if len(r)
-                               else "not tested by these runs")
-    return out
+def selection(records: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, fraction and method, means over the runs that recorded them: the test accuracy of the epoch
+    picked on the valid split (ours), of the epoch picked on the test set (the paper's protocol) and the
+    difference (what the paper's protocol adds), and the accuracy on the unused part of the training set."""
+    cols = ["dataset", "fraction", "method", "runs", "valid_selected", "test_selected", "added", "unused"]
+    if records is None or records.empty or "best_test_accuracy" not in records: return pd.DataFrame(columns=cols)
+    s = records[(records["kind"] == "student") & (records["best_test_accuracy"].notna()
+                                                 | records["unused_accuracy"].notna())]
+    if s.empty: return pd.DataFrame(columns=cols)
+    s = s.assign(added=s["best_test_accuracy"] - s["test_accuracy"])
+    g = s.groupby(["dataset", "fraction", "method"], sort=False)
+    out = g.agg(runs=("test_accuracy", "count"), valid_selected=("test_accuracy", "mean"),
+                test_selected=("best_test_accuracy", "mean"), added=("added", "mean"),
+                unused=("unused_accuracy", "mean")).reset_index()
+    ranks = _ranks(out["method"])
+    return out.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
+                           key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
 
 
 def _at(df: pd.DataFrame, fraction: float) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from .cache import FeatureCache, ValidateOn
 from .config import StudentConfig, TeacherConfig
 from .data import get_data
 from .distill import FreezeOthers, StudentStage, TeacherFeatures
-from .fitting import StopOnNaN, evaluate, fit, paper_adam, seed_everything, step_seed
+from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_everything, step_seed
 from .methods import Step, get_method
 from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
 from .locks import LOCK, RunLock
@@ -96,8 +96,8 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
         summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run, one_cycle_lr=True, progress=progress)
         atomic_write(run / "teacher.pth", partial(torch.save, model.state_dict()))
         return _finish(run, dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
-                                 weights="teacher.pth", imagenet_weights=imagenet, wall_time_s=summary["time_s"],
-                                 **evaluate(learn)))
+                                 weights="teacher.pth", imagenet_weights=imagenet, converged=summary["converged"],
+                                 wall_time_s=summary["time_s"], **evaluate(learn)))
 
 
 def _load_weights(path: Path) -> dict:
@@ -187,15 +187,19 @@ def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progr
     with ExitStack() as stack:
         features = stack.enter_context(FeatureCache(dls, model, tchr, c.cache_dtype, c.cache_bytes, c.amp,
                                                     train=c.cache is True)) if c.cache else None
-        for i, step in enumerate(get_method(c.method).steps[len(steps):], start=len(steps)):
+        method = get_method(c.method)
+        for i, step in enumerate(method.steps[len(steps):], start=len(steps)):
             t0, c0 = time.perf_counter(), time.process_time()
             learn = step_learner(step, c, model, tchr, dls, run, features)
             cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) \
                 if c.cache else {}
             seed_everything(step_seed(c.seed, i), learn.dls)
-            monitor = "accuracy" if step.target == "labels" else "valid_loss"
-            steps.append({"parts": step.parts, "target": step.target,
-                          **fit(learn, step.name, c.epochs, c.lr, monitor, run, progress=progress), **cached})
+            labels = step.target == "labels"
+            tested = dict(test_accuracy=partial(accuracy_of, model, dls.test)) if c.test_each_epoch and labels else None
+            summary = fit(learn, step.name, c.epochs * method.epochs_factor, c.lr,
+                          "accuracy" if labels else "valid_loss", run, progress=progress, patience=c.patience,
+                          extras=tested)
+            steps.append({"parts": step.parts, "target": step.target, **summary, **cached})
             atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
             write_json(progress_path, dict(steps=steps))
             if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
@@ -225,8 +229,9 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
         tchr, tpath, trecord = _teacher_of(c, out_dir, dls, model)
         steps = _train_steps(c, run, dls, model, tchr, progress)
         scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
+        if (unused := dls.unused_dl()) is not None: scores["unused_accuracy"] = round(accuracy_of(model, unused), 4)
         teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy")}, path=str(tpath)) if tchr \
             else dict(path=None)
         return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,
-                                 teacher=teacher, wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0)
-                                                                  for s in steps), **scores))
+                                 teacher=teacher, converged=all(s["converged"] for s in steps),
+                                 wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0) for s in steps), **scores))

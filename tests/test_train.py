@@ -167,7 +167,7 @@ def test_missing_teacher_says_how_to_get_one(tmp_path, tiny):
 
 
 def test_unknown_method_is_named(tmp_path):
-    with pytest.raises(ValueError, match="no_teacher, simultaneous, stagewise"):
+    with pytest.raises(ValueError, match="choose one of no_teacher, no_teacher_budget, simultaneous, stagewise"):
         train_student(method="stagewize", out_dir=tmp_path)
 
 
