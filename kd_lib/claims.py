@@ -65,7 +65,7 @@ def verdict(low: float, high: float, threshold: float = 0.0, above: bool = True,
 
 
 def stronger_baseline(records: pd.DataFrame, dataset: str, fraction: float, metric: str = "test_accuracy"):
-    "The no-teacher baseline of `BASELINES` with the higher mean `metric` at `dataset` and `fraction` (None if none ran)."
+    "The baseline of `BASELINES` with the higher mean `metric` at `dataset` and `fraction` (None if none ran)."
     s = _students(records, dataset, fraction)
     means = s[s["method"].isin(BASELINES)].groupby("method")[metric].mean()
     return None if means.empty else str(means.idxmax())

@@ -1,10 +1,10 @@
 """One frozen configuration per run kind: `TeacherConfig` and `StudentConfig`.
 
-Each field has its default, its group (what it governs: model, method, data, optimisation, speed)
-and a one-line meaning. A configuration checks itself when it is made, so a bad setting fails
-before anything is written. Everything else derives from these classes: a run record's `params`
-(`params`), the runner's profile keys and defaults, and the notebooks' `parameters` cells
-(`parameters_cell` writes them; the tests compare).
+Each field has its default, its group (what it governs: model, method, data, optimisation,
+evaluation, speed) and a one-line meaning. A configuration checks itself when it is made, so a
+bad setting fails before anything is written. Everything else derives from these classes: a run
+record's `params` (`params`), the runner's profile keys and defaults, and the notebooks'
+`parameters` cells (`parameters_cell` writes them; the tests compare).
 
     config = StudentConfig(student="resnet14", method="no_teacher", fraction=0.25)
     config.params()              # what the run's record holds
@@ -22,9 +22,10 @@ from .methods import METHODS, get_method
 from .models import STUDENTS
 from .records import run_name
 
-__all__ = ["GROUPS", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
+__all__ = ["GROUPS", "SCHEDULES", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
 
 GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
+SCHEDULES = ("constant", "one_cycle")
 
 
 def option(default, group: str, help: str, same_result: bool = False):
@@ -181,6 +182,8 @@ class StudentConfig(RunConfig):
     epochs: int = option(100, "optimisation", "epochs per step: per stage for stagewise, in all for the one-step "
                                               "methods (the paper: 100)")
     lr: float = option(1e-4, "optimisation", "learning rate of Adam, constant (the paper: 1e-4)")
+    schedule: str = option("constant", "optimisation", "learning rate of each step: constant (the paper's) or "
+                                                       "one_cycle (fastai's, with lr as the maximum)")
     patience: typing.Optional[int] = option(None, "optimisation", "stop a step once its monitored value has not "
                                                                   "improved for this many epochs, epochs being the "
                                                                   "most (None: all epochs, the paper's protocol)")
@@ -208,6 +211,9 @@ class StudentConfig(RunConfig):
             if not ok: raise ValueError(msg)
         need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
         need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
+        need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        need(self.patience is None or self.schedule == "constant",
+             "patience stops a step early, which would cut a one_cycle schedule short: use one of them.")
         need(self.patience is None or self.patience >= 1,
              f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")
         need(self.T > 0, f"T={self.T}: the temperature must be positive.")

@@ -3,7 +3,9 @@
 * `paper_adam`: the paper's optimizer (torch's Adam, fused) for a fastai `Learner`.
 * `seed_everything`, `step_seed`: every generator a fit draws from, the loaders' own included.
 * `BestCheckpoint`: keep the best epoch by a monitored value, and save all a killed run needs, every epoch.
-* `fit`: a fit with those, resumed from its state file when one is there; `evaluate`: valid and test accuracy.
+* `fit`: a fit with those, resumed from its state file when one is there, stopped early with `patience`;
+  `converged` says whether it converged by `CONVERGENCE_RULE`.
+* `evaluate`: valid and test accuracy; `accuracy_of`: a model's accuracy on any loader, random states untouched.
 """
 import math
 import os
@@ -27,7 +29,8 @@ from fastcore.foundation import L
 from .models import evaluating
 from .records import atomic_write
 
-__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "CONVERGENCE_RULE", "converged",
+__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "TOLERANCE", "CONVERGENCE_RULE",
+           "converged",
            "BestCheckpoint", "one_cycle", "fit", "evaluate", "quiet"]
 
 
@@ -90,14 +93,23 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
     return 100 * correct / max(n, 1)
 
 
-CONVERGENCE_RULE = ("a fit converged when it stopped early (no better epoch for `patience` epochs) or when the epoch "
-                    "it kept is not in the last fifth of the epochs it ran")
+TOLERANCE = 0.01  # a relative improvement below which a fit's last epochs count as flat
+CONVERGENCE_RULE = ("a fit converged when it stopped early (no better epoch for `patience` epochs), when the epoch it "
+                    "kept is not in the last fifth of the epochs it ran, or when its best value in that last fifth "
+                    f"improves on the best before it by less than {TOLERANCE:.0%} (relative)")
 
 
-def converged(best_epoch, epochs_run: int, stopped_early: bool) -> bool:
-    "Whether a fit converged by `CONVERGENCE_RULE`: it stopped early, or its kept epoch is not in its last fifth."
-    if best_epoch is None: return False
-    return stopped_early or best_epoch < epochs_run - max(1, math.ceil(epochs_run / 5))
+def converged(values: list, best_epoch, stopped_early: bool) -> bool:
+    """Whether a fit whose monitored value was `values` (one per epoch; lower is better when its kept epoch
+    `best_epoch` holds the smallest) converged by `CONVERGENCE_RULE`."""
+    n = len(values)
+    if best_epoch is None or n == 0: return False
+    k = max(1, math.ceil(n / 5))
+    if stopped_early or best_epoch < n - k: return True
+    if n == k: return False
+    lower = values[best_epoch] == min(values)
+    before, last = (min(values[:-k]), min(values[-k:])) if lower else (max(values[:-k]), max(values[-k:]))
+    return abs(last - before) < TOLERANCE * abs(before)
 
 
 def _plain(o):
@@ -203,7 +215,7 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     best = ckpt.history[ckpt.best_epoch] if ckpt.best_epoch is not None else {}
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
                 epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early,
-                converged=converged(ckpt.best_epoch, len(ckpt.history), ckpt.stopped_early),
+                converged=converged([h[monitor] for h in ckpt.history], ckpt.best_epoch, ckpt.stopped_early),
                 time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, history=ckpt.history)
 
 

@@ -7,6 +7,7 @@ types in a result (`kd_lib.figures` draws them).
 * `convergence`: how many runs converged; `selection`: what picking epochs on the test set adds, and the
   accuracy on the unused part of the training set (the paper's other description of "less data").
 * `provenance_text`, `headline`: what the book's text quotes of these, as strings to glue.
+
 The paper's claims, with their rules and uncertainty, are `kd_lib.claims`.
 """
 import numpy as np

@@ -197,8 +197,8 @@ def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progr
             labels = step.target == "labels"
             tested = dict(test_accuracy=partial(accuracy_of, model, dls.test)) if c.test_each_epoch and labels else None
             summary = fit(learn, step.name, c.epochs * method.epochs_factor, c.lr,
-                          "accuracy" if labels else "valid_loss", run, progress=progress, patience=c.patience,
-                          extras=tested)
+                          "accuracy" if labels else "valid_loss", run, one_cycle_lr=c.schedule == "one_cycle",
+                          progress=progress, patience=c.patience, extras=tested)
             steps.append({"parts": step.parts, "target": step.target, **summary, **cached})
             atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
             write_json(progress_path, dict(steps=steps))

@@ -62,7 +62,8 @@ def test_unconverged_runs_make_a_verdict_inconclusive():
 def test_stagewise_is_compared_with_the_stronger_no_teacher_baseline():
     r = tied(runs(dict(no_teacher=80, no_teacher_budget=90, stagewise=90)), "no_teacher_budget")
     assert stronger_baseline(r, "d", 1.0) == "no_teacher_budget"
-    assert row(claims(r), 1)["verdict"] == "inconclusive" and "stronger baseline: no_teacher_budget" in row(claims(r), 1)["ours"]
+    first = row(claims(r), 1)
+    assert first["verdict"] == "inconclusive" and "stronger baseline: no_teacher_budget" in first["ours"]
     p = paired(r, "d", 1.0, ["stagewise", "no_teacher_budget"])
     assert len(p) == len(STUDENTS) * 3 and (p["converged"] == 2).all()
 
@@ -77,7 +78,17 @@ def test_convergence_and_selection_tables():
     r = runs(dict(no_teacher=80, stagewise=90))
     r.loc[r["method"] == "no_teacher", "converged"] = [True] * 8 + [False]
     c = convergence(r).set_index("method")
-    assert c.loc["no_teacher", "converged"] == 8 and c.loc["stagewise", "share"] == 1.0 and c.loc["teacher", "runs"] == 1
+    assert c.loc["no_teacher", "converged"] == 8 and c.loc["stagewise", "share"] == 1.0
+    assert c.loc["teacher", "runs"] == 1
     r["best_test_accuracy"], r["unused_accuracy"] = r["test_accuracy"] + 1.5, np.nan
     s = selection(r).set_index("method")
     assert np.isclose(s.loc["stagewise", "added"], 1.5) and s.loc["stagewise", "runs"] == 9
+
+
+def test_the_convergence_rule():
+    from kd_lib.fitting import converged
+    assert converged([0.5, 0.6, 0.9, 0.8, 0.8], 2, False)  # the kept epoch is not in the last fifth
+    assert not converged([0.5, 0.6, 0.7, 0.8, 0.9], 4, False)  # still rising at the end
+    assert converged([0.5, 0.6, 0.7, 0.8, 0.9], 4, True)  # stopped early (patience)
+    assert converged([1.0, 0.5, 0.4, 0.3, 0.2995], 4, False)  # a loss whose last fifth is flat within 1%
+    assert not converged([1.0, 0.5, 0.4, 0.3, 0.25], 4, False) and not converged([0.5], 0, False)

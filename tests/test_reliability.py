@@ -110,7 +110,8 @@ def test_a_folder_with_params_json_only_blocks_nothing(tmp_path, tiny):
     assert train_student(**args)["params"]["epochs"] == 1
 
 
-HOLD = "import sys, time\nfrom kd_lib.locks import RunLock\nwith RunLock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(120)"
+HOLD = ("import sys, time\nfrom kd_lib.locks import RunLock\n"
+        "with RunLock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(120)")
 
 
 def _hold(run: Path) -> subprocess.Popen:
