@@ -25,9 +25,9 @@ from .config import StudentConfig, TeacherConfig
 from .data import get_data
 from .distill import FreezeOthers, StudentStage, TeacherFeatures
 from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_everything, step_seed
+from .locks import LOCK, RunLock
 from .methods import Step, get_method
 from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .locks import LOCK, RunLock
 from .records import RECORD, atomic_write, param_conflicts, read_json, recorded_params, versions, write_json
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
