@@ -66,6 +66,9 @@ def _finish(run: Path, record: dict) -> dict:
 
 def _config(cls, config, changes: dict):
     "`config` (a `cls`) with `changes`, or a new `cls` of `changes` when there is none."
+    if config is not None and not isinstance(config, cls):
+        example = "train_student(student=..., method=...)" if cls is StudentConfig else "train_teacher(epochs=...)"
+        raise TypeError(f"{config!r} is not a {cls.__name__}: pass the settings as keywords, for example {example}.")
     return cls(**changes) if config is None else config.replace(**changes)
 
 

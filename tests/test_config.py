@@ -76,3 +76,9 @@ def test_gpu_options_are_settings_that_only_the_run_checks_against_the_device():
     import torch
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"): c.check_device()
+
+
+def test_a_setting_passed_by_position_is_a_clear_error(tmp_path):
+    from kd_lib.train import train_student
+    with pytest.raises(TypeError, match="pass the settings as keywords"): train_student("resnet10", out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
