@@ -83,14 +83,16 @@ def _fmt(mean, low, high, n) -> str:
     return f"{mean:+.1f}{ci} over {n} pair{'s' * (n != 1)}"
 
 
-def _claim_1(r, ds, metric):
+# Each claim's statistic: `_claim_k(records, dataset, metric, small)` (`small`: the smallest fraction) gives the
+# paired differences, the share of their runs that converged and a note for the table, or None without runs.
+def _claim_1(r, ds, metric, small=None):
     base = stronger_baseline(r, ds, 1.0, metric)
     p = paired(r, ds, 1.0, ["stagewise", base], metric) if base else pd.DataFrame()
     if p.empty: return None
     return p["stagewise"] - p[base], _share(p, 2), f"stronger baseline: {base}"
 
 
-def _claim_2(r, ds, metric):
+def _claim_2(r, ds, metric, small=None):
     base = stronger_baseline(r, ds, 1.0, metric)
     p = paired(r, ds, 1.0, ["stagewise", "simultaneous", base], metric) if base else pd.DataFrame()
     if p.empty: return None
@@ -111,7 +113,7 @@ def _claim_3(r, ds, metric, small):
     return d, share, f"baselines: {bases[0]} at {fraction_label(small)}, {bases[1]} at full data"
 
 
-def _claim_4(r, ds, metric):
+def _claim_4(r, ds, metric, small=None):
     t = r[(r["kind"] == "teacher") & (r["dataset"] == ds)][metric] if len(r) and "kind" in r else []
     p = paired(r, ds, 1.0, ["stagewise"], metric)
     if not len(t) or p.empty: return None
@@ -133,10 +135,6 @@ _RULE_END = ("; below (above for claim 4) it: not reproduced; across it, with fe
              f"than {MIN_CONVERGED:.0%} of the runs converged: inconclusive")
 
 
-def _evaluate(fn, records, ds, metric, small):
-    return fn(records, ds, metric, small) if fn is _claim_3 else fn(records, ds, metric)
-
-
 def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
     """The paper's claims checked against `records`, a row per claim and dataset: our mean difference with its
     95% interval, the share of the runs involved that converged, the same statistic from the paper's own
@@ -150,7 +148,7 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
         small = fractions[0] if fractions and fractions[0] < 1 else None
         for name, fn, threshold, above, rule in CLAIMS:
             if fn is _claim_3 and small is None: continue
-            res = _evaluate(fn, records, ds, metric, small)
+            res = fn(records, ds, metric, small)
             if res is None: continue
             d, share, note = res
             mean, low, high, n = interval(d)
@@ -165,7 +163,7 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
 def _paper_cell(fn, pr: pd.DataFrame, ds: str, metric: str) -> str:
     "The claim's statistic from the paper's numbers: on `ds` when the paper ran it, else its range over its datasets."
     def mean(d):
-        res = _evaluate(fn, pr, d, "test_accuracy", 0.25) if len(pr) else None
+        res = fn(pr, d, "test_accuracy", 0.25) if len(pr) else None
         return interval(res[0])[0] if res is not None else np.nan
     if ds in PAPER_DATASETS:
         m = mean(ds)

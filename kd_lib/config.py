@@ -50,6 +50,11 @@ def _type_name(t) -> str:
     return types[0].__name__ if len(types) == 1 else None
 
 
+def _need(ok, msg: str) -> None:
+    "Raise ValueError(`msg`) unless `ok`."
+    if not ok: raise ValueError(msg)
+
+
 def _is(v, t: type) -> bool:
     "`v` is a `t`, where a bool is no int (YAML's `true` must not pass as 1)."
     return isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
@@ -95,18 +100,16 @@ class RunConfig:
 
     def check(self) -> None:
         "Raise ValueError naming the field and the fix when a value cannot make a sensible run."
-        def need(ok, msg):
-            if not ok: raise ValueError(msg)
-        need(self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)}.")
-        need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
-        need(self.size is None or self.size >= 8, f"size={self.size}: give an image side of at least 8 pixels "
-                                                  "(or None for the dataset's default).")
-        need(self.bs >= 1, f"bs={self.bs}: the batch size is at least 1.")
-        need(self.seed >= 0, f"seed={self.seed}: seeds are whole numbers from 0.")
-        need(self.selection in SELECTIONS, f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}.")
-        need(self.num_workers >= 0, f"num_workers={self.num_workers}: 0 (load in the main process) or more.")
-        need(self.epochs >= 1, f"epochs={self.epochs}: train at least 1 epoch per step.")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: the learning rate must be positive.")
+        _need(self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)}.")
+        _need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
+        _need(self.size is None or self.size >= 8, f"size={self.size}: give an image side of at least 8 pixels "
+                                                   "(or None for the dataset's default).")
+        _need(self.bs >= 1, f"bs={self.bs}: the batch size is at least 1.")
+        _need(self.seed >= 0, f"seed={self.seed}: seeds are whole numbers from 0.")
+        _need(self.selection in SELECTIONS, f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}.")
+        _need(self.num_workers >= 0, f"num_workers={self.num_workers}: 0 (load in the main process) or more.")
+        _need(self.epochs >= 1, f"epochs={self.epochs}: train at least 1 epoch per step.")
+        _need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: the learning rate must be positive.")
 
     @classmethod
     def options(cls, group: str = None) -> list:
@@ -141,7 +144,8 @@ class RunConfig:
 
     def changed(self) -> dict:
         "The fields whose values are not the defaults."
-        return {k: v for k, v in self.as_dict().items() if v != self.defaults()[k]}
+        defaults = self.defaults()
+        return {k: v for k, v in self.as_dict().items() if v != defaults[k]}
 
     def params(self) -> dict:
         "What a run's record holds as `params`: the run kind and every field."
@@ -206,33 +210,30 @@ class StudentConfig(RunConfig):
     def check(self) -> None:
         super().check()
         method = get_method(self.method)
-
-        def need(ok, msg):
-            if not ok: raise ValueError(msg)
-        need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
-        need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
-        need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
-        need(self.patience is None or self.schedule == "constant",
-             "patience stops a step early, which would cut a one_cycle schedule short: use one of them.")
-        need(self.patience is None or self.patience >= 1,
-             f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")
-        need(self.T > 0, f"T={self.T}: the temperature must be positive.")
-        need(0 <= self.alpha <= 1, f"alpha={self.alpha}: a weight in [0, 1].")
-        need(self.amp is None or self.amp in AMP_DTYPES, f"amp={self.amp!r}: choose None, {', '.join(AMP_DTYPES)}.")
-        need(self.cache in (False, True, "valid"),
-             f"cache={self.cache!r}: choose False, True or 'valid' (in YAML: false, true or valid).")
-        need(self.cache_dtype in CACHE_DTYPES,
-             f"cache_dtype={self.cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
-        need(self.cache_bytes >= 0, f"cache_bytes={self.cache_bytes}: a number of bytes, 0 or more.")
+        _need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
+        _need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
+        _need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        _need(self.patience is None or self.schedule == "constant",
+              "patience stops a step early, which would cut a one_cycle schedule short: use one of them.")
+        _need(self.patience is None or self.patience >= 1,
+              f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")
+        _need(self.T > 0, f"T={self.T}: the temperature must be positive.")
+        _need(0 <= self.alpha <= 1, f"alpha={self.alpha}: a weight in [0, 1].")
+        _need(self.amp is None or self.amp in AMP_DTYPES, f"amp={self.amp!r}: choose None, {', '.join(AMP_DTYPES)}.")
+        _need(self.cache in (False, True, "valid"),
+              f"cache={self.cache!r}: choose False, True or 'valid' (in YAML: false, true or valid).")
+        _need(self.cache_dtype in CACHE_DTYPES,
+              f"cache_dtype={self.cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
+        _need(self.cache_bytes >= 0, f"cache_bytes={self.cache_bytes}: a number of bytes, 0 or more.")
         if not self.cache: return
-        need(not (self.augment and self.cache is True),
-             "cache=True needs augment=False: augmentation gives new training images every epoch, so there is "
-             "nothing to compute once; cache='valid' caches the (never augmented) valid split.")
-        need(self.freeze_bn, "cache needs freeze_bn=True: with freeze_bn=False the BatchNorm statistics of frozen "
-                             "stages drift every batch, which no cache can follow.")
-        need(self.truncate, "cache never runs whole models: pass truncate=True (the default).")
-        need(method.cacheable, f"cache caches steps that train some stages on one target; {self.method!r} adds a "
-                               "teacher loss over the whole student every batch: pass cache=False.")
+        _need(not (self.augment and self.cache is True),
+              "cache=True needs augment=False: augmentation gives new training images every epoch, so there is "
+              "nothing to compute once; cache='valid' caches the (never augmented) valid split.")
+        _need(self.freeze_bn, "cache needs freeze_bn=True: with freeze_bn=False the BatchNorm statistics of frozen "
+                              "stages drift every batch, which no cache can follow.")
+        _need(self.truncate, "cache never runs whole models: pass truncate=True (the default).")
+        _need(method.cacheable, f"cache caches steps that train some stages on one target; {self.method!r} adds a "
+                                "teacher loss over the whole student every batch: pass cache=False.")
 
     def check_device(self) -> None:
         "Raise ValueError when the options ask for hardware this machine lacks (checked when the run starts)."

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 __all__ = ["DiskFull", "atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "param_conflicts",
-           "recorded_params", "RECORD"]
+           "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -93,8 +93,7 @@ def collect(folder) -> pd.DataFrame:
     teacher's accuracy, wall time, device and torch threads, and the path of the record."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
-        r = read_json(p)
-        if r.get("status") != "complete": continue
+        if (r := complete_record(p.parent)) is None: continue
         label_steps = [s for s in r.get("stages", []) if s.get("target", "labels") == "labels"]
         tested = [h["test_accuracy"] for h in (label_steps[-1]["history"] if label_steps else [])
                   if "test_accuracy" in h]
@@ -122,6 +121,12 @@ def param_conflicts(recorded: dict, wanted: dict, ignore=()) -> dict:
     empty when it is the same run."""
     return {k: (recorded.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *recorded])
             if k not in ignore and recorded.get(k) != wanted.get(k)}
+
+
+def complete_record(run) -> dict:
+    "The record of the run in folder `run` when that run is complete, else None."
+    record = read_json(Path(run) / RECORD)
+    return record if record is not None and record.get("status") == "complete" else None
 
 
 def recorded_params(run) -> dict:

@@ -160,6 +160,13 @@ def _num(x, fmt="{:+.1f}") -> str:
     return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
 
 
+def _in_order(df: pd.DataFrame, cols: list) -> pd.DataFrame:
+    "`df`'s `cols`, rows by dataset, fraction (largest first) and method (display order)."
+    ranks = _ranks(df["method"])
+    return df.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
+                          key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
+
+
 def convergence(records: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, fraction and method (teachers as method 'teacher'): runs, how many recorded convergence
     (records made before it was recorded did not), how many converged by `kd_lib.fitting.CONVERGENCE_RULE`
@@ -171,9 +178,7 @@ def convergence(records: pd.DataFrame) -> pd.DataFrame:
     g = r.groupby(["dataset", "fraction", "method"], sort=False)["converged"]
     out = g.agg(runs="size", recorded="count", converged=lambda v: int((v == True).sum())).reset_index()  # noqa: E712
     out["share"] = (out["converged"] / out["recorded"]).where(out["recorded"] > 0)  # NaN: made before it was recorded
-    ranks = _ranks(out["method"])
-    return out.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
-                           key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
+    return _in_order(out, cols)
 
 
 def selection(records: pd.DataFrame) -> pd.DataFrame:
@@ -190,9 +195,7 @@ def selection(records: pd.DataFrame) -> pd.DataFrame:
     out = g.agg(runs=("test_accuracy", "count"), valid_selected=("test_accuracy", "mean"),
                 test_selected=("best_test_accuracy", "mean"), added=("added", "mean"),
                 unused=("unused_accuracy", "mean")).reset_index()
-    ranks = _ranks(out["method"])
-    return out.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
-                           key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
+    return _in_order(out, cols)
 
 
 def _at(df: pd.DataFrame, fraction: float) -> pd.DataFrame:

@@ -28,7 +28,8 @@ from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_eve
 from .locks import LOCK, RunLock
 from .methods import Step, get_method
 from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .records import RECORD, atomic_write, param_conflicts, read_json, recorded_params, versions, write_json
+from .records import (RECORD, atomic_write, complete_record, param_conflicts, read_json, recorded_params, versions,
+                      write_json)
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
            "load_student"]
@@ -53,8 +54,7 @@ def _start(run: Path, config, force: bool):
     if (old := recorded_params(run)) is not None and (diff := param_conflicts(old, params, config.same_result())):
         raise RunExists(f"{run} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
-    record = read_json(run / RECORD)
-    if record is not None and record.get("status") == "complete": return record
+    if (record := complete_record(run)) is not None: return record
     write_json(run / "params.json", params)
     return None
 
@@ -134,8 +134,7 @@ def load_teacher(path, n_classes: int) -> nn.Module:
 def load_student(run) -> nn.Module:
     "The trained student of a finished run folder (in eval mode): its model with the weights its last step kept."
     run = Path(run)
-    record = read_json(run / RECORD)
-    if record is None or record.get("status") != "complete":
+    if (record := complete_record(run)) is None:
         raise FileNotFoundError(f"No finished student run in {run}: train it with kd_lib.train.train_student(...).")
     model = resnet(record["params"]["student"], len(record["data"]["vocab"]))
     model.load_state_dict(_load_weights(run / "stages" / f"{record['stages'][-1]['name']}.pth"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..locks import lock_holder
-from ..records import RECORD, read_json
+from ..records import complete_record
 from .profiles import NOTEBOOKS, ROOT, Job
 
 __all__ = ["kernel_env", "run_notebook", "Progress", "run_job", "run_jobs"]
@@ -108,12 +108,6 @@ def run_job(job: Job, threads: int, progress: Progress) -> Job:
     return job
 
 
-def _finished_elsewhere(job: Job) -> bool:
-    "Whether another process completed `job`'s run (its record is complete) while this runner waited for it."
-    record = read_json(job.run / RECORD)
-    return record is not None and record.get("status") == "complete"
-
-
 def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: float = 5.0) -> list:
     """Run the `todo` jobs, `n_jobs` at a time, each kernel with cores / `n_jobs` torch threads, in order,
     except that a student which distils a teacher starts only once its dataset's teacher is complete
@@ -156,7 +150,7 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
                         locked = True
                         continue
                     pending.remove(j)
-                    if j.name in waiting and _finished_elsewhere(j):
+                    if j.name in waiting and complete_record(j.run) is not None:  # another runner completed it
                         j.status = "complete"
                         progress.finish(j)
                         settle(j)

@@ -9,7 +9,7 @@ import yaml
 
 from ..config import StudentConfig, TeacherConfig
 from ..methods import get_method
-from ..records import RECORD, param_conflicts, read_json, recorded_params
+from ..records import RECORD, complete_record, param_conflicts, recorded_params
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "ProfileError", "RunConflict", "Job", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "shown"]
@@ -167,11 +167,11 @@ def plan(jobs: list) -> list:
     (it is not started again), else `todo`; raise `RunConflict` when a folder holds other parameters."""
     bad = []
     for j in jobs:
-        rec, params = read_json(j.run / RECORD), recorded_params(j.run)
+        params = recorded_params(j.run)
         if params is not None and (c := param_conflicts(params, j.config.params(), j.config.same_result())):
             bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
             continue
-        j.status = "complete" if rec is not None and rec.get("status") == "complete" else "todo"
+        j.status = "complete" if complete_record(j.run) is not None else "todo"
     if bad:
         raise RunConflict("These run folders hold runs with other parameters than the profile's:\n  "
                           + "\n  ".join(bad) + "\nDelete them, or give the profile another out_dir.")
