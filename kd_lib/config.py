@@ -71,6 +71,8 @@ class RunConfig:
                                                            "folder; None: data/ or a download)")
     size: typing.Optional[int] = option(None, "data", "image side in pixels (None: 32 for digits and cifar10, "
                                                       "224 otherwise)")
+    per_class: typing.Optional[int] = option(None, "data", "images per class taken from the training folder, the "
+                                                           "same for every run (None: all of them)")
     bs: int = option(64, "data", "batch size (the paper: 64)")
     seed: int = option(0, "data", "random seed of the splits, the initialisation and the batch order")
     selection: str = option("valid", "data", "set that picks the best epoch: valid (held out from train) or test "
@@ -104,6 +106,8 @@ class RunConfig:
         _need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
         _need(self.size is None or self.size >= 8, f"size={self.size}: give an image side of at least 8 pixels "
                                                    "(or None for the dataset's default).")
+        _need(self.per_class is None or self.per_class >= 1,
+              f"per_class={self.per_class}: take at least 1 image per class (or None for all).")
         _need(self.bs >= 1, f"bs={self.bs}: the batch size is at least 1.")
         _need(self.seed >= 0, f"seed={self.seed}: seeds are whole numbers from 0.")
         _need(self.selection in SELECTIONS, f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}.")

@@ -86,14 +86,15 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
-def _sample(items: list, frac: float, rng: np.random.Generator) -> tuple[list, list]:
-    "Per class, a random `_round(frac*n)` of `(name, class)` `items`, and the rest; both in `items` order."
+def _sample(items: list, frac: float, rng: np.random.Generator, n: int = None) -> tuple[list, list]:
+    """Per class, a random `_round(frac*n)` of `(name, class)` `items` (or `n` of them, all when fewer), and the
+    rest; both in `items` order."""
     groups = defaultdict(list)
     for o in items: groups[o[1]].append(o)
     picked = set()
     for c in sorted(groups):
         g = groups[c]
-        picked.update(g[i] for i in rng.permutation(len(g))[:_round(frac * len(g))])
+        picked.update(g[i] for i in rng.permutation(len(g))[:_round(frac * len(g)) if n is None else n])
     return [o for o in items if o in picked], [o for o in items if o not in picked]
 
 
@@ -220,8 +221,11 @@ def _read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
     return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad)
 
 
-def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int) -> dict:
-    "train/valid/test/unused `(name, class)` lists: a stratified valid part of train, then a `fraction` of the rest."
+def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int,
+            per_class: int = None) -> dict:
+    """train/valid/test/unused `(name, class)` lists: `per_class` images of each class of train (the same for
+    every seed; all when None), a stratified valid part of them, then a `fraction` of the rest."""
+    if per_class: train = _sample(train, 1.0, np.random.default_rng(0), n=per_class)[0]
     rng = np.random.default_rng(seed)
     valid, train = _sample(train, valid_pct, rng) if selection == "valid" else (test, train)
     train, unused = _sample(train, fraction, rng)
@@ -247,19 +251,21 @@ def _dataloaders(root: Path, splits: dict, vocab: list, size: int, bs: int, augm
     return KDDataLoaders(dls.train, dls.valid, test, path=root)
 
 
-def _check_args(name, fraction, selection, valid_pct):
+def _check_args(name, fraction, selection, valid_pct, per_class=None):
     "Reject an unknown `name` or `selection`, and a `fraction` or `valid_pct` out of range."
     if name not in DATASETS: raise DatasetError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     if selection not in SELECTIONS:
         raise DatasetError(f"Unknown selection {selection!r}: 'valid' (a valid part of train picks the best "
                            f"epoch) or 'test' (the paper's protocol: the test set does).")
     if not 0 < fraction <= 1: raise DatasetError(f"fraction={fraction} must be in (0, 1].")
+    if per_class is not None and per_class < 1:
+        raise DatasetError(f"per_class={per_class} must be at least 1 (or None).")
     if selection == "valid" and not 0 < valid_pct < 1: raise DatasetError(f"valid_pct={valid_pct} must be in (0, 1).")
 
 
 def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fraction: float = 1.0, seed: int = 0,
              selection: str = "valid", augment: bool = True, valid_pct: float = 0.2, skip_bad: bool = False,
-             num_workers: int = 0) -> KDDataLoaders:
+             num_workers: int = 0, per_class: int = None) -> KDDataLoaders:
     """`KDDataLoaders` (train, valid, test) of dataset `name` (one of `DATASETS`), with `dls.split_info`.
 
     `path`: dataset root used as is (nothing downloaded; required for "folder"). `size`: image side
@@ -267,16 +273,18 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     training folder is the valid set; `"test"`: the test set is (the paper's protocol) and all of the
     training folder is train. `fraction`: per class, a seeded random floor(fraction*n + 0.5) of the
     train part is used, the rest unused; with one seed, smaller fractions are subsets of larger ones.
+    `per_class`: only that many images of each class of the training folder take part (drawn with a fixed
+    seed, the same for every run), for a smaller version of a large dataset; the test set stays whole.
     `augment=False`: Resize (centre crop) and Normalize only. `skip_bad`: leave out unreadable images.
 
     `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path`, `test_folder`,
     `vocab`, and per split (train/valid/test/unused) `sizes`, per-class `counts` and `hashes` (12 hex
     of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`.
     """
-    _check_args(name, fraction, selection, valid_pct)
+    _check_args(name, fraction, selection, valid_pct, per_class)
     root = _root(name, path)
     vocab, train, test, test_name, n_bad = _read_tree(root, skip_bad)
-    splits = _splits(train, test, selection, valid_pct, fraction, seed)
+    splits = _splits(train, test, selection, valid_pct, fraction, seed, per_class)
     counts = {k: Counter(c for _, c in v) for k, v in splits.items()}
     if empty := [c for c in vocab if not counts["train"][c]]:
         raise DatasetError(f"No training images left for class(es) {empty} with fraction={fraction} "
@@ -290,6 +298,7 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     dls.unused = [(root / p, c) for p, c in splits["unused"]]
     dls.split_info = dict(
         name=name, path=str(root), size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
+        per_class=per_class,
         valid_pct=valid_pct if selection == "valid" else None, augment=augment, test_folder=test_name,
         vocab=vocab, sizes={k: len(v) for k, v in splits.items()},
         counts={k: {c: counts[k][c] for c in vocab} for k in splits},

@@ -96,7 +96,9 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
 TOLERANCE = 0.01  # a relative improvement below which a fit's last epochs count as flat
 CONVERGENCE_RULE = ("a fit converged when it stopped early (no better epoch for `patience` epochs), when the epoch it "
                     "kept is not in the last fifth of the epochs it ran, or when its best value in that last fifth "
-                    f"improves on the best before it by less than {TOLERANCE:.0%} (relative)")
+                    f"improves on the best before it by less than {TOLERANCE:.0%} of that best (a flat curve) or by "
+                    f"less than {TOLERANCE:.0%} of all the fit's improvement since its first epoch (a curve at its "
+                    "floor, as a feature MSE falling towards zero)")
 
 
 def converged(values: list, best_epoch, stopped_early: bool) -> bool:
@@ -107,9 +109,10 @@ def converged(values: list, best_epoch, stopped_early: bool) -> bool:
     k = max(1, math.ceil(n / 5))
     if stopped_early or best_epoch < n - k: return True
     if n == k: return False
-    lower = values[best_epoch] == min(values)
-    before, last = (min(values[:-k]), min(values[-k:])) if lower else (max(values[:-k]), max(values[-k:]))
-    return abs(last - before) < TOLERANCE * abs(before)
+    best = min if values[best_epoch] == min(values) else max
+    before, last = best(values[:-k]), best(values[-k:])
+    gain = abs(last - before)
+    return gain < TOLERANCE * abs(before) or gain < TOLERANCE * abs(last - values[0])
 
 
 def _plain(o):

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-__all__ = ["DiskFull", "atomic_write", "write_json", "read_json", "versions", "collect", "run_name", "param_conflicts",
-           "complete_record", "recorded_params", "RECORD"]
+__all__ = ["DiskFull", "atomic_write", "write_json", "read_json", "versions", "code_version", "collect", "run_name",
+           "param_conflicts", "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -83,7 +84,20 @@ def versions() -> dict:
     return dict(kd_lib=__version__, python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__, fastai=fastai.__version__, platform=platform.platform(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-                torch_threads=torch.get_num_threads(), argv=sys.argv[:1])
+                torch_threads=torch.get_num_threads(), argv=sys.argv[:1], code=code_version())
+
+
+def code_version() -> dict:
+    """The git commit of the code running (`commit`, None outside a git checkout) and whether the library,
+    notebooks or profiles differ from it (`dirty`): a kept record names the code that made it."""
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else None
+    try: commit = git("rev-parse", "HEAD")
+    except OSError: commit = None  # no git
+    dirty = bool(git("status", "--porcelain", "--", "kd_lib", "notebooks")) if commit else None
+    return dict(commit=commit, dirty=dirty)
 
 
 def collect(folder) -> pd.DataFrame:

@@ -86,7 +86,7 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     with RunLock(run):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
-                       augment=c.augment, num_workers=c.num_workers)
+                       augment=c.augment, num_workers=c.num_workers, per_class=c.per_class)
         seed_everything(c.seed, dls)
         imagenet = c.pretrained is not False
         try: model = teacher(dls.c, pretrained=imagenet)
@@ -225,7 +225,7 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     with RunLock(run):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
-                       selection=c.selection, augment=c.augment, num_workers=c.num_workers)
+                       selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class)
         seed_everything(c.seed)
         model = resnet(c.student, dls.c)
         tchr, tpath, trecord = _teacher_of(c, out_dir, dls, model)

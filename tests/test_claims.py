@@ -92,3 +92,6 @@ def test_the_convergence_rule():
     assert converged([0.5, 0.6, 0.7, 0.8, 0.9], 4, True)  # stopped early (patience)
     assert converged([1.0, 0.5, 0.4, 0.3, 0.2995], 4, False)  # a loss whose last fifth is flat within 1%
     assert not converged([1.0, 0.5, 0.4, 0.3, 0.25], 4, False) and not converged([0.5], 0, False)
+    # a loss near zero: 5% better than before, but 0.05% of its fall since the first epoch
+    assert converged([1.0, 0.1, 0.01, 0.002, 0.0019], 4, False)
+    assert not converged([1.0, 0.1, 0.05, 0.03, 0.015], 4, False)  # 1.5% of its fall, and half as much: still falling

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
 
@@ -105,6 +106,17 @@ def test_fractions_are_nested_and_seeded(tree):
     assert quarter < half
     other = names(load(tree, fraction=0.5, selection="test", seed=1).train_ds)
     assert other != half and len(other) == len(half)
+
+
+def test_per_class_subset_is_shared_by_every_seed(tree):
+    "per_class keeps that many images of each class (all of a smaller one), the same ones whatever the seed."
+    kept = []
+    for seed in (0, 1):
+        dls = load(tree, per_class=8, seed=seed)
+        kept.append(names(dls.train_ds) | names(dls.valid_ds))
+        assert dls.split_info["per_class"] == 8 and dls.split_info["counts"]["test"] == TEST
+    assert kept[0] == kept[1] and sorted(Counter(c for _, c in kept[0]).values()) == [7, 8, 8]
+    with pytest.raises(DatasetError, match="per_class"): load(tree, per_class=0)
 
 
 def test_splits_disjoint_and_complete(tree):

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
-_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir"}  # the keys of a profile
+_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep"}  # the keys of a profile
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
 _START_COST = 2.0  # a kernel's start, imports and figures, in units of one no_teacher epoch of resnet10
 
