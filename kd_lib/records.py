@@ -104,7 +104,7 @@ def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
     (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
     accuracy of any epoch of its last label step (when recorded: the paper's test-set selection), the
-    teacher's accuracy, wall time, device and torch threads, and the path of the record."""
+    teacher's accuracy, wall time, device and torch threads, the commit of the code, and the record's path."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
         if (r := complete_record(p.parent)) is None: continue
@@ -118,6 +118,7 @@ def collect(folder) -> pd.DataFrame:
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
                      "device": r.get("versions", {}).get("device", "unknown"),
+                     "commit": (r.get("versions", {}).get("code") or {}).get("commit"),
                      "torch_threads": r.get("versions", {}).get("torch_threads"), "record": str(p)})
     return pd.DataFrame(rows)
 

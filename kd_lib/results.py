@@ -108,10 +108,10 @@ def comparison(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = 
 
 def provenance(records: pd.DataFrame) -> dict:
     """What produced `records`: datasets, seeds, epochs per kind/method, image sizes, batch sizes, learning
-    rates, the devices and torch threads of the records' `versions`, and the compute time summed."""
+    rates, the devices, torch threads and code commits of the records' `versions`, and the compute time summed."""
     if records is None or records.empty:
         return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
-                    threads=[], hours=0.0)
+                    threads=[], commits=[], hours=0.0)
     st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
     epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
     for m in method_order(st.get("method", [])):
@@ -126,6 +126,7 @@ def provenance(records: pd.DataFrame) -> dict:
                 fractions=sorted({float(x) for x in st.get("fraction", [])}, reverse=True),
                 devices=sorted(set(records["device"])),
                 threads=sorted({int(t) for t in records["torch_threads"].dropna()}),
+                commits=sorted({c[:8] for c in records["commit"].dropna()}) if "commit" in records else [],
                 hours=float(records["wall_time_s"].sum()) / 3600)
 
 
@@ -135,13 +136,14 @@ def _listing(values) -> str:
 
 def provenance_text(records: pd.DataFrame) -> dict:
     """`provenance` written out for the book's text: `datasets`, `seeds`, `n_seeds`, `epochs`, `sizes`,
-    `batch_sizes`, `lrs`, `fractions`, `hardware`, `n_runs` and `compute_hours`."""
+    `batch_sizes`, `lrs`, `fractions`, `hardware`, `commits`, `n_runs` and `compute_hours`."""
     f = provenance(records)
     def per(d): return "; ".join(f"{k} {_listing(v)}" for k, v in d.items()) or "none"
     return dict(datasets=_listing(f["datasets"]), seeds=_listing(f["seeds"]), n_seeds=len(f["seeds"]),
                 epochs=per(f["epochs"]), sizes=_listing(f["sizes"]), batch_sizes=_listing(f["bs"]), lrs=per(f["lr"]),
                 fractions=_listing(f["fractions"]),
                 hardware=_listing(f["devices"]) + f", {_listing(f['threads'])} torch thread(s) per run",
+                commits=_listing(f["commits"]) if f["commits"] else "not recorded",
                 n_runs=f["runs"], compute_hours=f"{f['hours']:.2f}")
 
 

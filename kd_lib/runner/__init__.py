@@ -14,12 +14,18 @@ combination. The runner executes ``notebooks/teacher.ipynb`` once per dataset, t
 ``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. Then it writes the
 book's notebooks into ``book/generated/`` (Table 1, the method diagram, the figures, one teacher and
 one student run) and builds the book with ``jupyter-book build . -W -n --keep-going``.
+
+A profile with a ``keep`` folder (``cifar10``: ``results/cifar10``) has runs that take hours: once they
+complete, their records are copied there (JSON only) to be committed, and every build of the book draws
+that profile's chapter (``notebooks/<profile>.ipynb``) from the kept records, without running them again.
 """
 from .book import GENERATED, build_book, write_book_notebooks
 from .jobs import Progress, kernel_env, run_job, run_jobs, run_notebook
+from .kept import check_kept, keep_records, kept_profiles, kept_records
 from .profiles import (NOTEBOOKS, PROFILES, ROOT, Job, ProfileError, RunConflict, example, expand, load_profile, plan,
                        profiles, strays)
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "GENERATED", "Job", "ProfileError", "RunConflict", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "kernel_env", "run_notebook", "Progress", "run_job",
-           "run_jobs", "write_book_notebooks", "build_book"]
+           "run_jobs", "write_book_notebooks", "build_book", "kept_profiles", "keep_records", "kept_records",
+           "check_kept"]

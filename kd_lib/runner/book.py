@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .jobs import run_notebook
+from .kept import kept_profiles
 from .profiles import ROOT, example, shown
 
 __all__ = ["GENERATED", "write_book_notebooks", "build_book"]
@@ -15,8 +16,9 @@ GENERATED = ROOT / "book" / "generated"
 
 def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
     """Write `book/generated/`: Table 1 and the method diagram (run now), the figures of the profile's records
-    (run now), and the executed notebooks of the example teacher and student runs (copied; executed again
-    first when missing or older than `notebooks/<kind>.ipynb`, which only reads the complete run's record)."""
+    (run now), the executed notebooks of the example teacher and student runs (copied; executed again
+    first when missing or older than `notebooks/<kind>.ipynb`, which only reads the complete run's record),
+    and the chapter of each profile whose records are kept in the repository (`kept_profiles`), from them."""
     stream = stream or sys.stderr
     GENERATED.mkdir(parents=True, exist_ok=True)
     out = jobs[0].out_dir
@@ -30,7 +32,8 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
     steps = [("table1", dict(size=224, n_classes=10)),
              ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
                              dataset=teacher.config.dataset)),
-             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None))]
+             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None)),
+             *((p["name"], dict(records_dir=p["keep"])) for p in kept_profiles())]
     for name, params in steps:
         print(f"writing book/generated/{name}.ipynb", file=stream, flush=True)
         run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", **params)

@@ -5,6 +5,7 @@ import sys
 from .. import runner
 from .book import build_book, write_book_notebooks
 from .jobs import run_jobs
+from .kept import keep_records
 from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
 
 
@@ -43,6 +44,7 @@ def main(argv=None) -> None:
     n_jobs = args.jobs or int(prof.get("jobs", 1))
     try:
         run_jobs(jobs, n_jobs)
+        if prof.get("keep"): print(f"records kept in {keep_records(prof, jobs)}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs)
     except RuntimeError as e:
