@@ -193,8 +193,9 @@ class StudentConfig(RunConfig):
     schedule: str = option("constant", "optimisation", "learning rate of each step: constant (the paper's) or "
                                                        "one_cycle (fastai's, with lr as the maximum)")
     patience: typing.Optional[int] = option(None, "optimisation", "stop a step once its monitored value has not "
-                                                                  "improved for this many epochs, epochs being the "
-                                                                  "most (None: all epochs, the paper's protocol)")
+                                                                  "really improved (kd_lib.fitting.last_gain) for "
+                                                                  "this many epochs, epochs being the most (None: "
+                                                                  "all epochs, the paper's protocol)")
     test_each_epoch: bool = option(False, "evaluation", "record the test accuracy at every epoch of the label "
                                                         "steps (to measure what picking epochs on the test set "
                                                         "adds)")

@@ -30,7 +30,7 @@ from .models import evaluating
 from .records import atomic_write
 
 __all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "TOLERANCE", "CONVERGENCE_RULE",
-           "converged",
+           "last_gain", "converged",
            "BestCheckpoint", "one_cycle", "fit", "evaluate", "quiet"]
 
 
@@ -94,11 +94,26 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
 
 
 TOLERANCE = 0.01  # a relative improvement below which a fit's last epochs count as flat
-CONVERGENCE_RULE = ("a fit converged when it stopped early (no better epoch for `patience` epochs), when the epoch it "
-                    "kept is not in the last fifth of the epochs it ran, or when its best value in that last fifth "
-                    f"improves on the best before it by less than {TOLERANCE:.0%} of that best (a flat curve) or by "
-                    f"less than {TOLERANCE:.0%} of all the fit's improvement since its first epoch (a curve at its "
+CONVERGENCE_RULE = ("a fit converged when it stopped early (for `patience` epochs its monitored value did not improve "
+                    f"on its best by more than {TOLERANCE:.0%} of all its improvement since its first epoch), when the "
+                    "epoch it kept is not in the last fifth of the epochs it ran, or when its best value in that last "
+                    f"fifth improves on the best before it by less than {TOLERANCE:.0%} of that best (a flat curve) or "
+                    f"by less than {TOLERANCE:.0%} of all the fit's improvement since its first epoch (a curve at its "
                     "floor, as a feature MSE falling towards zero)")
+
+
+def last_gain(values: list, lower: bool) -> int:
+    """The epoch of the last real improvement of a monitored value `values` (one per epoch; `lower`: smaller is
+    better): one that beat the best of the epochs before it by more than `TOLERANCE` of the improvement made since
+    the first epoch. Smaller steps, such as a feature MSE's as it approaches its floor, do not count, so early
+    stopping (`patience` epochs after it) ends a fit whose curve has flattened, not only one that stopped moving."""
+    sign = 1 if lower else -1
+    epoch, best = 0, values[0] if values else None
+    for i, v in enumerate(values[1:], 1):
+        gain = sign * (best - v)
+        if gain > 0 and gain > TOLERANCE * abs(v - values[0]): epoch = i
+        if gain > 0: best = v
+    return epoch
 
 
 def converged(values: list, best_epoch, stopped_early: bool) -> bool:
@@ -139,7 +154,8 @@ class BestCheckpoint(TrackerCallback):
     and reloads them at the end, weights-only, as `SaveModelCallback` does (without its print per improvement),
     and that also saves, after every epoch and atomically, all a killed run needs to resume exactly:
     weights, optimizer, random states, smoothed loss, history, the best so far and the time spent.
-    With `patience`, it stops the fit once `patience` epochs have passed without a better one; `extras`
+    With `patience`, it stops the fit once `patience` epochs have passed without a real improvement
+    (`last_gain`); `extras`
     (name -> function) adds values measured after every epoch to the history."""
     order = TrackerCallback.order + 1
 
@@ -172,7 +188,8 @@ class BestCheckpoint(TrackerCallback):
         names = self.recorder.metric_names[1:-1]
         self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])},
                                  **{k: f() for k, f in (self.extras or {}).items()}))
-        self.stopped_early = self.patience is not None and epoch - self.best_epoch >= self.patience
+        gained = last_gain([h[self.monitor] for h in self.history], lower=self.comp == np.less)
+        self.stopped_early = self.patience is not None and epoch - gained >= self.patience
         t, c = time.perf_counter(), time.process_time()
         self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
         state = dict(model=self.learn.model.state_dict(), opt=_plain(self.opt.state_dict()),

@@ -111,7 +111,7 @@ def provenance(records: pd.DataFrame) -> dict:
     rates, the devices, torch threads and code commits of the records' `versions`, and the compute time summed."""
     if records is None or records.empty:
         return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
-                    threads=[], commits=[], hours=0.0)
+                    threads=[], commits=[], schedules=[], patience=[], hours=0.0)
     st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
     epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
     for m in method_order(st.get("method", [])):
@@ -127,6 +127,9 @@ def provenance(records: pd.DataFrame) -> dict:
                 devices=sorted(set(records["device"])),
                 threads=sorted({int(t) for t in records["torch_threads"].dropna()}),
                 commits=sorted({c[:8] for c in records["commit"].dropna()}) if "commit" in records else [],
+                schedules=sorted(set(st["schedule"].dropna())) if "schedule" in st else [],
+                patience=sorted({int(p) if p == p and p is not None else None for p in st.get("patience", [])},
+                                key=lambda p: -1 if p is None else p),
                 hours=float(records["wall_time_s"].sum()) / 3600)
 
 
@@ -136,7 +139,8 @@ def _listing(values) -> str:
 
 def provenance_text(records: pd.DataFrame) -> dict:
     """`provenance` written out for the book's text: `datasets`, `seeds`, `n_seeds`, `epochs`, `sizes`,
-    `batch_sizes`, `lrs`, `fractions`, `hardware`, `commits`, `n_runs` and `compute_hours`."""
+    `batch_sizes`, `lrs`, `fractions`, `hardware`, `commits`, `schedules`, `patience` (of the students: "none"
+    for the paper's fixed epochs), `n_runs` and `compute_hours`."""
     f = provenance(records)
     def per(d): return "; ".join(f"{k} {_listing(v)}" for k, v in d.items()) or "none"
     return dict(datasets=_listing(f["datasets"]), seeds=_listing(f["seeds"]), n_seeds=len(f["seeds"]),
@@ -144,6 +148,7 @@ def provenance_text(records: pd.DataFrame) -> dict:
                 fractions=_listing(f["fractions"]),
                 hardware=_listing(f["devices"]) + f", {_listing(f['threads'])} torch thread(s) per run",
                 commits=_listing(f["commits"]) if f["commits"] else "not recorded",
+                schedules=_listing(f["schedules"]), patience=_listing(["none" if p is None else p for p in f["patience"]]),
                 n_runs=f["runs"], compute_hours=f"{f['hours']:.2f}")
 
 

@@ -95,3 +95,11 @@ def test_the_convergence_rule():
     # a loss near zero: 5% better than before, but 0.05% of its fall since the first epoch
     assert converged([1.0, 0.1, 0.01, 0.002, 0.0019], 4, False)
     assert not converged([1.0, 0.1, 0.05, 0.03, 0.015], 4, False)  # 1.5% of its fall, and half as much: still falling
+
+
+def test_a_real_gain_is_more_than_one_percent_of_the_progress_made():
+    from kd_lib.fitting import last_gain
+    assert last_gain([0.5, 0.6, 0.9, 0.8, 0.85], lower=False) == 2  # accuracy: no better epoch after the third
+    assert last_gain([1.0, 0.5, 0.3, 0.299, 0.298, 0.2975], lower=True) == 2  # a loss creeping down by 0.1% of 0.7
+    assert last_gain([1.0, 0.5, 0.3, 0.299, 0.29, 0.2895], lower=True) == 4  # 0.009 at once is more than 0.0071
+    assert last_gain([1.0, 1.2, 1.1], lower=True) == 0 and last_gain([0.3], lower=False) == 0

@@ -192,3 +192,18 @@ def test_teacher_recipe_trains_records_and_loads(tmp_path, tiny, monkeypatch):
     # students find the dataset's teacher in out_dir by default, and record its accuracy
     s = train_student(**(tiny | dict(method="simultaneous", epochs=1, out_dir=tmp_path, progress=False)))
     assert s["teacher"]["test_accuracy"] == r["test_accuracy"]
+
+
+@pytest.mark.parametrize("lr,stops", [(0.0, True), (0.05, False)])
+def test_patience_stops_a_flat_fit_and_lets_a_learning_one_run(tmp_path, lr, stops):
+    "lr 0: the valid loss never moves, so the fit stops `patience` epochs after its first; a learning fit runs on."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from kd_lib.fitting import fit
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = list(zip(x, (x[:, 0] > 0).long()))
+    dls = DataLoaders(DataLoader(data[:48], bs=8, shuffle=True), DataLoader(data[48:], bs=8))
+    learn = Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss(), path=tmp_path)
+    s = fit(learn, "toy", epochs=8, lr=lr, monitor="valid_loss", run=tmp_path, progress=False, patience=2)
+    assert s["stopped_early"] is stops and s["epochs_run"] == (3 if stops else 8) and (s["converged"] or not stops)
