@@ -29,13 +29,15 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
                   "its executed notebook is missing or older than the notebook", file=stream, flush=True)
             run_notebook(j.kind, j.output, **j.params)
         shutil.copyfile(j.output, GENERATED / f"{j.kind}.ipynb")
+    kept = {p["name"]: p["keep"] for p in kept_profiles()}
     steps = [("table1", dict(size=224, n_classes=10)),
              ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
                              dataset=teacher.config.dataset)),
              ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None)),
-             *((p["name"], dict(records_dir=p["keep"])) for p in kept_profiles())]
+             *((name, dict(records_dir=folder)) for name, folder in kept.items())]
     for name, params in steps:
-        print(f"writing book/generated/{name}.ipynb", file=stream, flush=True)
+        print(f"writing book/generated/{name}.ipynb" + (f" from the records kept in {kept[name]}, made before (make "
+              f"book PROFILE={name} makes them again)" if name in kept else ""), file=stream, flush=True)
         run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", **params)
 
 
