@@ -46,7 +46,7 @@ def test_the_chapter_builds_from_the_kept_records(prof, tmp_path):
     assert {"verdict_1", "verdict_3", "commits", "kept_check", "cifar_figure3", "cifar_figure4"} <= glued
     kept = next(o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.get("metadata", {}).get("scrapbook", {}).get("name") == "kept_check")
-    assert "in this repository's history" in kept["data"]["text/plain"]
+    assert "in this repository's history" in kept["data"]["application/papermill.record/text/plain"]
 
 
 def _record(folder, commit, dirty=False, status="complete"):
