@@ -50,11 +50,12 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 
 
 def test_shipped_profile_sizes():
-    count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"]) for n in ("smoke", "paper")}
-    assert count == {"smoke": 14, "paper": 75}
+    count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
+             for n in ("smoke", "digits", "cifar10", "paper")}
+    assert count == {"smoke": 14, "digits": 42, "cifar10": 21, "paper": 75}
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
-    assert students == {"resnet10", "resnet14", "resnet18", "resnet20", "resnet26"}
+    assert students == {"resnet10", "resnet18", "resnet26"}
     full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
     assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise"}
     small = {j.params["method"] for j in digits if j.kind == "student" and j.params["fraction"] < 1}
