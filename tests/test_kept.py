@@ -81,3 +81,11 @@ def test_keep_records_copies_the_records_only(tmp_path):
     dest = keep_records(dict(keep=str(tmp_path / "kept")), runs)
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
         ["a/s1/record.json", "a/teacher/record.json"]
+
+
+def test_a_record_names_the_commit_of_the_code_that_made_it():
+    from kd_lib.records import code_version, versions
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "kd_lib", "notebooks"],
+                             capture_output=True, text=True).stdout.strip()
+    assert code_version() == dict(commit=head, dirty=bool(changed)) == versions()["code"]
