@@ -192,6 +192,8 @@ class StudentConfig(RunConfig):
     lr: float = option(1e-4, "optimisation", "learning rate of Adam, constant (the paper: 1e-4)")
     schedule: str = option("constant", "optimisation", "learning rate of each step: constant (the paper's) or "
                                                        "one_cycle (fastai's, with lr as the maximum)")
+    finetune_epochs: int = option(3, "optimisation", "epochs per stage of the sequential fine-tune on the "
+                                                     "student's own inputs (method teacher_forced_finetune)")
     patience: typing.Optional[int] = option(None, "optimisation", "stop a step once its monitored value has not "
                                                                   "really improved (kd_lib.fitting.last_gain) for "
                                                                   "this many epochs, epochs being the most (None: "
@@ -220,6 +222,7 @@ class StudentConfig(RunConfig):
         _need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         _need(self.patience is None or self.schedule == "constant",
               "patience stops a step early, which would cut a one_cycle schedule short: use one of them.")
+        _need(self.finetune_epochs >= 1, f"finetune_epochs={self.finetune_epochs}: at least 1 epoch per stage.")
         _need(self.patience is None or self.patience >= 1,
               f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")
         _need(self.T > 0, f"T={self.T}: the temperature must be positive.")

@@ -12,15 +12,21 @@ from typing import Callable
 from .distill import FeatureLoss, SoftTargets
 from .models import FEATURE_STAGES, STAGES
 
-__all__ = ["Step", "Method", "METHODS", "register", "get_method"]
+__all__ = ["FORCED", "Step", "Method", "METHODS", "STAGEWISE", "FORCED_STAGES", "register", "get_method"]
+
+
+FORCED = "forced"  # the target of a step that trains the feature stages teacher-forced (kd_lib.forced)
 
 
 @dataclass(frozen=True)
 class Step:
-    "One fit of a method: train the stages `parts` on `target`, a teacher feature stage (MSE) or 'labels'."
+    """One fit of a method: train the stages `parts` on `target`, a teacher feature stage (MSE), 'labels', or
+    `FORCED` (every feature stage at once on the teacher's inputs and maps); for the configuration's field
+    `epochs` (times the method's `epochs_factor`) or another one it names."""
     name: str
     parts: tuple = tuple(STAGES)
     target: str = "labels"
+    epochs: str = "epochs"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class Method:
 
 METHODS: dict = {}  # name -> Method, in display order
 STAGEWISE = tuple(Step(s, (s,), s) for s in FEATURE_STAGES) + (Step("head", ("head",)),)  # the paper's six steps
+FORCED_STAGES = Step("stages", tuple(FEATURE_STAGES), FORCED)
 
 
 def register(method: Method) -> Method:
@@ -85,6 +92,15 @@ register(Method("simultaneous", (Step("all"),),
 register(Method("stagewise", STAGEWISE,
                 cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
                 description="the paper's: each feature stage on the MSE to the teacher's, in order, then the head"))
+register(Method("teacher_forced", (FORCED_STAGES, STAGEWISE[-1]), color="tab:red", marker="X", cost=1.5,
+                description="the five feature stages at once, each on the teacher's map before it (teacher "
+                            "forcing), then the head"))
+register(Method("teacher_forced_finetune",
+                (FORCED_STAGES, *(Step(f"{s.name}_finetune", s.parts, s.target, "finetune_epochs")
+                                  for s in STAGEWISE[:-1]), STAGEWISE[-1]),
+                color="tab:pink", marker="*", cost=2.0,
+                description="teacher_forced, then each stage in turn on the student's own inputs for "
+                            "finetune_epochs (the drift repaired), then the head"))
 register(Method("hinton", (Step("all"),), callbacks=lambda teacher, student, c: [SoftTargets(teacher, c.T, c.alpha)],
                 color="tab:purple", marker="D", cost=1.3,
                 description="Hinton et al.'s soft targets at temperature T, weight alpha"))

@@ -25,9 +25,10 @@ from .config import StudentConfig, TeacherConfig
 from .data import get_data
 from .distill import FreezeOthers, StudentStage, TeacherFeatures
 from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_everything, step_seed
+from .forced import BestStages, ForcedStages, TeacherInputs, forced_loss, stage_mse
 from .locks import LOCK, RunLock
-from .methods import Step, get_method
-from .models import PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
+from .methods import FORCED, Step, get_method
+from .models import FEATURE_STAGES, PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
 from .records import (RECORD, atomic_write, complete_record, param_conflicts, read_json, recorded_params, versions,
                       write_json)
 
@@ -149,6 +150,7 @@ def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn
     trained = [p for s in step.parts for p in stage_part(student, s).parameters()]
     common = dict(opt_func=paper_adam, lr=config.lr, splitter=lambda m: [trained], path=run, model_dir="models")
     if step.target == "labels": common.update(loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    elif step.target == FORCED: common.update(loss_func=forced_loss, metrics=[stage_mse(s) for s in FEATURE_STAGES])
     else: common.update(loss_func=nn.MSELoss())
     cbs = [FreezeOthers(config.freeze_bn), StopOnNaN(), *([MixedPrecision(config.amp)] if config.amp else []),
            *([ChannelsLast()] if config.channels_last else [])]
@@ -156,6 +158,9 @@ def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn
         inputs, targets, part = cache.step(step)
         if cache.train: return Learner(cache.dataloaders(inputs, targets), part, cbs=cbs, **common)
         cbs.append(ValidateOn(part, *inputs, *targets))
+    if step.target == FORCED:
+        return Learner(dls, ForcedStages(student), cbs=cbs + [TeacherInputs(tchr), BestStages(student, run, step.name)],
+                       **common)
     if step.target != "labels":
         return Learner(dls, StudentStage(student, step.target, config.truncate),
                        cbs=cbs + [TeacherFeatures(tchr, step.target, config.truncate, run_valid=cache is None)],
@@ -198,7 +203,7 @@ def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progr
             seed_everything(step_seed(c.seed, i), learn.dls)
             labels = step.target == "labels"
             tested = dict(test_accuracy=partial(accuracy_of, model, dls.test)) if c.test_each_epoch and labels else None
-            summary = fit(learn, step.name, c.epochs * method.epochs_factor, c.lr,
+            summary = fit(learn, step.name, getattr(c, step.epochs) * method.epochs_factor, c.lr,
                           "accuracy" if labels else "valid_loss", run, one_cycle_lr=c.schedule == "one_cycle",
                           progress=progress, patience=c.patience, extras=tested)
             steps.append({"parts": step.parts, "target": step.target, **summary, **cached})

@@ -1,0 +1,90 @@
+"""Teacher-forced stages (Parallel Blockwise KD): the five feature stages of a student trained at once, each
+on the teacher's feature map of the stage before it as its input and the teacher's map of its own stage as its
+target. No stage waits for the one before, so one teacher pass per batch serves all five.
+
+* `ForcedStages`: the student's five stage parts, each on its own input; the model of the step.
+* `TeacherInputs`: runs the frozen teacher once per batch as far as layer4 (eval, no gradients) and gives the
+  stages their inputs and targets.
+* `forced_loss`, `stage_mse`: the sum of the five MSEs (the loss), and each one as a metric.
+* `BestStages`: keeps for each stage the weights of the epoch of its own lowest valid MSE.
+"""
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastcore.basics import store_attr
+from torch import nn
+
+from .distill import frozen, stage_features
+from .fitting import BestCheckpoint
+from .models import FEATURE_STAGES, stage_part
+from .records import atomic_write
+
+__all__ = ["ForcedStages", "TeacherInputs", "forced_loss", "stage_mse", "BestStages"]
+
+
+class ForcedStages(nn.Module):
+    "The five feature stages of `student`, stage k applied to input k (the image for the stem): one output each."
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(stage_part(student, s) for s in FEATURE_STAGES)
+
+    def forward(self, x, *inputs): return tuple(p(i) for p, i in zip(self.parts, (x, *inputs)))
+
+
+class TeacherInputs(Callback):
+    """Give each batch the teacher's feature maps: those of the stem to layer3 as the inputs of layer1 to
+    layer4 (after the image, the stem's), all five as the targets. The teacher runs once, to layer4."""
+    order = MixedPrecision.order + 1  # under MixedPrecision's autocast too
+
+    def __init__(self, teacher: nn.Module): store_attr()
+    def before_fit(self): frozen(self.teacher, self.dls.device)
+
+    def before_batch(self):
+        with torch.no_grad(): maps = stage_features(self.teacher, self.x, FEATURE_STAGES, truncate=True)
+        self.learn.xb, self.learn.yb = (self.x, *maps[:-1]), tuple(maps)
+
+
+def forced_loss(preds, *targets) -> torch.Tensor:
+    "The sum of the stages' MSEs: each stage's gradient comes from its own term only (its input is the teacher's)."
+    return sum(F.mse_loss(p, t) for p, t in zip(preds, targets))
+
+
+def stage_mse(stage: str):
+    "A metric: the MSE of `stage` alone, named `mse_<stage>`."
+    k = FEATURE_STAGES.index(stage)
+    def mse(preds, *targets): return F.mse_loss(preds[k], targets[k])
+    mse.__name__ = f"mse_{stage}"
+    return mse
+
+
+class BestStages(Callback):
+    """Keep, for each stage, the weights of the epoch of its lowest valid MSE (`mse_<stage>`), saved as
+    `<run>/models/<step>-<stage>.pth` when it improves and loaded into the student's stage at the end. The
+    best values come from `BestCheckpoint`'s history, so a resumed fit keeps the same ones."""
+    order = BestCheckpoint.order + 1
+
+    def __init__(self, student: nn.Module, run: Path, step: str): store_attr()
+    def _path(self, stage: str) -> Path: return Path(self.run) / "models" / f"{self.step}-{stage}.pth"
+
+    def before_fit(self):
+        self.ckpt = next(cb for cb in self.learn.cbs if isinstance(cb, BestCheckpoint))
+        self.best = {s: min((h[f"mse_{s}"] for h in self.ckpt.history), default=math.inf) for s in FEATURE_STAGES}
+
+    def after_epoch(self):
+        last = self.ckpt.history[-1]
+        for s in FEATURE_STAGES:
+            if last[f"mse_{s}"] < self.best[s]:
+                self.best[s] = last[f"mse_{s}"]
+                atomic_write(self._path(s), partial(torch.save, stage_part(self.student, s).state_dict()))
+
+    def after_fit(self):
+        for s in FEATURE_STAGES:
+            if self._path(s).exists():
+                stage_part(self.student, s).load_state_dict(torch.load(self._path(s), weights_only=True,
+                                                                       map_location="cpu"))
+                self._path(s).unlink()

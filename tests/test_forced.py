@@ -1,0 +1,58 @@
+"""Teacher-forced stages: each stage learns from its own MSE only, on the teacher's inputs; the method trains,
+keeps each stage's best epoch, and its fine-tune variant trains the stages again on the student's own inputs."""
+import json
+
+import pytest
+import torch
+
+from kd_lib.forced import ForcedStages, forced_loss
+from kd_lib.distill import stage_features
+from kd_lib.models import FEATURE_STAGES, resnet, stage_part, teacher
+from kd_lib.train import train_student
+
+
+def test_each_stage_learns_from_its_own_mse_only():
+    torch.manual_seed(0)
+    student, tchr = resnet("resnet10"), teacher(10, pretrained=False).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(): maps = stage_features(tchr, x, FEATURE_STAGES)
+    model = ForcedStages(student)
+    outs = model(x, *maps[:-1])
+    for k, stage in enumerate(FEATURE_STAGES):
+        student.zero_grad()
+        torch.nn.functional.mse_loss(outs[k], maps[k]).backward(retain_graph=True)
+        for j, other in enumerate(FEATURE_STAGES):
+            grads = [p.grad for p in stage_part(student, other).parameters()]
+            touched = any(g is not None and g.abs().sum() > 0 for g in grads)
+            assert touched == (j == k), (stage, other)
+    assert torch.isclose(forced_loss(outs, *maps), sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, maps)))
+
+
+@pytest.fixture(scope="module")
+def forced_teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("forced")
+    torch.manual_seed(0)
+    torch.save(teacher(10, pretrained=False).state_dict(), tmp / "teacher.pth")
+    return tmp
+
+
+def _run(tmp, method, **kw):
+    return train_student(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=3, augment=False,
+                         method=method, student="resnet10", teacher_path=str(tmp / "teacher.pth"),
+                         out_dir=str(tmp / "runs"), progress=False, **kw)
+
+
+def test_teacher_forced_keeps_each_stages_best_epoch(forced_teacher):
+    record = _run(forced_teacher, "teacher_forced")
+    stages, head = record["stages"]
+    assert stages["target"] == "forced" and head["name"] == "head" and len(stages["history"]) == 3
+    for s in FEATURE_STAGES: assert all(f"mse_{s}" in h for h in stages["history"])
+    assert not list((forced_teacher / "runs").rglob("stages-*.pth"))  # the per-stage bests are loaded and removed
+
+
+def test_the_fine_tune_trains_each_stage_on_the_students_own_inputs(forced_teacher):
+    record = _run(forced_teacher, "teacher_forced_finetune", finetune_epochs=1)
+    names = [s["name"] for s in record["stages"]]
+    assert names == ["stages", *(f"{s}_finetune" for s in FEATURE_STAGES), "head"]
+    fine = record["stages"][1:-1]
+    assert all(len(s["history"]) == 1 and s["target"] in FEATURE_STAGES for s in fine)
