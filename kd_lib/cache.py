@@ -27,7 +27,9 @@ from torch import nn
 
 from .data import data_dir
 from .distill import frozen
-from .models import HEAD, STAGES, evaluating, stage_part, stage_span
+from .forced import ForcedStages
+from .methods import FORCED
+from .models import FEATURE_STAGES, HEAD, STAGES, evaluating, stage_part, stage_span
 
 __all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "TensorLoader", "ValidateOn", "FeatureCache"]
 
@@ -89,6 +91,11 @@ class TensorLoader(DataLoader):
     def after_batch(self, b): return tuple(map(_as_float, b))
 
 
+def _listed(t) -> list:
+    "`t` as a list of tensors: a tensor alone, or the tensors of a list or tuple."
+    return list(t) if isinstance(t, (list, tuple)) else [t]
+
+
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     "A cached tensor in the dtype the plain path computes in: float32 if floating, else as is."
     return t.float() if t.is_floating_point() else t
@@ -100,13 +107,13 @@ class ValidateOn(Callback):
     The valid loader still runs, so the random numbers its transforms draw, used or not, are drawn as before."""
     run_train = False
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor): store_attr()
+    def __init__(self, model: nn.Module, inputs, targets): store_attr()  # each a tensor or a list of them
     def before_validate(self): self.whole, self.learn.model, self.done = self.learn.model, self.model, 0
 
     def before_batch(self):
         i, self.done = self.done, self.done + len(self.yb[0])
-        self.learn.xb, self.learn.yb = [(_as_float(t[i:self.done].to(self.dls.device)),)
-                                        for t in (self.inputs, self.targets)]
+        self.learn.xb, self.learn.yb = [tuple(_as_float(t[i:self.done].to(self.dls.device)) for t in _listed(ts))
+                                        for ts in (self.inputs, self.targets)]
 
     def after_validate(self): self.learn.model = self.whole
 
@@ -131,7 +138,7 @@ class FeatureCache:
         self.loaders = (dls.train, dls.valid) if train else (dls.valid,)
         self.store = Store(getattr(torch, dtype), max_bytes, device=dls.device)
         # per cached loader: the inputs of stage `at`, the teacher's features of stage `t_at`, the labels
-        self.x = self.t = self.y = None
+        self.x = self.t = self.y = self.forced = None
         self.at = self.t_at = None
 
     def __enter__(self): return self
@@ -146,6 +153,7 @@ class FeatureCache:
         and the part of the student that maps one to the other. Steps come in order; a step that cannot
         be reached from the cache of the one before (the first, or a resumed run) starts again from the
         images, then chains the same way, so a resumed run computes the same numbers."""
+        if step.target == FORCED: return self._forced()
         first = min(STAGES.index(p) for p in step.parts)
         target = None if step.target == "labels" else STAGES.index(step.target)
         reachable = self.x is not None and first >= self.at and (
@@ -156,12 +164,27 @@ class FeatureCache:
         return self.x, self.t, stage_span(self.student, first, target)
 
     def dataloaders(self, inputs: list, targets: list) -> DataLoaders:
-        "`DataLoaders` of cached `inputs` and `targets` (as `step` gives them) whose batches are those of `dls`."
+        """`DataLoaders` of cached `inputs` and `targets` (as `step` gives them: per loader a tensor or a list
+        of them) whose batches are those of `dls`."""
         def mirror(dl, x, t):
-            pin = dl.device.type == "cuda" and x.device.type == t.device.type == "cpu"
-            return TensorLoader((x, t), bs=dl.bs, shuffle=dl.shuffle, drop_last=dl.drop_last, device=dl.device,
+            tensors = (*_listed(x), *_listed(t))
+            pin = dl.device.type == "cuda" and all(o.device.type == "cpu" for o in tensors)
+            return TensorLoader(tensors, bs=dl.bs, shuffle=dl.shuffle, drop_last=dl.drop_last, device=dl.device,
                                 pin_memory=pin)
-        return DataLoaders(*map(mirror, self.loaders, inputs, targets), path=self.dls.path, device=self.dls.device)
+        dls = DataLoaders(*map(mirror, self.loaders, inputs, targets), path=self.dls.path, device=self.dls.device)
+        dls.n_inp = len(_listed(inputs[0]))  # fastai's Learner splits a batch into n_inp inputs and the targets
+        return dls
+
+    def _forced(self) -> tuple:
+        """Inputs and targets of teacher-forced stages (`kd_lib.forced`): per cached loader the images and the
+        teacher's stem to layer3 maps as the five stages' inputs, its five maps as their targets; nothing chained
+        through the student, so one cache serves the whole step."""
+        self._fill(True)
+        maps, teacher = [self.t], frozen(self.teacher, self.dls.device)
+        for s in FEATURE_STAGES[1:]: maps.append(self._map(stage_part(teacher, s), maps[-1], free=False))
+        self.forced = maps[1:]  # held until `close`, with the images and the stem's maps held as `x` and `t`
+        inputs = [[x, *(m[i] for m in maps[:-1])] for i, x in enumerate(self.x)]
+        return inputs, [[m[i] for m in maps] for i in range(len(self.x))], ForcedStages(self.student)
 
     def _fill(self, teacher: bool) -> None:
         "The images (the input of the first stage) and, with `teacher`, the teacher's first stage features."
@@ -198,12 +221,13 @@ class FeatureCache:
             res.append(chunks)
         return res
 
-    def _map(self, f: nn.Module, xs: list) -> list:
-        "`f` applied to each split's cached tensor, which is freed."
+    def _map(self, f: nn.Module, xs: list, free: bool = True) -> list:
+        "`f` applied to each split's cached tensor, which is freed unless `free` is False."
         dev = self.dls.device
         out = [self._run([f], ((r, _as_float(x[r.start:r.stop].to(dev))) for r in chunks), len(x))[0]
                for x, chunks in zip(xs, self._chunks())]
-        for x in xs: self.store.free(x)
+        if free:
+            for x in xs: self.store.free(x)
         return out
 
     def _run(self, fns, batches, n: int) -> list:

@@ -41,7 +41,7 @@ class TeacherInputs(Callback):
     layer4 (after the image, the stem's), all five as the targets. The teacher runs once, to layer4."""
     order = MixedPrecision.order + 1  # under MixedPrecision's autocast too
 
-    def __init__(self, teacher: nn.Module): store_attr()
+    def __init__(self, teacher: nn.Module, run_valid: bool = True): store_attr()  # False: valid maps come cached
     def before_fit(self): frozen(self.teacher, self.dls.device)
 
     def before_batch(self):

@@ -92,13 +92,14 @@ register(Method("simultaneous", (Step("all"),),
 register(Method("stagewise", STAGEWISE,
                 cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
                 description="the paper's: each feature stage on the MSE to the teacher's, in order, then the head"))
-register(Method("teacher_forced", (FORCED_STAGES, STAGEWISE[-1]), color="tab:red", marker="X", cost=1.5,
+register(Method("teacher_forced", (FORCED_STAGES, STAGEWISE[-1]), cacheable=True, color="tab:red", marker="X",
+                cost=1.5,
                 description="the five feature stages at once, each on the teacher's map before it (teacher "
                             "forcing), then the head"))
 register(Method("teacher_forced_finetune",
                 (FORCED_STAGES, *(Step(f"{s.name}_finetune", s.parts, s.target, "finetune_epochs")
                                   for s in STAGEWISE[:-1]), STAGEWISE[-1]),
-                color="tab:pink", marker="*", cost=2.0,
+                cacheable=True, color="tab:pink", marker="*", cost=2.0,
                 description="teacher_forced, then each stage in turn on the student's own inputs for "
                             "finetune_epochs (the drift repaired), then the head"))
 register(Method("hinton", (Step("all"),), callbacks=lambda teacher, student, c: [SoftTargets(teacher, c.T, c.alpha)],

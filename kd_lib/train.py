@@ -153,14 +153,14 @@ def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn
     elif step.target == FORCED: common.update(loss_func=forced_loss, metrics=[stage_mse(s) for s in FEATURE_STAGES])
     else: common.update(loss_func=nn.MSELoss())
     cbs = [FreezeOthers(config.freeze_bn), StopOnNaN(), *([MixedPrecision(config.amp)] if config.amp else []),
-           *([ChannelsLast()] if config.channels_last else [])]
+           *([ChannelsLast()] if config.channels_last else []),
+           *([BestStages(student, run, step.name)] if step.target == FORCED else [])]
     if cache is not None:
         inputs, targets, part = cache.step(step)
         if cache.train: return Learner(cache.dataloaders(inputs, targets), part, cbs=cbs, **common)
         cbs.append(ValidateOn(part, *inputs, *targets))
     if step.target == FORCED:
-        return Learner(dls, ForcedStages(student), cbs=cbs + [TeacherInputs(tchr), BestStages(student, run, step.name)],
-                       **common)
+        return Learner(dls, ForcedStages(student), cbs=cbs + [TeacherInputs(tchr, run_valid=cache is None)], **common)
     if step.target != "labels":
         return Learner(dls, StudentStage(student, step.target, config.truncate),
                        cbs=cbs + [TeacherFeatures(tchr, step.target, config.truncate, run_valid=cache is None)],

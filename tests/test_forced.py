@@ -56,3 +56,16 @@ def test_the_fine_tune_trains_each_stage_on_the_students_own_inputs(forced_teach
     assert names == ["stages", *(f"{s}_finetune" for s in FEATURE_STAGES), "head"]
     fine = record["stages"][1:-1]
     assert all(len(s["history"]) == 1 and s["target"] in FEATURE_STAGES for s in fine)
+
+
+@pytest.mark.parametrize("cache", [True, "valid"])
+def test_the_cached_path_gives_the_plain_paths_numbers(forced_teacher, cache):
+    "One cache of the teacher's five maps (and the images) serves the step: in float32, the same numbers exactly."
+    plain = _run(forced_teacher, "teacher_forced", seed=1)
+    cached = train_student(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=3, augment=False,
+                           method="teacher_forced", student="resnet10", teacher_path=str(forced_teacher / "teacher.pth"),
+                           out_dir=str(forced_teacher / f"cached-{cache}"), progress=False, seed=1, cache=cache,
+                           cache_dtype="float32")
+    for a, b in zip(plain["stages"], cached["stages"]):
+        assert [h["valid_loss"] for h in a["history"]] == [h["valid_loss"] for h in b["history"]]
+    assert plain["test_accuracy"] == cached["test_accuracy"]
