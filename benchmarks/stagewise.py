@@ -13,12 +13,19 @@ Variants, each one full 6-stage schedule (5 feature stages and the head), `--epo
   (never augmented) computed once per stage: validation runs the trained stage only.
 * ``cached``   (b)  ``train_student(cache=True)``: inputs and targets of every stage computed once, fp16
   (augmentation off only).
+* ``forced``   (c)  ``train_student(method="teacher_forced")``: the five stages at once, each on the teacher's
+  map before it (one teacher pass per batch), then the head; not the same numbers (another schedule).
+* ``forced_ft`` (c) ``method="teacher_forced_finetune"``: the same, then each stage fine-tuned in turn on the
+  student's own inputs for ``--finetune-epochs``.
+* ``forced_cached`` (c) ``method="teacher_forced", cache=True``: one cache of the teacher's five maps
+  (augmentation off only).
 
-``truncate`` and ``fast`` give (a')'s numbers bit for bit. ``--augment both`` runs paper, plain, truncate
-and fast with the paper's augmentation, and paper, plain and cached without. Times are process CPU time
-(one torch thread: what the run costs, which other jobs on a shared machine disturb much less than wall
-time; the wall time of each whole run is shown too). Prints a table (time per schedule, images per second
-per stage, speed-ups against (a) and (a') with the same augmentation, accuracies) and writes it, with
+``truncate`` and ``fast`` give (a')'s numbers bit for bit. ``--augment both`` runs paper, plain, truncate,
+fast, forced and forced_ft with the paper's augmentation, and paper, plain, cached and forced_cached without.
+Times are process CPU time (one torch thread: what the run costs, which other jobs on a shared machine
+disturb much less than wall time; the wall time of each whole run is shown too). Prints a table (time per
+schedule, images per second per stage, speed-ups against (a), (a') and (b) +valid cache with the same
+augmentation, accuracies, the trained student's feature MSE to the teacher per stage) and writes it, with
 versions and settings, as JSON. See benchmarks/README.md, and its GPU settings.
 """
 import argparse
@@ -44,8 +51,11 @@ from kd_lib.records import run_name, versions, write_json
 from kd_lib.train import load_teacher, run_dir, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
-            "cached": "(b) cache"}
-PLAN = {True: ["paper", "plain", "truncate", "fast"], False: ["paper", "plain", "cached"]}  # --augment both
+            "cached": "(b) cache", "forced": "(c) teacher-forced", "forced_ft": "(c) +fine-tune",
+            "forced_cached": "(c) cache"}
+PLAN = {True: ["paper", "plain", "truncate", "fast", "forced", "forced_ft"],  # --augment both
+        False: ["paper", "plain", "cached", "forced_cached"]}
+AUGMENT_OFF = ("cached", "forced_cached")  # variants that cache the training split, so run without augmentation
 
 
 def papers_teacher(path, n_classes: int, device) -> nn.Module:
@@ -98,7 +108,7 @@ def paper_stagewise(dls, student: str, teacher_path, epochs: int, lr: float, see
             if best is None or value < best: best, best_state = value, copy.deepcopy(net.state_dict())
         net.load_state_dict(best_state)
         stages.append(dict(name=stage, cache_cpu_s=0., cpu_s=time.process_time() - c0, time_s=time.perf_counter() - t0,
-                           best_value=abs(best)))
+                           best_value=abs(best), epochs=epochs))
     return net, stages
 
 
@@ -121,7 +131,9 @@ def teacher_modes(dls, teacher_path, stage: str = "layer4", rounds: int = 3) -> 
 
 
 OPTIONS = dict(plain=dict(truncate=False), truncate={}, fast=dict(cache="valid", cache_dtype="float32"),
-               cached=dict(cache=True))
+               cached=dict(cache=True), forced=dict(method="teacher_forced", cache="valid", cache_dtype="float32"),
+               forced_ft=dict(method="teacher_forced_finetune", cache="valid", cache_dtype="float32"),
+               forced_cached=dict(method="teacher_forced", cache=True))
 
 
 def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
@@ -134,16 +146,19 @@ def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
         learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
         scores = evaluate(learn)
         n_train, n_valid, weights = len(dls.train) * args.bs, len(dls.valid.dataset), net.state_dict()
+        drift = {}
     else:
         fast = {} if variant == "plain" else dict(amp=args.amp, channels_last=args.channels_last,
                                                   cache_bytes=args.cache_bytes)
-        if variant == "cached": fast["cache_dtype"] = args.cache_dtype
+        if variant in AUGMENT_OFF: fast["cache_dtype"] = args.cache_dtype
         run_out = out / variant / ("augment" if augment else "no-augment")
-        r = train_student(student=args.student, method="stagewise", dataset=args.dataset, data_path=args.data_path,
-                          epochs=args.epochs, lr=args.lr, teacher_path=teacher_path, num_workers=args.num_workers,
-                          out_dir=run_out, force=True, progress=False, **data, **(OPTIONS[variant] | fast))
-        stages = [dict(name=s["name"], cache_cpu_s=s.get("cache_cpu_s", 0.), cpu_s=s["cpu_s"], time_s=s["time_s"])
-                  for s in r["stages"]]  # the record's own CPU times of each step: its cache, then its fit
+        r = train_student(student=args.student, dataset=args.dataset, data_path=args.data_path, epochs=args.epochs,
+                          lr=args.lr, teacher_path=teacher_path, num_workers=args.num_workers, out_dir=run_out,
+                          force=True, progress=False, finetune_epochs=args.finetune_epochs, **data,
+                          **(dict(method="stagewise") | OPTIONS[variant] | fast))
+        stages = [dict(name=s["name"], cache_cpu_s=s.get("cache_cpu_s", 0.), cpu_s=s["cpu_s"], time_s=s["time_s"],
+                       epochs=s["epochs_run"]) for s in r["stages"]]  # the record's CPU times: each step's cache, fit
+        drift = r.get("feature_mse", {})  # the composed student's MSE to the teacher per stage, on the valid split
         scores = {k: r[k] for k in ("valid_accuracy", "test_accuracy")}
         n_train, n_valid = r["data"]["sizes"]["train"] // args.bs * args.bs, r["data"]["sizes"]["valid"]
         run_path = run_dir(run_out, args.dataset, run_name(r["params"]))
@@ -152,10 +167,10 @@ def run(variant: str, augment: bool, args, teacher_path, out: Path) -> dict:
     row = dict(variant=variant, label=VARIANTS[variant], augment=augment, wall_s=time.perf_counter() - t0,
                cpu_s=sum(s["cache_cpu_s"] + s["cpu_s"] for s in stages),
                cache_cpu_s=sum(s["cache_cpu_s"] for s in stages),
-               **{f"img/s {s['name']}": args.epochs * per_epoch / s["cpu_s"] for s in stages},
+               **{f"img/s {s['name']}": s["epochs"] * per_epoch / s["cpu_s"] for s in stages},
                projected_h=sum(s["cache_cpu_s"] + args.project_epochs * s["cpu_s"] / args.epochs
                                for s in stages) / 3600,
-               **scores, load_start=load0, load_end=os.getloadavg()[0])
+               **scores, **{f"mse {k}": v for k, v in drift.items()}, load_start=load0, load_end=os.getloadavg()[0])
     return dict(row=row, stages=stages, weights=weights)
 
 
@@ -173,6 +188,7 @@ def main(argv=None):
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=2, help="epochs per stage")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs per stage of forced_ft's fine-tune")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--student", default="resnet10")
@@ -201,18 +217,19 @@ def main(argv=None):
                       epochs=args.teacher_epochs, lr=args.teacher_lr, seed=args.seed, pretrained=args.pretrained,
                       out_dir=args.out, progress=False)
     plan = [(v, a) for a in {"on": [True], "off": [False], "both": [True, False]}[args.augment] for v in variants
-            if not (v == "cached" and a) and (args.augment != "both" or v in PLAN[a])]
+            if not (v in AUGMENT_OFF and a) and (args.augment != "both" or v in PLAN[a])]
     results = {}
     for v, a in plan:
         print(f"running {VARIANTS[v]} {v}, augment={a} ...", flush=True)
         results[v, a] = run(v, a, args, teacher_path, args.out)
     rows = pd.DataFrame([r["row"] for r in results.values()])
-    for ref, col in (("paper", "cpu_s"), ("plain", "cpu_s"), ("plain", "wall_s")):
+    for ref, col in (("paper", "cpu_s"), ("plain", "cpu_s"), ("fast", "cpu_s"), ("plain", "wall_s")):
         base = {a: r["row"][col] for (v, a), r in results.items() if v == ref}
         rows[f"x vs {VARIANTS[ref]}" + (" (wall)" if col == "wall_s" else "")] = [
             base[a] / t if a in base else None for a, t in zip(rows.augment, rows[col])]
     same = {f"{v} augment={a}": _difference(r["weights"], results["plain", a]["weights"])
-            for (v, a), r in results.items() if v != "plain" and ("plain", a) in results}
+            for (v, a), r in results.items() if v in ("paper", "truncate", "fast", "cached") and ("plain", a) in results
+            }
     modes = teacher_modes(get_data(args.dataset, args.data_path, size=args.size, bs=args.bs, fraction=args.fraction,
                                    seed=args.seed, augment=False), teacher_path)
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 2):

@@ -2,6 +2,7 @@
 
 * `stage_features`: a model's feature maps at named stages, captured with fastai
   hooks, running the body only as far as needed (or, the paper's way, all of it).
+* `feature_mse`: how far a student's own feature maps are from the teacher's, stage by stage.
 * `StudentStage`: the student as far as one stage, the model of a stagewise Learner.
 * `TeacherFeatures`: swaps the labels of each batch for the frozen teacher's
   feature map, so an MSE loss distils that stage (stagewise, FitNets hints).
@@ -18,9 +19,9 @@ from fastai.callback.training import set_bn_eval
 from fastcore.basics import store_attr
 from torch import nn
 
-from .models import FEATURE_STAGES, STAGE_SLICES, stage_modules
+from .models import FEATURE_STAGES, STAGE_SLICES, evaluating, stage_modules
 
-__all__ = ["stage_features", "frozen", "StudentStage", "TeacherFeatures", "FreezeOthers", "TeacherLoss",
+__all__ = ["stage_features", "feature_mse", "frozen", "StudentStage", "TeacherFeatures", "FreezeOthers", "TeacherLoss",
            "FeatureLoss", "SoftTargets"]
 
 
@@ -35,6 +36,20 @@ def stage_features(model: nn.Module, x: torch.Tensor, stages=FEATURE_STAGES, tru
         if truncate: model.body[:max(STAGE_SLICES[s].stop for s in stages)](x)
         else: model(x)
     return hooks.stored
+
+
+@torch.no_grad()
+def feature_mse(student: nn.Module, teacher: nn.Module, dl, stages=FEATURE_STAGES) -> dict:
+    """Per stage, the MSE between the feature maps of `student`, composed (each stage on its own stages'
+    output), and of `teacher` on the batches of `dl`, both in eval mode: how far a distilled student drifts
+    from its teacher stage by stage."""
+    total, n = dict.fromkeys(stages, 0.0), 0
+    with evaluating(student, teacher):
+        for xb, _ in dl:
+            for s, a, b in zip(stages, stage_features(student, xb, stages), stage_features(teacher, xb, stages)):
+                total[s] += float(F.mse_loss(a, b)) * len(xb)
+            n += len(xb)
+    return {s: v / max(n, 1) for s, v in total.items()}
 
 
 def frozen(teacher: nn.Module, device=None) -> nn.Module:

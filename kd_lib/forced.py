@@ -84,7 +84,6 @@ class BestStages(Callback):
 
     def after_fit(self):
         for s in FEATURE_STAGES:
-            if self._path(s).exists():
-                stage_part(self.student, s).load_state_dict(torch.load(self._path(s), weights_only=True,
-                                                                       map_location="cpu"))
-                self._path(s).unlink()
+            if (path := self._path(s)).exists():
+                stage_part(self.student, s).load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+                path.unlink()

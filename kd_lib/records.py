@@ -104,7 +104,8 @@ def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
     (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
     accuracy of any epoch of its last label step (when recorded: the paper's test-set selection), the
-    teacher's accuracy, wall time, device and torch threads, the commit of the code, and the record's path."""
+    teacher's accuracy, wall and CPU time, device and torch threads, the commit of the code, the record's path,
+    and for a distilled student its feature maps' MSE to the teacher's per stage (`mse_<stage>`)."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
         if (r := complete_record(p.parent)) is None: continue
@@ -117,6 +118,8 @@ def collect(folder) -> pd.DataFrame:
                      "best_test_accuracy": max(tested) if tested else None,
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
+                     "cpu_s": sum(s.get("cpu_s", 0) + s.get("cache_cpu_s", 0) for s in r.get("stages", [])),
+                     **{f"mse_{k}": v for k, v in (r.get("feature_mse") or {}).items()},
                      "device": r.get("versions", {}).get("device", "unknown"),
                      "commit": (r.get("versions", {}).get("code") or {}).get("commit"),
                      "torch_threads": r.get("versions", {}).get("torch_threads"), "record": str(p)})

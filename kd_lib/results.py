@@ -6,6 +6,7 @@ types in a result (`kd_lib.figures` draws them).
 * `comparison`: every number of the figures, ours beside the paper's; `provenance`: what produced the records.
 * `convergence`: how many runs converged; `selection`: what picking epochs on the test set adds, and the
   accuracy on the unused part of the training set (the paper's other description of "less data").
+* `teacher_forcing`: sequential stagewise against teacher-forced stages: accuracy, time and drift.
 * `provenance_text`, `headline`: what the book's text quotes of these, as strings to glue.
 
 The paper's claims, with their rules and uncertainty, are `kd_lib.claims`.
@@ -14,9 +15,11 @@ import numpy as np
 import pandas as pd
 
 from .methods import METHODS
+from .models import FEATURE_STAGES
 
 __all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
-           "provenance", "provenance_text", "paper_as_records", "convergence", "selection", "headline"]
+           "provenance", "provenance_text", "paper_as_records", "convergence", "selection", "teacher_forcing",
+           "headline"]
 
 PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]
 KEYS = ["dataset", "fraction", "student", "method"]
@@ -148,7 +151,8 @@ def provenance_text(records: pd.DataFrame) -> dict:
                 fractions=_listing(f["fractions"]),
                 hardware=_listing(f["devices"]) + f", {_listing(f['threads'])} torch thread(s) per run",
                 commits=_listing(f["commits"]) if f["commits"] else "not recorded",
-                schedules=_listing(f["schedules"]), patience=_listing(["none" if p is None else p for p in f["patience"]]),
+                schedules=_listing(f["schedules"]),
+                patience=_listing(["none" if p is None else p for p in f["patience"]]),
                 n_runs=f["runs"], compute_hours=f"{f['hours']:.2f}")
 
 
@@ -203,6 +207,25 @@ def selection(records: pd.DataFrame) -> pd.DataFrame:
                 test_selected=("best_test_accuracy", "mean"), added=("added", "mean"),
                 unused=("unused_accuracy", "mean")).reset_index()
     return _in_order(out, cols)
+
+
+def teacher_forcing(records: pd.DataFrame, methods=("stagewise", "teacher_forced", "teacher_forced_finetune")):
+    """Sequential stagewise against teacher-forced stages (with and without the fine-tune), per dataset, fraction,
+    student and method, means over seeds: test accuracy, CPU seconds of training, and the MSE of the student's
+    own (composed) feature maps to the teacher's at each stage on the valid split (the drift)."""
+    mse = [f"mse_{s}" for s in FEATURE_STAGES]
+    cols = ["dataset", "fraction", "student", "method", "runs", "test_accuracy", "cpu_s", *mse]
+    if records is None or records.empty or "method" not in records: return pd.DataFrame(columns=cols)
+    s = records[(records["kind"] == "student") & records["method"].isin(methods)]
+    if s.empty or not s["method"].isin(methods[1:]).any(): return pd.DataFrame(columns=cols)
+    s = s.assign(**{c: s[c] if c in s else np.nan for c in mse})
+    g = s.groupby(["dataset", "fraction", "student", "method"], sort=False)
+    out = g.agg(runs=("test_accuracy", "count"), test_accuracy=("test_accuracy", "mean"), cpu_s=("cpu_s", "mean"),
+                **{c: (c, "mean") for c in mse}).reset_index()
+    ranks = _ranks(out["method"])
+    order = dict(method=lambda c: c.map(ranks), student=lambda c: c.map(n_layers))
+    return out.sort_values(["dataset", "fraction", "student", "method"], ascending=[True, False, True, True],
+                           key=lambda c: order[c.name](c) if c.name in order else c)[cols].reset_index(drop=True)
 
 
 def _at(df: pd.DataFrame, fraction: float) -> pd.DataFrame:

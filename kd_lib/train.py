@@ -23,7 +23,7 @@ from torch import nn
 from .cache import FeatureCache, ValidateOn
 from .config import StudentConfig, TeacherConfig
 from .data import get_data
-from .distill import FreezeOthers, StudentStage, TeacherFeatures
+from .distill import FreezeOthers, StudentStage, TeacherFeatures, feature_mse, frozen
 from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_everything, step_seed
 from .forced import BestStages, ForcedStages, TeacherInputs, forced_loss, stage_mse
 from .locks import LOCK, RunLock
@@ -237,6 +237,7 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
         steps = _train_steps(c, run, dls, model, tchr, progress)
         scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
         if (unused := dls.unused_dl()) is not None: scores["unused_accuracy"] = round(accuracy_of(model, unused), 4)
+        if tchr is not None: scores["feature_mse"] = feature_mse(model, frozen(tchr, dls.device), dls.valid)
         teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy")}, path=str(tpath)) if tchr \
             else dict(path=None)
         return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,

@@ -37,9 +37,10 @@ def forced_teacher(tmp_path_factory):
 
 
 def _run(tmp, method, **kw):
-    return train_student(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=3, augment=False,
-                         method=method, student="resnet10", teacher_path=str(tmp / "teacher.pth"),
-                         out_dir=str(tmp / "runs"), progress=False, **kw)
+    settings = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=3, augment=False, method=method,
+                    student="resnet10", teacher_path=str(tmp / "teacher.pth"), out_dir=str(tmp / "runs"),
+                    progress=False)
+    return train_student(**(settings | kw))
 
 
 def test_teacher_forced_keeps_each_stages_best_epoch(forced_teacher):
@@ -62,10 +63,48 @@ def test_the_fine_tune_trains_each_stage_on_the_students_own_inputs(forced_teach
 def test_the_cached_path_gives_the_plain_paths_numbers(forced_teacher, cache):
     "One cache of the teacher's five maps (and the images) serves the step: in float32, the same numbers exactly."
     plain = _run(forced_teacher, "teacher_forced", seed=1)
-    cached = train_student(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=3, augment=False,
-                           method="teacher_forced", student="resnet10", teacher_path=str(forced_teacher / "teacher.pth"),
-                           out_dir=str(forced_teacher / f"cached-{cache}"), progress=False, seed=1, cache=cache,
-                           cache_dtype="float32")
+    cached = _run(forced_teacher, "teacher_forced", out_dir=str(forced_teacher / f"cached-{cache}"), seed=1,
+                  cache=cache, cache_dtype="float32")
     for a, b in zip(plain["stages"], cached["stages"]):
         assert [h["valid_loss"] for h in a["history"]] == [h["valid_loss"] for h in b["history"]]
     assert plain["test_accuracy"] == cached["test_accuracy"]
+
+
+def test_each_stage_keeps_the_weights_of_its_own_best_epoch(forced_teacher):
+    "Each stage of the trained student gives, teacher-forced on the valid split, the lowest MSE of its history."
+    from kd_lib.data import get_data
+    from kd_lib.train import load_student, load_teacher
+    record = _run(forced_teacher, "teacher_forced", seed=2, epochs=4)
+    history = record["stages"][0]["history"]
+    run = forced_teacher / "runs" / "digits" / "resnet10-teacher_forced-f0.25-s2"
+    student, tchr = load_student(run), load_teacher(forced_teacher / "teacher.pth", 10).eval()
+    dls = get_data("digits", size=16, bs=32, fraction=0.25, seed=2, augment=False)
+    totals, n = dict.fromkeys(FEATURE_STAGES, 0.0), 0
+    with torch.no_grad():
+        for x, _ in dls.valid:
+            maps = stage_features(tchr, x, FEATURE_STAGES)
+            for s, out, t in zip(FEATURE_STAGES, ForcedStages(student)(x, *maps[:-1]), maps):
+                totals[s] += float(torch.nn.functional.mse_loss(out, t)) * len(x)
+            n += len(x)
+    for s in FEATURE_STAGES:
+        assert totals[s] / n == pytest.approx(min(h[f"mse_{s}"] for h in history), rel=1e-4), s
+
+
+def test_a_fine_tune_step_feeds_each_stage_the_students_own_features(forced_teacher):
+    from kd_lib.config import StudentConfig
+    from kd_lib.data import get_data
+    from kd_lib.methods import get_method
+    from kd_lib.train import load_teacher, step_learner
+    torch.manual_seed(0)
+    student, tchr = resnet("resnet10"), load_teacher(forced_teacher / "teacher.pth", 10)
+    dls = get_data("digits", size=16, bs=32, fraction=0.25, augment=False)
+    step = next(s for s in get_method("teacher_forced_finetune").steps if s.name == "layer2_finetune")
+    learn = step_learner(step, StudentConfig(dataset="digits", size=16, bs=32, method="teacher_forced_finetune"),
+                         student, tchr, dls, forced_teacher)
+    seen = []
+    handle = student.body.layer2.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    x = dls.one_batch()[0]
+    with torch.no_grad(): learn.model.eval()(x)
+    handle.remove()
+    with torch.no_grad(): own = student.body[:5](x)  # the student's stem and layer1
+    assert torch.equal(seen[0], own)

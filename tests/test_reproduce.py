@@ -52,12 +52,13 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
              for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 14, "digits": 42, "cifar10": 21, "paper": 75}
+    assert count == {"smoke": 14, "digits": 54, "cifar10": 21, "paper": 75}
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
     assert students == {"resnet10", "resnet18", "resnet26"}
     full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
-    assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise"}
+    assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise", "teacher_forced",
+                    "teacher_forced_finetune"}
     small = {j.params["method"] for j in digits if j.kind == "student" and j.params["fraction"] < 1}
     assert small == {"no_teacher", "no_teacher_budget", "stagewise"}
 
