@@ -20,7 +20,7 @@ from .cache import AMP_DTYPES, CACHE_DTYPES
 from .data import DATASETS, SELECTIONS
 from .methods import METHODS, get_method
 from .models import STUDENTS
-from .records import run_name
+from .records import param_conflicts, run_name
 
 __all__ = ["GROUPS", "SCHEDULES", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
 
@@ -133,6 +133,11 @@ class RunConfig:
     def same_result(cls) -> set:
         "The fields whose values do not change a run's numbers (a run resumes with other values of them)."
         return {f.name for f in dataclasses.fields(cls) if f.metadata["same_result"]}
+
+    def conflicts(self, recorded: dict) -> dict:
+        """Where a run's `recorded` params differ from this configuration's, as `kd_lib.records.param_conflicts`
+        says (settings that do not change results ignored, settings added since the run at their defaults)."""
+        return param_conflicts(recorded, self.params(), self.same_result(), self.defaults())
 
     @classmethod
     def from_mapping(cls, mapping: dict, strict: bool = False):

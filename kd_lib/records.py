@@ -133,12 +133,14 @@ def run_name(params: dict) -> str:
     return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}"
 
 
-def param_conflicts(recorded: dict, wanted: dict, ignore=()) -> dict:
+def param_conflicts(recorded: dict, wanted: dict, ignore=(), defaults: dict = None) -> dict:
     """The parameters, but those in `ignore`, on which a run's `recorded` params (its record's or its
     params.json) and the `wanted` ones (a configuration's `params()`) differ: {name: (recorded, wanted)};
-    empty when it is the same run."""
-    return {k: (recorded.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *recorded])
-            if k not in ignore and recorded.get(k) != wanted.get(k)}
+    empty when it is the same run. A parameter the record lacks takes its value from `defaults`: a setting
+    added after the run was made, whose default keeps what runs did before it."""
+    old = dict(defaults or {}, **recorded)
+    return {k: (old.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *old])
+            if k not in ignore and old.get(k) != wanted.get(k)}
 
 
 def complete_record(run) -> dict:

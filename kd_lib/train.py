@@ -29,7 +29,7 @@ from .forced import BestStages, ForcedStages, TeacherInputs, forced_loss, stage_
 from .locks import LOCK, RunLock
 from .methods import FORCED, Step, get_method
 from .models import FEATURE_STAGES, PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .records import (RECORD, atomic_write, complete_record, param_conflicts, read_json, recorded_params, versions,
+from .records import (RECORD, atomic_write, complete_record, read_json, recorded_params, versions,
                       write_json)
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
@@ -52,7 +52,7 @@ def _start(run: Path, config, force: bool):
         for p in run.glob("*"):
             if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
     params = config.params()
-    if (old := recorded_params(run)) is not None and (diff := param_conflicts(old, params, config.same_result())):
+    if (old := recorded_params(run)) is not None and (diff := config.conflicts(old)):
         raise RunExists(f"{run} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
     if (record := complete_record(run)) is not None: return record

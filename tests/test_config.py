@@ -82,3 +82,11 @@ def test_a_setting_passed_by_position_is_a_clear_error(tmp_path):
     from kd_lib.train import train_student
     with pytest.raises(TypeError, match="pass the settings as keywords"): train_student("resnet10", out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_setting_added_after_a_run_takes_its_default_when_compared():
+    "Records made before a setting existed still match a configuration that keeps its default, and only that."
+    c = StudentConfig(dataset="digits", size=16)
+    old = {k: v for k, v in c.params().items() if k != "finetune_epochs"}
+    assert c.conflicts(old) == {}
+    assert c.replace(finetune_epochs=7).conflicts(old) == {"finetune_epochs": (3, 7)}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from kd_lib.records import RECORD, param_conflicts
+from kd_lib.records import RECORD
 from kd_lib.runner import ROOT, check_kept, expand, keep_records, kept_profiles, kept_records, run_notebook
 
 KEPT = kept_profiles()
@@ -33,7 +33,7 @@ def test_the_kept_records_are_the_profiles_runs(prof):
         path = ROOT / prof["keep"] / j.name / RECORD
         assert path.exists(), f"{j.name} has no kept record: make book PROFILE={prof['name']}"
         params = json.loads(path.read_text())["params"]
-        assert param_conflicts(params, j.config.params(), j.config.same_result()) == {}, j.name
+        assert j.config.conflicts(params) == {}, j.name
     assert len(kept_records(ROOT / prof["keep"])) == len(expand(prof))
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from ..config import StudentConfig, TeacherConfig
 from ..methods import get_method
-from ..records import RECORD, complete_record, param_conflicts, recorded_params
+from ..records import RECORD, complete_record, recorded_params
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "ProfileError", "RunConflict", "Job", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "shown"]
@@ -168,7 +168,7 @@ def plan(jobs: list) -> list:
     bad = []
     for j in jobs:
         params = recorded_params(j.run)
-        if params is not None and (c := param_conflicts(params, j.config.params(), j.config.same_result())):
+        if params is not None and (c := j.config.conflicts(params)):
             bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
             continue
         j.status = "complete" if complete_record(j.run) is not None else "todo"
