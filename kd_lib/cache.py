@@ -146,7 +146,7 @@ class FeatureCache:
 
     def close(self):
         self.store.close()
-        self.x = self.t = self.y = None
+        self.x = self.t = self.y = self.forced = None
 
     def step(self, step) -> tuple:
         """(inputs, targets, part) of `step`: per cached loader its items' inputs and targets, in dataset order,
@@ -154,6 +154,9 @@ class FeatureCache:
         be reached from the cache of the one before (the first, or a resumed run) starts again from the
         images, then chains the same way, so a resumed run computes the same numbers."""
         if step.target == FORCED: return self._forced()
+        for per_loader in self.forced or []:  # the teacher's later maps serve the forced step only
+            for t in per_loader: self.store.free(t)
+        self.forced = None
         first = min(STAGES.index(p) for p in step.parts)
         target = None if step.target == "labels" else STAGES.index(step.target)
         reachable = self.x is not None and first >= self.at and (
@@ -182,7 +185,7 @@ class FeatureCache:
         self._fill(True)
         maps, teacher = [self.t], frozen(self.teacher, self.dls.device)
         for s in FEATURE_STAGES[1:]: maps.append(self._map(stage_part(teacher, s), maps[-1], free=False))
-        self.forced = maps[1:]  # held until `close`, with the images and the stem's maps held as `x` and `t`
+        self.forced = maps[1:]  # freed by the next step; the images and the stem's maps are held as `x` and `t`
         inputs = [[x, *(m[i] for m in maps[:-1])] for i, x in enumerate(self.x)]
         return inputs, [[m[i] for m in maps] for i in range(len(self.x))], ForcedStages(self.student)
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 from torch import nn
 
-from .distill import frozen, stage_features
+from .distill import TeacherFeatures, stage_features
 from .fitting import BestCheckpoint
 from .models import FEATURE_STAGES, stage_part
 from .records import atomic_write
@@ -36,13 +35,11 @@ class ForcedStages(nn.Module):
     def forward(self, x, *inputs): return tuple(p(i) for p, i in zip(self.parts, (x, *inputs)))
 
 
-class TeacherInputs(Callback):
-    """Give each batch the teacher's feature maps: those of the stem to layer3 as the inputs of layer1 to
-    layer4 (after the image, the stem's), all five as the targets. The teacher runs once, to layer4."""
-    order = MixedPrecision.order + 1  # under MixedPrecision's autocast too
-
-    def __init__(self, teacher: nn.Module, run_valid: bool = True): store_attr()  # False: valid maps come cached
-    def before_fit(self): frozen(self.teacher, self.dls.device)
+class TeacherInputs(TeacherFeatures):
+    """`TeacherFeatures` for all five stages: the teacher's maps of the stem to layer3 become the inputs of
+    layer1 to layer4 (after the image, the stem's), all five the targets. The teacher runs once, to layer4."""
+    def __init__(self, teacher: nn.Module, run_valid: bool = True):  # False: the valid maps come from a cache
+        super().__init__(teacher, FEATURE_STAGES[-1], truncate=True, run_valid=run_valid)
 
     def before_batch(self):
         with torch.no_grad(): maps = stage_features(self.teacher, self.x, FEATURE_STAGES, truncate=True)
