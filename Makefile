@@ -4,29 +4,33 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= digits
 JOBS ?=
+# the optional dependencies installed: test, or test,cluster for the Dask tests too (as CI does)
+EXTRAS ?= test
+comma := ,
 
 .PHONY: test book html clean clean-runs help
 help:
-	@echo "make test                         create .venv if needed and run the tests"
+	@echo "make test [EXTRAS=test,cluster]   create .venv if needed and run the tests (with the Dask ones)"
 	@echo "make book [PROFILE=...] [JOBS=n]  run the notebooks of a profile (digits|smoke|paper or a YAML file) and build _build/html"
 	@echo "make html                         rebuild the book from the notebooks already run"
 	@echo "make clean                        remove _build and the book's executed notebooks (runs/ stays)"
 	@echo "make clean-runs PROFILE=...       remove the runs and records of a profile (runs/<profile>)"
 
-# The venv is (re)installed whenever the dependency list changes.
-$(BIN)/.installed: pyproject.toml
+# The venv is (re)installed whenever the dependency list or the extras change.
+STAMP := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-test: $(BIN)/.installed
+test: $(STAMP)
 	$(BIN)/python -m pytest
 
-book: $(BIN)/.installed
+book: $(STAMP)
 	$(BIN)/python -m kd_lib.runner --profile $(PROFILE) $(if $(JOBS),--jobs $(JOBS))
 
-html: $(BIN)/.installed
+html: $(STAMP)
 	$(BIN)/python -m kd_lib.runner --profile $(PROFILE) --book-only
 
 clean:

@@ -221,7 +221,8 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
         progress=None, patience: int = None, extras: dict = None) -> dict:
     """Fit `learn` for at most `epochs` (fewer with `patience`: see `BestCheckpoint`), resuming from
     `run/<name>.state.pth` when a killed run left one, and keep the best epoch by `monitor`. Returns this
-    fit's summary: history, best epoch and value, whether it converged (`CONVERGENCE_RULE`), wall and CPU time."""
+    fit's summary: history, best epoch and value, whether it converged (`CONVERGENCE_RULE`), wall and CPU time,
+    and the epochs a killed run had finished before this process resumed it (`resumed_after`)."""
     state_path = run / f"{name}.state.pth"
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
@@ -236,7 +237,7 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
                 epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early,
                 converged=converged([h[monitor] for h in ckpt.history], ckpt.best_epoch, ckpt.stopped_early),
-                time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, history=ckpt.history)
+                time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, resumed_after=done, history=ckpt.history)
 
 
 def evaluate(learn: Learner) -> dict:

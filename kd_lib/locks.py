@@ -1,22 +1,31 @@
 """Run-folder locks: one process trains a run folder at a time, on this machine or across machines that share it.
 
 `RunLock(run)` creates ``<run>/.lock`` atomically (a complete file hard-linked into place, which fails when
-one exists: atomic on local file systems and on NFS) holding the host, pid and start time of its owner. A
-lock whose owner is a dead process of this host is stale: it is taken over, with a warning. A lock held by
-a live process, or by a process of another host (whose life cannot be checked from here), is refused
-with `RunLocked`, which names the owner and how to clear a lock its owner left behind.
+one exists: atomic on local file systems and on NFS) holding the host, pid, start time and a token of its
+owner, and refreshes the file's modification time every `HEARTBEAT_S` seconds while it is held. A lock is
+stale, and taken over with a warning, when its owner is a dead process of this host, or, for an owner on
+another host (whose processes cannot be checked from here), when its heartbeat is older than `STALE_S`
+seconds: across machines the lock relies on atomic hard links and on clocks that agree to within a minute.
+A live owner's lock is refused with `RunLocked`, which names the owner.
+
+The runner takes a run's lock before it starts the run's kernel and hands it down: a `RunLock` of a
+process whose environment holds the lock's token (`INHERIT`) uses the lock it finds instead of taking one.
 """
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
 from pathlib import Path
 
-__all__ = ["LOCK", "RunLocked", "RunLock", "lock_holder"]
+__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "RunLocked", "RunLock", "lock_holder"]
 
 LOCK = ".lock"  # the lock's file name in a run folder
+INHERIT = "KD_RUN_LOCK"  # the environment variable through which a lock's owner hands it to its child process
+HEARTBEAT_S = 30.0  # how often a held lock's file is touched
+STALE_S = 600.0  # a lock of another host untouched for this long is stale: its owner is gone
 
 
 class RunLocked(RuntimeError):
@@ -35,30 +44,47 @@ def _read(path: Path):
     except (FileNotFoundError, ValueError): return None
 
 
+def _age(path: Path) -> float:
+    "Seconds since `path`'s last heartbeat (infinite when it is gone)."
+    try: return time.time() - path.stat().st_mtime
+    except FileNotFoundError: return float("inf")
+
+
 def lock_holder(run) -> dict:
-    """The owner of `run`'s lock ({host, pid, started, token}) when it is held: by a live process, or by one
-    of another host; None when the folder is free or its lock is stale."""
-    owner = _read(Path(run) / LOCK)
+    """The owner of `run`'s lock ({host, pid, started, token}) when it is held: by a live process of this
+    host, or by one of another host whose heartbeat is fresh; None when the folder is free or its lock stale."""
+    path = Path(run) / LOCK
+    owner = _read(path)
     if owner is None: return None
-    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))): return None
-    return owner
+    if owner.get("host") == socket.gethostname():
+        return owner if _alive(int(owner.get("pid", -1))) else None
+    return owner if _age(path) < STALE_S else None
 
 
 class RunLock:
-    "Hold `run`'s lock for a `with` block: created on entry (or `RunLocked` raised), removed on exit."
+    """Hold `run`'s lock for a `with` block: created on entry (or `RunLocked` raised), kept fresh by a
+    heartbeat, removed on exit. A lock handed down by this process's parent (`INHERIT`) is used as it is."""
     def __init__(self, run):
         self.path = Path(run) / LOCK
         self.me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        token=uuid.uuid4().hex)
+        self.inherited, self._stop = False, threading.Event()
+
+    @property
+    def token(self) -> str: return self.me["token"]
 
     def __enter__(self):
+        if (handed := os.environ.get(INHERIT)) and (_read(self.path) or {}).get("token") == handed:
+            self.inherited = True
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{LOCK}.{self.me['token']}")
+        tmp = self.path.with_name(f"{LOCK}.{self.token}")
         tmp.write_text(json.dumps(self.me))
         try:
             for _ in range(3):
                 try:
                     os.link(tmp, self.path)
+                    threading.Thread(target=self._heartbeat, daemon=True, name=f"heartbeat {self.path}").start()
                     return self
                 except FileExistsError:
                     self._take_over_if_stale()
@@ -66,13 +92,20 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _mine(self) -> bool: return (_read(self.path) or {}).get("token") == self.token
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S) and self._mine():
+            try: os.utime(self.path)
+            except FileNotFoundError: return
+
     def _take_over_if_stale(self) -> None:
         owner = _read(self.path)
         if owner is not None and lock_holder(self.path.parent) is not None:
             raise RunLocked(f"{self.path.parent} is being trained by pid {owner.get('pid')} on {owner.get('host')} "
-                            f"(since {owner.get('started')}); wait for it to finish. If that process is gone (on "
-                            f"another machine), delete {self.path} and start again.")
-        moved = self.path.with_name(f"{LOCK}.stale.{self.me['token']}")
+                            f"(since {owner.get('started')}); wait for it to finish. A lock of another machine "
+                            f"whose owner is gone goes stale {STALE_S / 60:g} minutes after its last heartbeat.")
+        moved = self.path.with_name(f"{LOCK}.stale.{self.token}")
         try: os.rename(self.path, moved)  # of several takers, one moves it
         except FileNotFoundError: return  # another process took it over first: try again
         if _read(moved) != owner:  # a new owner came between the reading and the moving: give it back
@@ -82,8 +115,9 @@ class RunLock:
             return
         moved.unlink()
         if owner is not None:
-            warnings.warn(f"Took over the lock of {self.path.parent} from pid {owner.get('pid')}, which is no "
-                          "longer running (a killed run): resuming it.")
+            warnings.warn(f"Took over the lock of {self.path.parent} from pid {owner.get('pid')} on "
+                          f"{owner.get('host')}, which is no longer running (a killed run): resuming it.")
 
     def __exit__(self, *exc):
-        if (_read(self.path) or {}).get("token") == self.me["token"]: self.path.unlink(missing_ok=True)
+        self._stop.set()
+        if not self.inherited and self._mine(): self.path.unlink(missing_ok=True)

@@ -113,15 +113,11 @@ def test_plan_reads_params_json_of_a_run_that_started_training(tmp_path):
 def fake_execute(order, fail=(), delay=0.0):
     lock = threading.Lock()
 
-    def execute(job, threads, progress):
-        progress.start(job)
+    def execute(job, threads=None, gpu=None):
         with lock: order.append((job.name, "start"))
         time.sleep(delay)
-        job.status = "failed" if job.name in fail else "done"
-        job.error = "boom" if job.name in fail else None
         with lock: order.append((job.name, "end"))
-        progress.finish(job)
-        return job
+        return rp.Outcome("failed", delay, "boom") if job.name in fail else rp.Outcome("done", delay)
     return execute
 
 

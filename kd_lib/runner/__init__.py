@@ -5,13 +5,16 @@
     python -m kd_lib.runner --profile my.yaml           # a profile file of your own
     python -m kd_lib.runner --profile digits --dry-run  # list the runs, run nothing
     python -m kd_lib.runner --profile digits --book-only  # rebuild the book from what already ran
+    python -m kd_lib.runner --profile paper --scheduler tcp://host:8786 --gpu  # on a Dask cluster
 
 A profile (``kd_lib/profiles/<name>.yaml``) names, per dataset, the teacher's settings and groups of
 student runs; list-valued ``student``, ``method``, ``fraction`` and ``seed`` of a group expand to every
 combination. The runner executes ``notebooks/teacher.ipynb`` once per dataset, then
 ``notebooks/student.ipynb`` once per student run, with papermill, into ``<out_dir>/notebooks/``
 (``out_dir`` is ``runs/<profile>`` unless the profile says otherwise); the records land in
-``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. Then it writes the
+``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. The runs execute on
+this machine, a few at a time (one per GPU where there are GPUs), or on the workers of a Dask cluster
+(`kd_lib.runner.executors`). Then it writes the
 book's notebooks into ``book/generated/`` (Table 1, the method diagram, the figures, one teacher and
 one student run) and builds the book with ``jupyter-book build . -W -n --keep-going``.
 
@@ -20,12 +23,13 @@ complete, their records are copied there (JSON only) to be committed, and every 
 that profile's chapter (``notebooks/<profile>.ipynb``) from the kept records, without running them again.
 """
 from .book import GENERATED, build_book, write_book_notebooks
-from .jobs import Progress, kernel_env, run_job, run_jobs, run_notebook
+from .executors import DaskExecutor, LocalExecutor, visible_gpus
+from .jobs import Outcome, Progress, kernel_env, run_job, run_jobs, run_notebook
 from .kept import check_kept, keep_records, kept_profiles, kept_records
 from .profiles import (NOTEBOOKS, PROFILES, ROOT, Job, ProfileError, RunConflict, example, expand, load_profile, plan,
                        profiles, strays)
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "GENERATED", "Job", "ProfileError", "RunConflict", "profiles",
-           "load_profile", "expand", "plan", "strays", "example", "kernel_env", "run_notebook", "Progress", "run_job",
-           "run_jobs", "write_book_notebooks", "build_book", "kept_profiles", "keep_records", "kept_records",
-           "check_kept"]
+           "load_profile", "expand", "plan", "strays", "example", "kernel_env", "run_notebook", "Progress", "Outcome",
+           "run_job", "run_jobs", "LocalExecutor", "DaskExecutor", "visible_gpus", "write_book_notebooks",
+           "build_book", "kept_profiles", "keep_records", "kept_records", "check_kept"]

@@ -4,6 +4,7 @@ import sys
 
 from .. import runner
 from .book import build_book, write_book_notebooks
+from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_jobs
 from .kept import keep_records
 from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
@@ -16,12 +17,16 @@ def main(argv=None) -> None:
     p.add_argument("--profile", default="digits", help=f"a profile ({', '.join(profiles())}) or a YAML file")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs executed at once (default: the profile's `jobs`, else 1)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="send the runs to the workers of this Dask scheduler (tcp://host:8786; needs .[cluster])")
+    p.add_argument("--gpu", action="store_true", help="with --scheduler: each run needs a worker resource GPU=1")
     p.add_argument("--out-dir", default=None, help="where runs and executed notebooks go (default: the profile's)")
     p.add_argument("--book-only", action="store_true", help="build the book from notebooks already run")
     p.add_argument("--runs-only", action="store_true", help="run the profile's notebooks, build no book")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is complete; run nothing")
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1: p.error(f"--jobs {args.jobs}: run at least 1 job at a time.")
+    if args.gpu and not args.scheduler: p.error("--gpu asks Dask workers for a GPU: give --scheduler too.")
     if args.book_only:
         build_book()
         return
@@ -41,12 +46,18 @@ def main(argv=None) -> None:
         todo = [j for j in jobs if j.status == "todo"]
         print(f"{len(jobs)} runs, {len(todo)} to run", file=sys.stderr)
         return
-    n_jobs = args.jobs or int(prof.get("jobs", 1))
+    try:  # on a machine with GPUs, one run per GPU unless --jobs says otherwise
+        executor = DaskExecutor(args.scheduler, gpu=args.gpu) if args.scheduler else \
+            LocalExecutor(args.jobs or len(visible_gpus()) or int(prof.get("jobs", 1)))
+    except (ImportError, OSError) as e:
+        sys.exit(f"error: {e}")
     try:
-        run_jobs(jobs, n_jobs)
+        run_jobs(jobs, executor=executor)
         if prof.get("keep"): print(f"records kept in {keep_records(prof, jobs)}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
+    finally:
+        executor.shutdown()
     build_book()

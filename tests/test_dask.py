@@ -1,0 +1,94 @@
+"""Runs on a Dask cluster (the `cluster` extra): a LocalCluster of 2 workers gives the local executor's
+records, and the run of a killed worker is resubmitted and resumes to the uninterrupted weights."""
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kd_lib import runner as rp
+from kd_lib.locks import LOCK, lock_holder
+
+distributed = pytest.importorskip("distributed", reason="the Dask tests need the cluster extra: "
+                                                        "pip install -e '.[cluster]'")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    "A LocalCluster of 2 worker processes (with nannies, which restart a killed worker), 1 task thread each."
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            distributed.Client(c) as client:
+        yield client
+
+
+def _records(out: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/*/record.json")}
+
+
+def _weights(run: Path) -> dict:
+    "The weights a run keeps: the teacher's, or each stage's of a student."
+    return {p.name: torch.load(p, map_location="cpu") for p in [*run.glob("*.pth"), *run.glob("stages/*.pth")]
+            if ".state" not in p.name}
+
+
+def test_the_smoke_profile_on_a_local_cluster_gives_the_local_records(tmp_path, cluster):
+    prof = rp.load_profile("smoke")
+    local, dask = tmp_path / "local", tmp_path / "dask"
+    rp.run_jobs(rp.plan(rp.expand(prof, local)), stream=io.StringIO(),
+                executor=rp.LocalExecutor(2, gpus=[], threads=1))
+    out = io.StringIO()
+    rp.run_jobs(rp.plan(rp.expand(prof, dask)), stream=out, executor=rp.DaskExecutor(cluster, threads=1))
+    assert "send" in out.getvalue() and "the Dask cluster at" in out.getvalue()
+    a, b = _records(local), _records(dask)
+    assert set(a) == set(b) and len(a) == len(rp.expand(prof, local))
+    for name in a:
+        assert b[name]["status"] == "complete"
+        assert b[name]["test_accuracy"] == a[name]["test_accuracy"], name
+        for stage_a, stage_b in zip(a[name]["stages"], b[name]["stages"]):
+            assert stage_a["history"] == stage_b["history"], name
+    run = "digits/resnet10-stagewise-f1-s0"
+    wa, wb = _weights(local / run), _weights(dask / run)
+    assert wa and all(torch.equal(wa[f][k], wb[f][k]) for f in wa for k in wa[f])
+
+
+LONG = dict(name="long", datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
+                                        teacher=dict(epochs=1, pretrained=False),
+                                        students=[dict(student="resnet10", method="no_teacher", epochs=8)])])
+
+
+def test_a_killed_workers_run_is_resubmitted_and_resumes_to_the_uninterrupted_weights(tmp_path, cluster):
+    prof = rp.load_profile(_profile(tmp_path, LONG, "long.yaml"))
+    whole, killed = ([j for j in rp.plan(rp.expand(prof, tmp_path / d)) if j.kind == "student"]
+                     for d in ("whole", "killed"))
+    rp.run_jobs(whole, stream=io.StringIO(), executor=rp.LocalExecutor(1, gpus=[], threads=1))
+    run, out = killed[0].run, io.StringIO()
+    t = threading.Thread(target=rp.run_jobs, args=(killed,),
+                         kwargs=dict(stream=out, executor=rp.DaskExecutor(cluster, threads=1), poll_s=0.5))
+    t.start()
+    deadline = time.time() + 240
+    while not list(run.glob("*.state.pth")) and time.time() < deadline: time.sleep(0.05)
+    worker = lock_holder(run)["pid"]
+    assert worker in cluster.run(os.getpid).values(), "the run's lock is held by its Dask worker"
+    os.kill(worker, signal.SIGKILL)
+    t.join(300)
+    assert not t.is_alive() and killed[0].status == "done", out.getvalue()
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "complete" and record["stages"][0]["resumed_after"] >= 1
+    assert record["stages"][0]["history"] == json.loads((whole[0].run / "record.json").read_text())["stages"][0]["history"]
+    wa, wb = _weights(whole[0].run), _weights(run)
+    assert wa and all(torch.equal(wa[f][k], wb[f][k]) for f in wa for k in wa[f])
+    assert not (run / LOCK).exists()
+
+
+
+
+def _profile(tmp_path: Path, profile: dict, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(dict(profile, out_dir=str(tmp_path / "runs"))))
+    return path
