@@ -145,7 +145,9 @@ def _result(future) -> Outcome:
     "A finished future's outcome; an exception (a lost worker, a failing `execute`) fails the job with its cause."
     try: return future.result()
     except Exception as e:  # noqa: BLE001
-        return Outcome("failed", error=f"{type(e).__name__}: {e}")
+        lost = " (its workers kept dying: Dask's allowed-failures ran out; start the runner again to resume it)" \
+            if type(e).__name__ == "KilledWorker" else ""
+        return Outcome("failed", error=f"{type(e).__name__}: {e}{lost}")
 
 
 def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: float = 5.0, executor=None) -> list:
