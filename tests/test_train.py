@@ -31,10 +31,11 @@ def _weights(run):
 
 
 def _no_time(record):
-    "A record without what differs from run to run on the same machine: times (wall and CPU) and dates."
+    """A record without what differs from run to run on the same machine: times (wall and CPU), dates, and
+    how many epochs a killed run had done before it resumed."""
     r = json.loads(json.dumps(record))
     for k in ("wall_time_s", "finished", "versions"): r.pop(k)
-    for s in r["stages"]: s.pop("time_s"), s.pop("cpu_s")
+    for s in r["stages"]: s.pop("time_s"), s.pop("cpu_s"), s.pop("resumed_after")
     return r
 
 
@@ -117,6 +118,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny, teache
     monkeypatch.setattr(StopOnNaN, "after_loss", after_loss)
     resumed = _student(tmp_path / "b", tiny, teacher_path, **args)
     assert _no_time(resumed) | {"params": 0} == _no_time(whole) | {"params": 0}
+    assert any(s["resumed_after"] for s in resumed["stages"]) and not any(s["resumed_after"] for s in whole["stages"])
     a = _weights(tmp_path / "a" / "digits" / "resnet10-stagewise-f0.25-s0")
     b = _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -145,6 +147,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny):
         resumed = train_student(**args, out_dir=tmp_path / "b")
     whole = train_student(**args, out_dir=tmp_path / "a")
     assert _no_time(resumed) | {"params": 0} == _no_time(whole) | {"params": 0}
+    assert any(s["resumed_after"] for s in resumed["stages"]) and not any(s["resumed_after"] for s in whole["stages"])
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, tiny, monkeypatch):

@@ -47,7 +47,7 @@ class LocalExecutor:
 
     def __repr__(self):
         gpus = f", GPUs {','.join(self.gpus)} (one per run)" if self.gpus else ""
-        return f"{self.slots} at a time on {cores()} cores, {self.threads} torch thread(s) each{gpus}"
+        return f"this machine, {self.slots} at a time on {cores()} cores, {self.threads} torch thread(s) each{gpus}"
 
     def _in_slot(self, fn, job):
         k = self._free.get()
