@@ -116,7 +116,7 @@ def provenance(records: pd.DataFrame) -> dict:
         return dict(runs=0, datasets=[], seeds=[], epochs={}, sizes=[], bs=[], lr={}, fractions=[], devices=[],
                     threads=[], commits=[], schedules=[], patience=[], hours=0.0)
     st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
-    epochs = {f"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
+    epochs = {"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
     for m in method_order(st.get("method", [])):
         epochs[m] = sorted({int(e) for e in st.loc[st["method"] == m, "epochs"]})
     lr = {}

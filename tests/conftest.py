@@ -1,6 +1,9 @@
-"""Shared fixtures: generated data in a temporary KD_DATA, a saved random teacher, tiny settings."""
+"""Shared fixtures: generated data in a temporary KD_DATA, a saved random teacher, tiny settings and profiles."""
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from kd_lib.models import teacher
 
@@ -10,6 +13,8 @@ torch.set_num_threads(1)
 
 # Small enough to train in seconds on 2 CPU cores: 16 px digits, a quarter of the train part.
 TINY = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3)
+# The smallest profile of the runner's tests: a teacher and two students of one epoch each.
+TINY_STUDENTS = [dict(student="resnet10", method=["no_teacher", "stagewise"], epochs=1)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,3 +40,17 @@ def teacher_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny():
     return dict(TINY)
+
+
+@pytest.fixture
+def write_profile(tmp_path):
+    """`write_profile(students=None)`: the path of a tiny profile file (digits, 16 px, a one-epoch teacher and
+    `students`, by default `TINY_STUDENTS`) whose runs go to `tmp_path / "runs"`."""
+    def write(students: list = None) -> Path:
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(dict(
+            name="tiny", out_dir=str(tmp_path / "runs"),
+            datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
+                           teacher=dict(epochs=1, pretrained=False), students=students or TINY_STUDENTS)])))
+        return path
+    return write

@@ -2,7 +2,6 @@
 which may be 'inconclusive'. Built on records whose answer is known."""
 import numpy as np
 import pandas as pd
-import pytest
 
 from kd_lib.claims import claims, interval, paired, stronger_baseline, verdict
 from kd_lib.results import convergence, selection

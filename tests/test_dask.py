@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from kd_lib import runner as rp
 from kd_lib.locks import LOCK, lock_holder
@@ -57,13 +56,12 @@ def test_the_smoke_profile_on_a_local_cluster_gives_the_local_records(tmp_path, 
     assert wa and all(torch.equal(wa[f][k], wb[f][k]) for f in wa for k in wa[f])
 
 
-LONG = dict(name="long", datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
-                                        teacher=dict(epochs=1, pretrained=False),
-                                        students=[dict(student="resnet10", method="no_teacher", epochs=8)])])
+LONG = [dict(student="resnet10", method="no_teacher", epochs=8)]  # a student run long enough to be killed
 
 
-def test_a_killed_workers_run_is_resubmitted_and_resumes_to_the_uninterrupted_weights(tmp_path, cluster):
-    prof = rp.load_profile(_profile(tmp_path, LONG, "long.yaml"))
+def test_a_killed_workers_run_is_resubmitted_and_resumes_to_the_uninterrupted_weights(tmp_path, cluster,
+                                                                                    write_profile):
+    prof = rp.load_profile(write_profile(LONG))
     whole, killed = ([j for j in rp.plan(rp.expand(prof, tmp_path / d)) if j.kind == "student"]
                      for d in ("whole", "killed"))
     rp.run_jobs(whole, stream=io.StringIO(), executor=rp.LocalExecutor(1, gpus=[], threads=1))
@@ -87,8 +85,3 @@ def test_a_killed_workers_run_is_resubmitted_and_resumes_to_the_uninterrupted_we
 
 
 
-
-def _profile(tmp_path: Path, profile: dict, name: str) -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(dict(profile, out_dir=str(tmp_path / "runs"))))
-    return path

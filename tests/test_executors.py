@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 
 from kd_lib import locks
 from kd_lib import runner as rp
@@ -23,20 +22,8 @@ from kd_lib.locks import INHERIT, LOCK, RunLock, lock_holder
 from kd_lib.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(name="tiny", datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
-                                        teacher=dict(epochs=1, pretrained=False),
-                                        students=[dict(student="resnet10", method=["no_teacher", "stagewise"],
-                                                       epochs=1)])])
-
-
-def _profile(tmp_path: Path, profile: dict = TINY, name: str = "tiny.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(dict(profile, out_dir=str(tmp_path / "runs"))))
-    return path
-
-
-def test_each_local_run_at_a_time_sees_a_gpu_of_its_own(tmp_path):
-    jobs = rp.plan(rp.expand(rp.load_profile(_profile(tmp_path))))
+def test_each_local_run_at_a_time_sees_a_gpu_of_its_own(write_profile):
+    jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
     seen, lock, now = [], threading.Lock(), {}
 
     def execute(job, threads=None, gpu=None):
@@ -114,13 +101,12 @@ from kd_lib import runner as rp
 jobs = rp.plan(rp.expand(rp.load_profile(sys.argv[1])))
 rp.run_jobs([j for j in jobs if j.kind == "student"], executor=rp.LocalExecutor(1, gpus=[], threads=1))
 """
-LONG = dict(TINY, datasets=[dict(TINY["datasets"][0], students=[dict(student="resnet10", method="no_teacher",
-                                                                     epochs=8)])])
+LONG = [dict(student="resnet10", method="no_teacher", epochs=8)]  # a student run long enough to be killed
 
 
-def test_a_killed_runner_takes_its_kernels_with_it_and_a_new_one_finishes(tmp_path):
+def test_a_killed_runner_takes_its_kernels_with_it_and_a_new_one_finishes(tmp_path, write_profile):
     "Papermill and its kernel once outlived a killed runner and went on training the run folder."
-    cmd = [sys.executable, "-c", STUDENT_ONLY, str(_profile(tmp_path, LONG))]
+    cmd = [sys.executable, "-c", STUDENT_ONLY, str(write_profile(LONG))]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "runs" / "digits" / "resnet10-no_teacher-f1-s0"
     deadline = time.time() + 240
@@ -137,8 +123,8 @@ def test_a_killed_runner_takes_its_kernels_with_it_and_a_new_one_finishes(tmp_pa
     assert record["status"] == "complete" and record["stages"][0]["resumed_after"] >= 1
 
 
-def test_two_runners_on_one_out_dir_train_every_run_once(tmp_path):
-    profile = _profile(tmp_path)
+def test_two_runners_on_one_out_dir_train_every_run_once(tmp_path, write_profile):
+    profile = write_profile()
     cmd = [sys.executable, "-m", "kd_lib.runner", "--profile", str(profile), "--runs-only", "--jobs", "1"]
     ps = [subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=600)[1] for p in ps]
@@ -151,10 +137,10 @@ def test_two_runners_on_one_out_dir_train_every_run_once(tmp_path):
     assert not list((tmp_path / "runs").glob(f"*/*/{LOCK}*")) and not list((tmp_path / "runs").glob("*/*/*.state.pth"))
 
 
-def test_cluster_flags_say_what_they_need(tmp_path, monkeypatch, capsys):
+def test_cluster_flags_say_what_they_need(write_profile, monkeypatch, capsys):
     with pytest.raises(SystemExit): main(["--gpu"])
     assert "give --scheduler too" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "distributed", None)  # Dask absent
     with pytest.raises(SystemExit) as e:
-        main(["--profile", str(_profile(tmp_path)), "--runs-only", "--scheduler", "tcp://nowhere:8786"])
+        main(["--profile", str(write_profile()), "--runs-only", "--scheduler", "tcp://nowhere:8786"])
     assert "pip install -e '.[cluster]'" in str(e.value.code)

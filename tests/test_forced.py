@@ -1,6 +1,5 @@
 """Teacher-forced stages: each stage learns from its own MSE only, on the teacher's inputs; the method trains,
 keeps each stage's best epoch, and its fine-tune variant trains the stages again on the student's own inputs."""
-import json
 
 import pytest
 import torch

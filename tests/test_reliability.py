@@ -3,7 +3,6 @@ bad settings and wrong files are refused early with a message that names the fix
 run folder at a time, and results stay readable (on another device, by the group)."""
 import errno
 import io
-import json
 import os
 import re
 import signal
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from kd_lib import runner as rp
@@ -31,18 +29,6 @@ from kd_lib.train import train_student, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = dict(dataset="digits", size=16, bs=32, epochs=3, lr=1e-3, pretrained=False, progress=False)
-PROFILE = dict(name="tiny", datasets=[dict(dataset="digits", common=dict(size=16, bs=16, lr=1e-3),
-                                           teacher=dict(epochs=1, pretrained=False),
-                                           students=[dict(student="resnet10", method=["no_teacher", "stagewise"],
-                                                          epochs=1)])])
-
-
-def _profile(tmp_path) -> dict:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(dict(PROFILE, out_dir=str(tmp_path / "runs"))))
-    return rp.load_profile(path)
-
-
 def _start_and_kill(code: str, out_dir: Path, state: Path) -> None:
     "Run `code` in a subprocess and `kill -9` it once `state` (a resume file) exists."
     p = subprocess.Popen([sys.executable, "-c", code, str(out_dir)], env=os.environ | {"KD_PROGRESS": "0"})
@@ -76,11 +62,11 @@ def test_a_teacher_killed_mid_fit_resumes_to_the_uninterrupted_weights(tmp_path)
     assert not list(run.glob("*.state.pth")) and not (run / LOCK).exists()
 
 
-def test_any_exception_in_a_run_fails_that_run_and_the_runner(tmp_path, monkeypatch):
+def test_any_exception_in_a_run_fails_that_run_and_the_runner(tmp_path, monkeypatch, write_profile):
     "An OSError (a read-only out_dir) once killed the worker thread and the runner said 'all complete'."
     def read_only(name, out, **kw): raise OSError(errno.EROFS, "Read-only file system", str(out))
     monkeypatch.setattr(runner_jobs, "run_notebook", read_only)
-    jobs = rp.plan(rp.expand(_profile(tmp_path)))
+    jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
     with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO())
     lines = dict(re.findall(r"\* (\S+): (.*)", str(e.value)))
     assert "OSError" in lines["digits/teacher"] and "Read-only" in lines["digits/teacher"]
@@ -144,8 +130,8 @@ def test_a_lock_is_one_owners_at_a_time_in_this_process_too(tmp_path):
     assert lock_holder(tmp_path / "r") is None and not (tmp_path / "r" / LOCK).exists()
 
 
-def test_a_second_runner_waits_for_a_locked_run_and_does_not_train_it_again(tmp_path):
-    jobs = rp.plan(rp.expand(_profile(tmp_path)))
+def test_a_second_runner_waits_for_a_locked_run_and_does_not_train_it_again(write_profile):
+    jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
     busy = jobs[1]  # the no_teacher run, which another runner is training
     executed, stream = [], io.StringIO()
 

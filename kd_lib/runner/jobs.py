@@ -132,8 +132,7 @@ def run_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.0)
         lock = _locked(job.run, poll_s)
         try:
             if complete_record(job.run) is not None: return Outcome("complete", time.perf_counter() - t, host=host)
-            run_notebook(job.kind, job.output, threads=threads, log=job.output.with_suffix(".log"), gpu=gpu,
-                         lock=lock.token, **job.params)
+            run_notebook(job.kind, job.output, threads=threads, gpu=gpu, lock=lock.token, **job.params)
         finally: lock.__exit__()
         return Outcome("done", time.perf_counter() - t, host=host)
     except Exception as e:  # noqa: BLE001 -- whatever stops a run fails that run, and the runner goes on
