@@ -22,9 +22,11 @@ from .methods import METHODS, get_method
 from .models import STUDENTS
 from .records import param_conflicts, run_name
 
-__all__ = ["GROUPS", "SCHEDULES", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
+__all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
 
 GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
+MAX_SIZE = 2048  # the largest image side a run takes
 SCHEDULES = ("constant", "one_cycle")
 
 
@@ -69,12 +71,14 @@ class RunConfig:
                                             "cifar10, or folder")
     data_path: typing.Optional[str] = option(None, "data", "root of the dataset's folder tree (required for "
                                                            "folder; None: data/ or a download)")
-    size: typing.Optional[int] = option(None, "data", "image side in pixels (None: 32 for digits and cifar10, "
-                                                      "224 otherwise)")
+    size: typing.Optional[int] = option(None, "data", "image side in pixels, 8 to 2048 (None: 32 for digits and "
+                                                      "cifar10, 224 otherwise)")
     per_class: typing.Optional[int] = option(None, "data", "images per class taken from the training folder, the "
                                                            "same for every run (None: all of them)")
     bs: int = option(64, "data", "batch size (the paper: 64)")
-    seed: int = option(0, "data", "random seed of the splits, the initialisation and the batch order")
+    seed: int = option(0, "data", "random seed of the fraction sampled, the initialisation and the batch order")
+    split_seed: int = option(0, "data", "random seed of the valid split, which a teacher and its students share (a "
+                                        "student refuses a teacher that trained on its valid or test images)")
     selection: str = option("valid", "data", "set that picks the best epoch: valid (held out from train) or test "
                                              "(the paper's protocol)")
     augment: bool = option(True, "data", "the paper's augmentation on the training set (random crop, warp, "
@@ -104,12 +108,14 @@ class RunConfig:
         "Raise ValueError naming the field and the fix when a value cannot make a sensible run."
         _need(self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)}.")
         _need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
-        _need(self.size is None or self.size >= 8, f"size={self.size}: give an image side of at least 8 pixels "
-                                                   "(or None for the dataset's default).")
+        _need(self.size is None or 8 <= self.size <= MAX_SIZE,
+              f"size={self.size}: give an image side of 8 to {MAX_SIZE} pixels (or None for the dataset's default).")
         _need(self.per_class is None or self.per_class >= 1,
               f"per_class={self.per_class}: take at least 1 image per class (or None for all).")
         _need(self.bs >= 1, f"bs={self.bs}: the batch size is at least 1.")
-        _need(self.seed >= 0, f"seed={self.seed}: seeds are whole numbers from 0.")
+        for name in ("seed", "split_seed"):
+            _need(0 <= getattr(self, name) <= MAX_SEED,
+                  f"{name}={getattr(self, name)}: seeds are whole numbers from 0 to {MAX_SEED} (2**32 - 1).")
         _need(self.selection in SELECTIONS, f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}.")
         _need(self.num_workers >= 0, f"num_workers={self.num_workers}: 0 (load in the main process) or more.")
         _need(self.epochs >= 1, f"epochs={self.epochs}: train at least 1 epoch per step.")
@@ -193,7 +199,8 @@ class StudentConfig(RunConfig):
     fraction: float = option(1.0, "data", "part of the training set used, sampled per class (the paper: 1.0 "
                                           "and 0.25)")
     epochs: int = option(100, "optimisation", "epochs per step: per stage for stagewise, in all for the one-step "
-                                              "methods (the paper: 100)")
+                                              "methods (the paper: 100); a budget control (no_teacher_budget) "
+                                              "trains as many as its twin used instead")
     lr: float = option(1e-4, "optimisation", "learning rate of Adam, constant (the paper: 1e-4)")
     schedule: str = option("constant", "optimisation", "learning rate of each step: constant (the paper's) or "
                                                        "one_cycle (fastai's, with lr as the maximum)")
@@ -227,6 +234,9 @@ class StudentConfig(RunConfig):
         _need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         _need(self.patience is None or self.schedule == "constant",
               "patience stops a step early, which would cut a one_cycle schedule short: use one of them.")
+        _need(not method.budget_of or (self.schedule == "one_cycle" and self.patience is None),
+              f"{self.method} spends the budget of its {method.budget_of} twin: give it schedule='one_cycle' "
+              "(lr is its maximum) and patience=None, so that it trains every epoch of that budget.")
         _need(self.finetune_epochs >= 1, f"finetune_epochs={self.finetune_epochs}: at least 1 epoch per stage.")
         _need(self.patience is None or self.patience >= 1,
               f"patience={self.patience}: at least 1 epoch without improvement, or None (no early stopping).")

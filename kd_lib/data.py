@@ -33,7 +33,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 __all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "DatasetError", "DatasetNotFoundError",
-           "DownloadError", "KDDataLoaders", "data_dir", "get_data"]
+           "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data", "trained_on", "check_no_leak"]
 
 URLS = {
     "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
@@ -60,6 +60,10 @@ class DownloadError(DatasetNotFoundError):
     """A dataset is not on disk and could not be downloaded (for example, offline)."""
 
 
+class LeakageError(DatasetError):
+    """A student would be judged (valid or test split) on images its teacher trained on."""
+
+
 class KDDataLoaders(DataLoaders):
     "fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info` and the `unused` items"
     test = property(lambda self: self[2])
@@ -79,6 +83,12 @@ def data_dir() -> Path:
     "The project's data folder: `$KD_DATA` if set, else `<repo>/data`."
     env = os.environ.get("KD_DATA")
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def _portable(root: Path) -> str:
+    "`root` relative to `data_dir()` when inside it (as a record names it: no machine's folders), else as given."
+    try: return Path(root).resolve().relative_to(data_dir().resolve()).as_posix()
+    except ValueError: return str(root)
 
 
 def _round(x: float) -> int:
@@ -181,7 +191,9 @@ def _unreadable(root: Path, items: list) -> list:
     stats = [(rel, *(lambda st: (st.st_size, st.st_mtime_ns))((root / rel).stat())) for rel, _ in items]
     key = hashlib.sha256(json.dumps([str(root.resolve()), stats]).encode()).hexdigest()[:16]
     memo = data_dir() / "checks" / f"{key}.json"
-    if memo.exists(): return json.loads(memo.read_text())
+    try:
+        if memo.exists(): return list(json.loads(memo.read_text()))
+    except (ValueError, TypeError): pass  # a corrupt memo is only a cache: decode again
     bad = []
     for rel, _ in items:
         try:
@@ -222,13 +234,15 @@ def _read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
 
 
 def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int,
-            per_class: int = None) -> dict:
+            per_class: int = None, split_seed: int = 0) -> dict:
     """train/valid/test/unused `(name, class)` lists: `per_class` images of each class of train (the same for
-    every seed; all when None), a stratified valid part of them, then a `fraction` of the rest."""
+    every seed; all when None), a stratified valid part of them drawn by `split_seed` (shared by a teacher and
+    its students, so no student is judged on images its teacher trained on), then a `fraction` of the rest
+    drawn by `seed`."""
     if per_class: train = _sample(train, 1.0, np.random.default_rng(0), n=per_class)[0]
-    rng = np.random.default_rng(seed)
-    valid, train = _sample(train, valid_pct, rng) if selection == "valid" else (test, train)
-    train, unused = _sample(train, fraction, rng)
+    valid, train = _sample(train, valid_pct, np.random.default_rng(split_seed)) if selection == "valid" \
+        else (test, train)
+    train, unused = _sample(train, fraction, np.random.default_rng(seed))
     return dict(train=train, valid=valid, test=test, unused=unused)
 
 
@@ -265,26 +279,28 @@ def _check_args(name, fraction, selection, valid_pct, per_class=None):
 
 def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fraction: float = 1.0, seed: int = 0,
              selection: str = "valid", augment: bool = True, valid_pct: float = 0.2, skip_bad: bool = False,
-             num_workers: int = 0, per_class: int = None) -> KDDataLoaders:
+             num_workers: int = 0, per_class: int = None, split_seed: int = 0) -> KDDataLoaders:
     """`KDDataLoaders` (train, valid, test) of dataset `name` (one of `DATASETS`), with `dls.split_info`.
 
     `path`: dataset root used as is (nothing downloaded; required for "folder"). `size`: image side
     (32 for digits/cifar10, else 224). `selection="valid"`: per class a seeded floor(valid_pct*n + 0.5) of the
-    training folder is the valid set; `"test"`: the test set is (the paper's protocol) and all of the
-    training folder is train. `fraction`: per class, a seeded random floor(fraction*n + 0.5) of the
-    train part is used, the rest unused; with one seed, smaller fractions are subsets of larger ones.
+    training folder, drawn by `split_seed`, is the valid set; `"test"`: the test set is (the paper's protocol)
+    and all of the training folder is train. `fraction`: per class, a random floor(fraction*n + 0.5) of the
+    train part drawn by `seed` is used, the rest unused; with one seed, smaller fractions are subsets of larger
+    ones. A teacher and its students share `split_seed`, so the student's valid split is the teacher's.
     `per_class`: only that many images of each class of the training folder take part (drawn with a fixed
     seed, the same for every run), for a smaller version of a large dataset; the test set stays whole.
     `augment=False`: Resize (centre crop) and Normalize only. `skip_bad`: leave out unreadable images.
 
-    `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path`, `test_folder`,
+    `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path` (relative to `data_dir()`
+    when inside it, so a record names no machine's folders), `test_folder`,
     `vocab`, and per split (train/valid/test/unused) `sizes`, per-class `counts` and `hashes` (12 hex
     of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`.
     """
     _check_args(name, fraction, selection, valid_pct, per_class)
     root = _root(name, path)
     vocab, train, test, test_name, n_bad = _read_tree(root, skip_bad)
-    splits = _splits(train, test, selection, valid_pct, fraction, seed, per_class)
+    splits = _splits(train, test, selection, valid_pct, fraction, seed, per_class, split_seed)
     counts = {k: Counter(c for _, c in v) for k, v in splits.items()}
     if empty := [c for c in vocab if not counts["train"][c]]:
         raise DatasetError(f"No training images left for class(es) {empty} with fraction={fraction} "
@@ -296,12 +312,46 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     stats = _digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
     dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers)
     dls.unused = [(root / p, c) for p, c in splits["unused"]]
+    dls.items = splits
     dls.split_info = dict(
-        name=name, path=str(root), size=size, bs=bs, fraction=fraction, seed=seed, selection=selection,
-        per_class=per_class,
+        name=name, path=_portable(root), size=size, bs=bs, fraction=fraction, seed=seed, split_seed=split_seed,
+        selection=selection, per_class=per_class,
         valid_pct=valid_pct if selection == "valid" else None, augment=augment, test_folder=test_name,
         vocab=vocab, sizes={k: len(v) for k, v in splits.items()},
         counts={k: {c: counts[k][c] for c in vocab} for k in splits},
         hashes={k: _hash(v) for k, v in splits.items()},
         stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad)
     return dls
+
+
+def trained_on(info: dict, root) -> set:
+    """The `(relative path, class)` items a run trained on, drawn again from its record's `split_info` (`info`)
+    in the tree at `root`, and checked against the record's hash of its train split (a `DatasetError` when they
+    differ: other data, or a record of other code)."""
+    _, train, test, _, _ = _read_tree(Path(root), skip_bad=bool(info.get("skipped_bad")))
+    seed = info["seed"]
+    items = _splits(train, test, info["selection"], info.get("valid_pct") or 0.2, info["fraction"], seed,
+                    info.get("per_class"), info.get("split_seed", seed))["train"]  # before split_seed: the seed drew both
+    if _hash(items) != info["hashes"]["train"]:
+        raise DatasetError(f"Cannot tell which images of {root} the run recorded with train hash "
+                           f"{info['hashes']['train']} trained on: drawn again here they hash to {_hash(items)} "
+                           "(other images in the folder, or a run of other code).")
+    return set(items)
+
+
+def check_no_leak(teacher_info: dict, dls: KDDataLoaders, where: str = "the teacher") -> None:
+    """Raise `LeakageError` when any valid or test image of a student's `dls` is one its teacher trained on, as the
+    teacher's record's `split_info` (`teacher_info`) says; a `DatasetError` when that cannot be told."""
+    mine = dls.split_info
+    if teacher_info.get("name") != mine["name"]:
+        raise DatasetError(f"{where} was trained on dataset {teacher_info.get('name')!r} and this run is on "
+                           f"{mine['name']!r}: which of this run's images it trained on cannot be checked.")
+    trained = trained_on(teacher_info, dls.path)
+    leaked = {k: [o for o in dls.items[k] if o in trained] for k in ("valid", "test")}
+    if any(leaked.values()):
+        example = next(o[0] for v in leaked.values() for o in v)
+        raise LeakageError(f"{where} trained on {len(leaked['valid'])} of this run's valid and {len(leaked['test'])} "
+                           f"of its test images (e.g. {example}): a student must not be picked or judged on images "
+                           f"its teacher learned. Give this run the teacher's split_seed "
+                           f"({teacher_info.get('split_seed', teacher_info['seed'])}) and selection "
+                           f"({teacher_info['selection']!r}), or train a teacher with this run's.")

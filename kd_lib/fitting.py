@@ -3,8 +3,10 @@
 * `paper_adam`: the paper's optimizer (torch's Adam, fused) for a fastai `Learner`.
 * `seed_everything`, `step_seed`: every generator a fit draws from, the loaders' own included.
 * `BestCheckpoint`: keep the best epoch by a monitored value, and save all a killed run needs, every epoch.
+* `MonitorNoise`: the standard error of the monitored value on the valid split, each epoch.
 * `fit`: a fit with those, resumed from its state file when one is there, stopped early with `patience`;
-  `converged` says whether it converged by `CONVERGENCE_RULE`.
+  `convergence` says whether it converged by `CONVERGENCE_RULE`, judged from its curve and its noise;
+  `forget_fit` deletes its resume state once what it produced is written.
 * `evaluate`: valid and test accuracy; `accuracy_of`: a model's accuracy on any loader, random states untouched.
 """
 import math
@@ -12,7 +14,6 @@ import os
 import random
 import time
 from contextlib import ExitStack
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,11 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .models import evaluating
-from .records import atomic_write
+from .records import save_weights
 
-__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "TOLERANCE", "CONVERGENCE_RULE",
-           "last_gain", "converged",
-           "BestCheckpoint", "one_cycle", "fit", "evaluate", "quiet"]
+__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW", "CONVERGENCE_RULE",
+           "MonitorNoise", "last_gain", "convergence", "BestCheckpoint", "one_cycle", "fit", "forget_fit", "evaluate",
+           "quiet"]
 
 
 def paper_adam(params, lr: float = 1e-3, **kwargs) -> OptimWrapper:
@@ -93,41 +94,70 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
     return 100 * correct / max(n, 1)
 
 
-TOLERANCE = 0.01  # a relative improvement below which a fit's last epochs count as flat
-CONVERGENCE_RULE = ("a fit converged when it stopped early (for `patience` epochs its monitored value did not improve "
-                    f"on its best by more than {TOLERANCE:.0%} of all its improvement since its first epoch), when the "
-                    "epoch it kept is not in the last fifth of the epochs it ran, or when its best value in that last "
-                    f"fifth improves on the best before it by less than {TOLERANCE:.0%} of that best (a flat curve) or "
-                    f"by less than {TOLERANCE:.0%} of all the fit's improvement since its first epoch (a curve at its "
-                    "floor, as a feature MSE falling towards zero)")
+WINDOW = 5  # the fewest last epochs whose trend judges a fit's convergence
+CONVERGENCE_RULE = ("a fit converged when the least-squares slope of its monitored value over its last k epochs "
+                    f"(k: the larger of {WINDOW} and a tenth of the epochs it ran), carried on for k epochs more, would "
+                    "improve that value by no more than its noise, the standard error of one epoch's value on the "
+                    "valid split (for accuracy, the binomial standard error; for a feature MSE, the standard error "
+                    f"of the mean of the per-image MSEs); a fit of fewer than {WINDOW} epochs is not judged, nor one "
+                    "whose noise was not recorded. Why the fit stopped (early stopping, or its last epoch) plays no "
+                    "part")
 
 
-def last_gain(values: list, lower: bool) -> int:
+class MonitorNoise(Callback):
+    """The standard error (`se`) of a fit's monitored value on the valid split, each epoch: the standard deviation
+    of its per-item values over the square root of their number. Per item, `accuracy` is 1 or 0 (the binomial
+    standard error); any other monitor (the valid loss: a feature step's MSE) is the item's loss, the learner's
+    loss function unreduced (fastai's `loss_not_reduced`) and averaged over all but the batch dimension."""
+    order = TrackerCallback.order
+
+    def __init__(self, monitor: str): store_attr()
+    def before_validate(self): self.items = []
+
+    def after_loss(self):
+        if self.training: return
+        if self.monitor == "accuracy": v = (self.pred.argmax(dim=-1) == self.yb[0]).float()
+        else:
+            with torch.no_grad(), self.learn.loss_not_reduced(): v = self.learn.loss_func(self.pred, *self.yb).float()
+            if v.dim() > 1: v = v.flatten(1).mean(1)
+        self.items.append(v.detach().cpu())
+
+    def after_validate(self):
+        v = torch.cat(self.items) if self.items else torch.zeros(0)
+        self.se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+
+def last_gain(values: list, lower: bool, noise: list = None) -> int:
     """The epoch of the last real improvement of a monitored value `values` (one per epoch; `lower`: smaller is
-    better): one that beat the best of the epochs before it by more than `TOLERANCE` of the improvement made since
-    the first epoch. Smaller steps, such as a feature MSE's as it approaches its floor, do not count, so early
-    stopping (`patience` epochs after it) ends a fit whose curve has flattened, not only one that stopped moving."""
+    better): one that beat the best of the epochs before it by more than that epoch's `noise` (its standard error,
+    `MonitorNoise`; 0 where unknown). A step within the noise is not evidence of progress, so early stopping
+    (`patience` epochs after it) ends a fit whose curve has flattened into its noise, not only one that stopped."""
     sign = 1 if lower else -1
     epoch, best = 0, values[0] if values else None
     for i, v in enumerate(values[1:], 1):
         gain = sign * (best - v)
-        if gain > 0 and gain > TOLERANCE * abs(v - values[0]): epoch = i
+        se = noise[i] if noise is not None and i < len(noise) and noise[i] == noise[i] else 0.0
+        if gain > 0 and gain > se: epoch = i
         if gain > 0: best = v
     return epoch
 
 
-def converged(values: list, best_epoch, stopped_early: bool) -> bool:
-    """Whether a fit whose monitored value was `values` (one per epoch; lower is better when its kept epoch
-    `best_epoch` holds the smallest) converged by `CONVERGENCE_RULE`."""
+def convergence(values: list, noise: list, lower: bool) -> dict:
+    """Whether a fit whose monitored value was `values` (one per epoch; `lower`: smaller is better), with standard
+    errors `noise`, converged by `CONVERGENCE_RULE`: the `window` of last epochs, the `slope` per epoch in the
+    improving direction, the gain it `projects` over one more window, the `noise` (mean standard error over the
+    window) and `converged` (None when it cannot be judged: too few epochs, or no noise recorded)."""
     n = len(values)
-    if best_epoch is None or n == 0: return False
-    k = max(1, math.ceil(n / 5))
-    if stopped_early or best_epoch < n - k: return True
-    if n == k: return False
-    best = min if values[best_epoch] == min(values) else max
-    before, last = best(values[:-k]), best(values[-k:])
-    gain = abs(last - before)
-    return gain < TOLERANCE * abs(before) or gain < TOLERANCE * abs(last - values[0])
+    k = max(WINDOW, math.ceil(n / 10))
+    out = dict(window=k, slope=None, projected=None, noise=None, converged=None)
+    if n < WINDOW: return out
+    k = min(k, n)
+    y = np.asarray(values[-k:], dtype=float)
+    slope = float(np.polyfit(np.arange(k), y, 1)[0]) * (-1 if lower else 1)
+    se = [x for x in (noise or [])[-k:] if x is not None and x == x]
+    sigma = float(np.mean(se)) if len(se) == k else None
+    return dict(window=k, slope=slope, projected=slope * k, noise=sigma,
+                converged=None if sigma is None else bool(slope * k <= sigma))
 
 
 def _plain(o):
@@ -155,7 +185,7 @@ class BestCheckpoint(TrackerCallback):
     and that also saves, after every epoch and atomically, all a killed run needs to resume exactly:
     weights, optimizer, random states, smoothed loss, history, the best so far and the time spent.
     With `patience`, it stops the fit once `patience` epochs have passed without a real improvement
-    (`last_gain`); `extras`
+    (`last_gain`: one beyond the monitored value's noise, `<monitor>_se` in the history); `extras`
     (name -> function) adds values measured after every epoch to the history."""
     order = TrackerCallback.order + 1
 
@@ -184,11 +214,12 @@ class BestCheckpoint(TrackerCallback):
         super().after_epoch()
         if self.new_best:
             self.best_epoch = epoch
-            self.learn.save(self.fname, with_opt=False)
+            save_weights(self.learn.path / self.learn.model_dir / f"{self.fname}.pth", self.learn.model.state_dict())
         names = self.recorder.metric_names[1:-1]
         self.history.append(dict(epoch=epoch, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])},
                                  **{k: f() for k, f in (self.extras or {}).items()}))
-        gained = last_gain([h[self.monitor] for h in self.history], lower=self.comp == np.less)
+        gained = last_gain([h[self.monitor] for h in self.history], lower=self.comp == np.less,
+                           noise=[h.get(f"{self.monitor}_se") for h in self.history])
         self.stopped_early = self.patience is not None and epoch - gained >= self.patience
         t, c = time.perf_counter(), time.process_time()
         self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
@@ -196,7 +227,7 @@ class BestCheckpoint(TrackerCallback):
                      rng=_rng_state(self.dls), history=self.history, best=float(self.best),
                      best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s, stopped_early=self.stopped_early,
                      smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
-        atomic_write(self.state_path, partial(torch.save, state))
+        save_weights(self.state_path, state)
         if self.stopped_early: raise CancelFitException()
 
     def after_fit(self):
@@ -220,24 +251,32 @@ def quiet(progress=None) -> bool:
 def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Path, one_cycle_lr: bool = False,
         progress=None, patience: int = None, extras: dict = None) -> dict:
     """Fit `learn` for at most `epochs` (fewer with `patience`: see `BestCheckpoint`), resuming from
-    `run/<name>.state.pth` when a killed run left one, and keep the best epoch by `monitor`. Returns this
-    fit's summary: history, best epoch and value, whether it converged (`CONVERGENCE_RULE`), wall and CPU time,
-    and the epochs a killed run had finished before this process resumed it (`resumed_after`)."""
+    `run/<name>.state.pth` when a killed run left one, and keep the best epoch by `monitor` (with its standard error
+    every epoch, `MonitorNoise`). Returns this fit's summary: history, best epoch and value, its `convergence`
+    (`CONVERGENCE_RULE`) and whether it `converged`, wall and CPU time, and the epochs a killed run had finished
+    before this process resumed it (`resumed_after`). The resume state stays until `forget_fit`, which the caller
+    calls once what the fit produced is written: a kill before that resumes the finished fit, not a new one."""
     state_path = run / f"{name}.state.pth"
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
-    ckpt = BestCheckpoint(monitor, name, state_path, state, patience, extras)
-    cbs = [ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else [])
+    noise = MonitorNoise(monitor)
+    ckpt = BestCheckpoint(monitor, name, state_path, state, patience, {f"{monitor}_se": lambda: noise.se, **(extras or {})})
+    cbs = [noise, ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else [])
     with ExitStack() as stack:
         if quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
         learn.fit(0 if state and state.get("stopped_early") else epochs - done, lr, cbs=cbs)
-    state_path.unlink(missing_ok=True)
-    (learn.path / learn.model_dir / f"{name}.pth").unlink(missing_ok=True)  # the best weights now live in the model
     best = ckpt.history[ckpt.best_epoch] if ckpt.best_epoch is not None else {}
+    judged = convergence([h[monitor] for h in ckpt.history], [h.get(f"{monitor}_se") for h in ckpt.history],
+                         lower=ckpt.comp == np.less)
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
-                epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early,
-                converged=converged([h[monitor] for h in ckpt.history], ckpt.best_epoch, ckpt.stopped_early),
-                time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, resumed_after=done, history=ckpt.history)
+                epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early, converged=judged["converged"],
+                convergence=judged, time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, resumed_after=done, history=ckpt.history)
+
+
+def forget_fit(learn: Learner, name: str, run: Path) -> None:
+    "Delete fit `name`'s resume state and best-epoch file: call it once what the fit produced is written."
+    (run / f"{name}.state.pth").unlink(missing_ok=True)
+    (learn.path / learn.model_dir / f"{name}.pth").unlink(missing_ok=True)
 
 
 def evaluate(learn: Learner) -> dict:

@@ -9,7 +9,6 @@ target. No stage waits for the one before, so one teacher pass per batch serves 
 * `BestStages`: keeps for each stage the weights of the epoch of its own lowest valid MSE.
 """
 import math
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from .distill import TeacherFeatures, stage_features
 from .fitting import BestCheckpoint
 from .models import FEATURE_STAGES, stage_part
-from .records import atomic_write
+from .records import save_weights
 
 __all__ = ["ForcedStages", "TeacherInputs", "forced_loss", "stage_mse", "BestStages"]
 
@@ -46,8 +45,10 @@ class TeacherInputs(TeacherFeatures):
         self.learn.xb, self.learn.yb = (self.x, *maps[:-1]), tuple(maps)
 
 
-def forced_loss(preds, *targets) -> torch.Tensor:
-    "The sum of the stages' MSEs: each stage's gradient comes from its own term only (its input is the teacher's)."
+def forced_loss(preds, *targets, reduction: str = "mean") -> torch.Tensor:
+    """The sum of the stages' MSEs: each stage's gradient comes from its own term only (its input is the teacher's).
+    `reduction="none"`: per item (fastai's `loss_not_reduced`), each stage's MSE over that item's map."""
+    if reduction == "none": return sum(F.mse_loss(p, t, reduction="none").flatten(1).mean(1) for p, t in zip(preds, targets))
     return sum(F.mse_loss(p, t) for p, t in zip(preds, targets))
 
 
@@ -77,7 +78,7 @@ class BestStages(Callback):
         for s in FEATURE_STAGES:
             if last[f"mse_{s}"] < self.best[s]:
                 self.best[s] = last[f"mse_{s}"]
-                atomic_write(self._path(s), partial(torch.save, stage_part(self.student, s).state_dict()))
+                save_weights(self._path(s), stage_part(self.student, s).state_dict())
 
     def after_fit(self):
         for s in FEATURE_STAGES:

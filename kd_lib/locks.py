@@ -1,12 +1,14 @@
 """Run-folder locks: one process trains a run folder at a time, on this machine or across machines that share it.
 
 `RunLock(run)` creates ``<run>/.lock`` atomically (a complete file hard-linked into place, which fails when
-one exists: atomic on local file systems and on NFS) holding the host, pid, start time and a token of its
-owner, and refreshes the file's modification time every `HEARTBEAT_S` seconds while it is held. A lock is
-stale, and taken over with a warning, when its owner is a dead process of this host, or, for an owner on
-another host (whose processes cannot be checked from here), when its heartbeat is older than `STALE_S`
-seconds: across machines the lock relies on atomic hard links and on clocks that agree to within a minute.
-A live owner's lock is refused with `RunLocked`, which names the owner.
+one exists: atomic on local file systems and on NFS) holding the host, pid, the process's start time (as the
+kernel counts it, `/proc/<pid>/stat`), the lock's start time and a token of its owner, and refreshes the file's
+modification time every `HEARTBEAT_S` seconds while it is held. A lock is stale, and taken over with a warning,
+when its owner is gone from this host (no such pid, or a pid reused by a process that started at another time),
+when the lock file is not one this module wrote (malformed), or, for an owner on another host (whose processes
+cannot be checked from here), when its heartbeat is older than `STALE_S` seconds: across machines the lock
+relies on atomic hard links and on clocks that agree to within a minute. A live owner's lock is refused with
+`RunLocked`, which names the owner.
 
 The runner takes a run's lock before it starts the run's kernel and hands it down: a `RunLock` of a
 process whose environment holds the lock's token (`INHERIT`) uses the lock it finds instead of taking one.
@@ -20,6 +22,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+from .records import CorruptFile, read_json
+
 __all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "RunLocked", "RunLock", "lock_holder"]
 
 LOCK = ".lock"  # the lock's file name in a run folder
@@ -32,16 +36,32 @@ class RunLocked(RuntimeError):
     "Another process holds the run folder's lock."
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int):
+    "When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`), or None where that cannot be read."
+    try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError): return None
+
+
+def _alive(owner: dict) -> bool:
+    "Whether the lock's owner (of this host) is running: its pid exists and started when the lock says it did."
+    pid = owner["pid"]
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
+    except PermissionError: pass
+    return owner.get("proc_start") is None or _started(pid) in (None, owner["proc_start"])
 
 
 def _read(path: Path):
-    try: return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError): return None
+    """The lock file's owner ({host, pid, ...}), or None when there is none; a lock file this module did not write
+    (not a JSON object with a host and an integer pid) is stale: removed, with a warning."""
+    try: owner = read_json(path)
+    except CorruptFile: owner = []
+    if owner is None: return None
+    if isinstance(owner, dict) and isinstance(owner.get("host"), str) and type(owner.get("pid")) is int: return owner
+    warnings.warn(f"{path} is not a lock this library wrote ({path.read_text()[:80]!r}): taken as stale.")
+    try: path.unlink()
+    except FileNotFoundError: pass
+    return None
 
 
 def _age(path: Path) -> float:
@@ -56,8 +76,7 @@ def lock_holder(run) -> dict:
     path = Path(run) / LOCK
     owner = _read(path)
     if owner is None: return None
-    if owner.get("host") == socket.gethostname():
-        return owner if _alive(int(owner.get("pid", -1))) else None
+    if owner["host"] == socket.gethostname(): return owner if _alive(owner) else None
     return owner if _age(path) < STALE_S else None
 
 
@@ -66,8 +85,8 @@ class RunLock:
     heartbeat, removed on exit. A lock handed down by this process's parent (`INHERIT`) is used as it is."""
     def __init__(self, run):
         self.path = Path(run) / LOCK
-        self.me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       token=uuid.uuid4().hex)
+        self.me = dict(host=socket.gethostname(), pid=os.getpid(), proc_start=_started(os.getpid()),
+                       started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), token=uuid.uuid4().hex)
         self.inherited, self._stop = False, threading.Event()
 
     @property

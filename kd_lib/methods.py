@@ -22,7 +22,7 @@ FORCED = "forced"  # the target of a step that trains the feature stages teacher
 class Step:
     """One fit of a method: train the stages `parts` on `target`, a teacher feature stage (MSE), 'labels', or
     `FORCED` (every feature stage at once on the teacher's inputs and maps); for the configuration's field
-    `epochs` (times the method's `epochs_factor`) or another one it names."""
+    `epochs` or another one it names (a budget control: its twin's epochs, `Method.budget_of`)."""
     name: str
     parts: tuple = tuple(STAGES)
     target: str = "labels"
@@ -39,8 +39,10 @@ class Method:
     `needs_teacher`: a trained teacher must exist before the method runs. `cacheable`: every step trains
     some stages on one target, so `kd_lib.cache.FeatureCache` can serve it (`config.cache`). `color` and
     `marker` draw it in the figures; `cost` is the time of one epoch relative to no_teacher's (the runner's
-    time estimate), `cached_cost` the same with `cache=True`. Each step trains for `epochs_factor` x the
-    configuration's `epochs` (a baseline given another method's budget).
+    time estimate), `cached_cost` the same with `cache=True`. `budget_of`: the name of another method; this
+    one's single step then trains for as many epochs as that method's run of the same dataset, student, fraction
+    and seed used in all (its `budget twin`, which must be complete first), with a one-cycle schedule and no early
+    stopping: a control given the other method's budget of optimizer steps on the same data.
     """
     name: str
     steps: tuple
@@ -51,7 +53,7 @@ class Method:
     marker: str = "o"
     cost: float = 1.0
     cached_cost: float = None
-    epochs_factor: int = 1
+    budget_of: str = None
     description: str = ""
 
     def label_callbacks(self, teacher, student, config) -> list:
@@ -59,8 +61,10 @@ class Method:
         return list(self.callbacks(teacher, student, config)) if self.callbacks else []
 
     def epoch_cost(self, cached: bool = False) -> float:
-        "The relative time of one epoch (`epochs` of the configuration) of this method, with the cache when `cached`."
-        return self.epochs_factor * (self.cached_cost if cached and self.cached_cost is not None else self.cost)
+        """The relative time of one epoch (`epochs` of the configuration) of this method, with the cache when
+        `cached`; a budget control's is that of one epoch per step of the method whose budget it takes."""
+        steps = len(METHODS[self.budget_of].steps) if self.budget_of else 1
+        return steps * (self.cached_cost if cached and self.cached_cost is not None else self.cost)
 
 
 METHODS: dict = {}  # name -> Method, in display order
@@ -83,8 +87,9 @@ def get_method(name: str) -> Method:
 register(Method("no_teacher", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:blue", marker="o",
                 description="the student alone, on the labels"))
 register(Method("no_teacher_budget", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:cyan",
-                marker="P", epochs_factor=len(STAGEWISE),
-                description="no_teacher given stagewise's budget: 6 x epochs, its optimizer steps on the same data"))
+                marker="P", budget_of="stagewise",
+                description="no_teacher given stagewise's budget: as many epochs as its stagewise twin used in all "
+                            "(its optimizer steps on the same data), one-cycle, no early stopping"))
 register(Method("simultaneous", (Step("all"),),
                 callbacks=lambda teacher, student, c: [FeatureLoss(teacher, student, truncate=c.truncate)],
                 color="tab:orange", marker="s", cost=1.4,

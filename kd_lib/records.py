@@ -7,12 +7,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-__all__ = ["DiskFull", "atomic_write", "write_json", "read_json", "versions", "code_version", "collect", "run_name",
+__all__ = ["DiskFull", "CorruptFile", "atomic_write", "save_weights", "write_json", "read_json", "versions", "git",
+           "code_version", "collect", "run_name",
            "param_conflicts", "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
@@ -20,6 +23,29 @@ RECORD = "record.json"  # the file name of a run's record inside its run folder
 
 class DiskFull(OSError):
     "A file could not be written for lack of space; nothing half-written was left."
+
+
+class CorruptFile(ValueError):
+    "A file the project wrote cannot be read back (truncated, emptied, or of the wrong shape); the message names it."
+
+
+# What torch's zip writer says when a write fails part-way (a full disk or quota): it loses the errno.
+_SERIALIZER_FAILURES = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
+
+
+def _disk_full(e: BaseException) -> bool:
+    "Whether `e`, raised while writing a file, means the disk (or the user's quota) is full."
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT): return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _SERIALIZER_FAILURES)
+
+
+def _fsync(path, directory: bool = False) -> None:
+    "Flush `path` (a file, or a folder's entries) to the disk, so a rename survives a power loss, not only a kill."
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try: os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP): raise  # some file systems cannot sync a folder
+    finally: os.close(fd)
 
 
 def _umask() -> int:
@@ -34,8 +60,9 @@ def _umask() -> int:
 
 
 def atomic_write(path, write) -> Path:
-    """Call `write(tmp_path)` then rename onto `path`, so a reader (or a killed run) never sees a half file.
-    The file gets the permissions the umask gives new files; a full disk is a `DiskFull` in plain words."""
+    """Call `write(tmp_path)`, flush it to the disk, then rename it onto `path` (and flush the folder), so a reader,
+    a killed run or a power loss never leaves a half file. The file gets the permissions the umask gives new
+    files; a full disk (by its errno, or by torch's serializer failing part-way) is a `DiskFull` naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,17 +70,26 @@ def atomic_write(path, write) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # as open() makes a new file, not mkstemp's 0600: a group may share runs
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        if getattr(e, "errno", None) == errno.ENOSPC or "file write failed" in str(e):
+        if _disk_full(e):
             free = shutil.disk_usage(path.parent).free / 2**20
-            raise DiskFull(errno.ENOSPC, f"The disk is full: could not write {path} ({free:.0f} MB free there). "
-                                         "Nothing half-written was kept; free some space (old runs, data/cache) "
-                                         "and start the run again: it resumes.") from e
+            full = DiskFull(f"The disk is full: could not write {path} ({free:.0f} MB free there). Nothing "
+                            "half-written was kept; free some space (old runs, data/cache) and start the run again: "
+                            "it resumes.")
+            full.errno = errno.ENOSPC
+            raise full from e
         raise
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
+
+
+def save_weights(path, obj) -> Path:
+    "`torch.save(obj)` to `path` atomically (`atomic_write`): a kill or a full disk never leaves half a file."
+    return atomic_write(path, partial(torch.save, obj))
 
 
 def write_json(path, obj) -> Path:
@@ -70,10 +106,23 @@ def _jsonable(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def read_json(path):
-    "The JSON object in `path`, or None when there is no such file."
+def read_json(path, fix: str = None):
+    """The JSON object (a dict) in `path`, or None when there is no such file. Every JSON file the project reads
+    (records, params, progress, locks, manifests) is read here: one that is empty, truncated or not an object is
+    a `CorruptFile` that names it and says what to do (`fix`; by default, delete its run folder and run again)."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    try: text = path.read_text()
+    except FileNotFoundError: return None
+    except (OSError, UnicodeDecodeError) as e: problem = f"cannot be read ({type(e).__name__}: {e})"
+    else:
+        try: obj = json.loads(text)
+        except ValueError as e: problem = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+        else:
+            if isinstance(obj, dict): return obj
+            problem = f"holds a JSON {type(obj).__name__}, not the object it should"
+    fix = fix or (f"delete the run folder {path.parent} and run it again (a run resumes from what is left, or "
+                  "starts afresh)")
+    raise CorruptFile(f"{path} {problem}: {fix}.")
 
 
 def versions() -> dict:
@@ -84,18 +133,23 @@ def versions() -> dict:
     return dict(kd_lib=__version__, python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__, fastai=fastai.__version__, platform=platform.platform(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-                torch_threads=torch.get_num_threads(), argv=sys.argv[:1], code=code_version())
+                torch_threads=torch.get_num_threads(), argv=[Path(a).name for a in sys.argv[:1]],
+                code=code_version())  # the program's name only: no machine path in a record
+
+
+def git(*args) -> str:
+    "What `git <args>` prints in the repository of this code, or None when it fails (or outside a git checkout)."
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True,
+                             text=True, timeout=30)
+    except OSError: return None  # no git
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def code_version() -> dict:
     """The git commit of the code running (`commit`, None outside a git checkout) and whether the library,
     notebooks or profiles differ from it (`dirty`): a kept record names the code that made it."""
-    def git(*args):
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True,
-                             text=True, timeout=30)
-        return out.stdout.strip() if out.returncode == 0 else None
-    try: commit = git("rev-parse", "HEAD")
-    except OSError: commit = None  # no git
+    commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "kd_lib", "notebooks")) if commit else None
     return dict(commit=commit, dirty=dirty)
 
@@ -108,7 +162,11 @@ def collect(folder) -> pd.DataFrame:
     and for a distilled student its feature maps' MSE to the teacher's per stage (`mse_<stage>`)."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
-        if (r := complete_record(p.parent)) is None: continue
+        try: r = complete_record(p.parent)
+        except CorruptFile as e:
+            warnings.warn(f"left out of the results: {e}")
+            continue
+        if r is None: continue
         label_steps = [s for s in r.get("stages", []) if s.get("target", "labels") == "labels"]
         tested = [h["test_accuracy"] for h in (label_steps[-1]["history"] if label_steps else [])
                   if "test_accuracy" in h]

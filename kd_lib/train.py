@@ -22,14 +22,14 @@ from torch import nn
 
 from .cache import FeatureCache, ValidateOn
 from .config import StudentConfig, TeacherConfig
-from .data import get_data
+from .data import check_no_leak, get_data
 from .distill import FreezeOthers, StudentStage, TeacherFeatures, feature_mse, frozen
-from .fitting import StopOnNaN, accuracy_of, evaluate, fit, paper_adam, seed_everything, step_seed
+from .fitting import StopOnNaN, accuracy_of, evaluate, fit, forget_fit, paper_adam, seed_everything, step_seed
 from .forced import BestStages, ForcedStages, TeacherInputs, forced_loss, stage_mse
 from .locks import LOCK, RunLock
 from .methods import FORCED, Step, get_method
 from .models import FEATURE_STAGES, PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .records import (RECORD, atomic_write, complete_record, read_json, recorded_params, versions,
+from .records import (RECORD, complete_record, read_json, recorded_params, run_name, save_weights, versions,
                       write_json)
 
 __all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
@@ -46,23 +46,32 @@ def run_dir(out_dir, dataset: str, name: str) -> Path:
 
 
 def _start(run: Path, config, force: bool):
-    """The record of a finished run of `config` (to return as is), or None after preparing `run` (its lock
-    held); a run folder holding progress made with other settings (but `config.same_result()`) is an error."""
+    """The record of a finished run of `config` (to return as is), or None when it is to be trained (its lock
+    held; `_begin` then marks it started); a run folder holding progress made with other settings (but
+    `config.same_result()`) is an error."""
     if force:
         for p in run.glob("*"):
             if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
-    params = config.params()
     if (old := recorded_params(run)) is not None and (diff := config.conflicts(old)):
         raise RunExists(f"{run} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
     if (record := complete_record(run)) is not None: return record
-    write_json(run / "params.json", params)
     return None
 
 
+def _begin(run: Path, config) -> None:
+    "Mark `run` started with `config`'s params, once every check that can refuse the run has passed."
+    write_json(run / "params.json", config.params())
+
+
 def _finish(run: Path, record: dict) -> dict:
+    """Write `record` as the run's complete record, then delete what only a resumed run would need (resume states,
+    best-epoch files): until the record is written, a killed run resumes its finished fits instead of redoing them."""
     record.update(status="complete", versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return read_json(write_json(run / RECORD, record))
+    record = read_json(write_json(run / RECORD, record))
+    for p in run.glob("*.state.pth"): p.unlink()
+    shutil.rmtree(run / "models", ignore_errors=True)
+    return record
 
 
 def _config(cls, config, changes: dict):
@@ -87,7 +96,8 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     with RunLock(run):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
-                       augment=c.augment, num_workers=c.num_workers, per_class=c.per_class)
+                       augment=c.augment, num_workers=c.num_workers, per_class=c.per_class, split_seed=c.split_seed)
+        _begin(run, c)
         seed_everything(c.seed, dls)
         imagenet = c.pretrained is not False
         try: model = teacher(dls.c, pretrained=imagenet)
@@ -98,7 +108,7 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run, model_dir="models",
                         cbs=StopOnNaN())
         summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run, one_cycle_lr=True, progress=progress)
-        atomic_write(run / "teacher.pth", partial(torch.save, model.state_dict()))
+        save_weights(run / "teacher.pth", model.state_dict())
         return _finish(run, dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
                                  weights="teacher.pth", imagenet_weights=imagenet, converged=summary["converged"],
                                  wall_time_s=summary["time_s"], **evaluate(learn)))
@@ -108,7 +118,9 @@ def _load_weights(path: Path) -> dict:
     "The state dict saved at `path`, weights-only, on the CPU (weights saved on a GPU load anywhere)."
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types on a file that is not a checkpoint (pickle, zip, index errors)
-        raise ValueError(f"{path} is not a PyTorch weights file saved by kd_lib ({type(e).__name__}: {e}).") from e
+        raise ValueError(f"{path} is not a PyTorch weights file saved by kd_lib ({type(e).__name__}): it is corrupt, "
+                         "truncated, or another kind of file. Train it again (delete its run folder first), or pass "
+                         "the right file; never load a file you do not trust with weights_only=False.") from e
 
 
 def load_teacher(path, n_classes: int) -> nn.Module:
@@ -180,14 +192,36 @@ def _teacher_of(c: StudentConfig, out_dir, dls, student: nn.Module) -> tuple:
         raise ValueError(f"The teacher at {tpath} was trained on the classes {theirs}, this run's data has {vocab}: "
                          "a teacher labels its own classes. Train a teacher on this dataset (teacher.ipynb) or "
                          "pass the teacher_path of one.")
+    if record.get("data"): check_no_leak(record["data"], dls, f"The teacher at {tpath}")
+    else: warnings.warn(f"The teacher at {tpath} has no record beside it, so nothing can check that it did not train "
+                        "on this run's valid or test images.")
     check_stage_shapes(student, tchr, dls.split_info["size"])
     if c.channels_last: tchr.to(memory_format=torch.channels_last)
     return tchr, tpath, record
 
 
-def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progress) -> list:
+def _budget(c: StudentConfig, out_dir) -> dict:
+    """For a budget control (`Method.budget_of`), its twin (the run of that method with the same dataset, student,
+    fraction and seed) and the `epochs` the twin used in all, read from its complete record; None otherwise."""
+    of = get_method(c.method).budget_of
+    if not of: return None
+    twin = run_name(dict(c.params(), method=of))
+    if (record := complete_record(run_dir(out_dir, c.dataset, twin))) is None:
+        raise FileNotFoundError(f"{c.method} trains for as many epochs as its {of} twin used: train "
+                                f"{run_dir(out_dir, c.dataset, twin)} first (the runner does, in that order).")
+    return dict(twin=twin, epochs=sum(s["epochs_run"] for s in record["stages"]))
+
+
+def _converged(fits: list):
+    "A run converged when every fit did: False when any did not, None when any could not be judged, else True."
+    flags = [f["converged"] for f in fits]
+    return False if False in flags else None if None in flags else True
+
+
+def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progress, budget: dict = None) -> list:
     """Fit the method's steps not yet done (`progress.json` lists the done ones; the last one's weights are
-    in `stages/`), each from the weights the one before kept; returns every step's summary."""
+    in `stages/`), each from the weights the one before kept, for the configuration's epochs (the `budget`'s, for
+    a budget control); returns every step's summary."""
     progress_path = run / "progress.json"
     steps = (read_json(progress_path) or {}).get("steps", [])
     if steps: model.load_state_dict(_load_weights(run / "stages" / f"{steps[-1]['name']}.pth"))
@@ -203,12 +237,13 @@ def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progr
             seed_everything(step_seed(c.seed, i), learn.dls)
             labels = step.target == "labels"
             tested = dict(test_accuracy=partial(accuracy_of, model, dls.test)) if c.test_each_epoch and labels else None
-            summary = fit(learn, step.name, getattr(c, step.epochs) * method.epochs_factor, c.lr,
+            summary = fit(learn, step.name, budget["epochs"] if budget else getattr(c, step.epochs), c.lr,
                           "accuracy" if labels else "valid_loss", run, one_cycle_lr=c.schedule == "one_cycle",
                           progress=progress, patience=c.patience, extras=tested)
             steps.append({"parts": step.parts, "target": step.target, **summary, **cached})
-            atomic_write(run / "stages" / f"{step.name}.pth", partial(torch.save, model.state_dict()))
+            save_weights(run / "stages" / f"{step.name}.pth", model.state_dict())
             write_json(progress_path, dict(steps=steps))
+            forget_fit(learn, step.name, run)  # only now: a kill before progress.json resumes the finished fit
             if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
     return steps
 
@@ -230,16 +265,19 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     with RunLock(run):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
-                       selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class)
+                       selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
+                       split_seed=c.split_seed)
         seed_everything(c.seed)
         model = resnet(c.student, dls.c)
         tchr, tpath, trecord = _teacher_of(c, out_dir, dls, model)
-        steps = _train_steps(c, run, dls, model, tchr, progress)
+        budget = _budget(c, out_dir)
+        _begin(run, c)
+        steps = _train_steps(c, run, dls, model, tchr, progress, budget)
         scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
         if (unused := dls.unused_dl()) is not None: scores["unused_accuracy"] = round(accuracy_of(model, unused), 4)
         if tchr is not None: scores["feature_mse"] = feature_mse(model, frozen(tchr, dls.device), dls.valid)
-        teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy")}, path=str(tpath)) if tchr \
-            else dict(path=None)
+        teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
+                       path=str(tpath)) if tchr else dict(path=None)
         return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,
-                                 teacher=teacher, converged=all(s["converged"] for s in steps),
+                                 teacher=teacher, converged=_converged(steps), **({"budget": budget} if budget else {}),
                                  wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0) for s in steps), **scores))

@@ -53,7 +53,7 @@ def test_values_are_normalised_and_params_hold_every_field():
     (dict(epochs=0), "at least 1 epoch"),
     (dict(lr=-1e-3), "must be positive"),
     (dict(fraction=0), r"in \(0, 1\]"),
-    (dict(size=0), "at least 8 pixels"),
+    (dict(size=0), "8 to 2048 pixels"),
     (dict(student="resnet11"), "resnet10, resnet14"),
     (dict(method="stagewize"), ", ".join(METHODS)),
     (dict(dataset="folder"), "needs data_path"),

@@ -1,14 +1,18 @@
 """Kept records (results/<profile>/): made by code at a commit in this repository's history, one for each run
 of the profile as it stands, and enough for the profile's chapter, which builds from them."""
 import json
+import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
 import pytest
 
 from kd_lib.records import RECORD
-from kd_lib.runner import ROOT, check_kept, expand, keep_records, kept_profiles, kept_records, run_notebook
+from kd_lib.runner import ROOT, ProfileError, check_kept, expand, keep_records, kept, kept_profiles, kept_records, \
+    run_notebook
+from kd_lib.runner.kept import LOG, MANIFEST, seal
 
 KEPT = kept_profiles()
 
@@ -61,26 +65,86 @@ def test_check_kept_names_each_bad_record(tmp_path):
     _record(tmp_path / "dirty", head, dirty=True)
     _record(tmp_path / "none", None)
     _record(tmp_path / "partial", head, status="running")
+    assert check_kept(tmp_path) == [f"{tmp_path} has no MANIFEST.json: its records are not sealed (the runner seals "
+                                    "what it keeps)"]
+    seal(tmp_path, "x")
     problems = "\n".join(check_kept(tmp_path))
     assert "good" not in problems and len(check_kept(tmp_path)) == 4
     assert "00000000 is not in this repository's history" in problems and "not committed" in problems
     assert "names no commit" in problems and "not a complete record" in problems
 
 
-def test_keep_records_copies_the_records_only(tmp_path):
+def _runs(tmp_path, names=("a/teacher", "a/s1"), **fields) -> list:
+    "Complete run folders (a record and a weights file each) as the runner's jobs name them."
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     runs = []
-    for name in ("a/teacher", "a/s1"):
+    for name in names:
         run = tmp_path / "runs" / name
-        run.mkdir(parents=True)
-        (run / RECORD).write_text(json.dumps(dict(status="complete", params={})))
+        run.mkdir(parents=True, exist_ok=True)
+        (run / RECORD).write_text(json.dumps(dict(status="complete", kind="student", params=dict(seed=0), **fields,
+                                                  versions=dict(code=dict(commit=head, dirty=False)))))
         (run / "teacher.pth").write_bytes(b"weights")
-        runs.append(SimpleNamespace(name=name, run=run))
+        runs.append(SimpleNamespace(name=name, run=run, config=SimpleNamespace(params=lambda: {})))
+    return runs
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    "A stand-in repository root: keep folders land in its results/."
+    monkeypatch.setattr(kept, "ROOT", tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
+    runs = _runs(tmp_path)
     unfinished = tmp_path / "runs" / "a" / "s2"
     unfinished.mkdir()
-    runs.append(SimpleNamespace(name="a/s2", run=unfinished))
-    dest = keep_records(dict(keep=str(tmp_path / "kept")), runs)
+    runs.append(SimpleNamespace(name="a/s2", run=unfinished, config=SimpleNamespace(params=lambda: {})))
+    dest = keep_records(dict(keep="results/x"), runs, verdicts=lambda folder: {"1": "reproduced"})
+    assert dest == repo / "results" / "x"
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
-        ["a/s1/record.json", "a/teacher/record.json"]
+        [MANIFEST, "a/s1/record.json", "a/teacher/record.json", LOG]
+    assert check_kept(dest) == []
+    assert json.loads((dest / LOG).read_text())["sets"][-1]["verdicts"] == {"1": "reproduced"}
+
+
+@pytest.mark.parametrize("keep", ["/tmp/kept-elsewhere", "results", ".", "results/../kd_lib"])
+def test_keep_writes_nowhere_but_a_folder_of_its_own_in_results(keep, tmp_path, repo):
+    "A profile's `keep: /some/folder` once deleted that folder whole and said 'records kept'."
+    with pytest.raises(ProfileError, match="kept records go to a folder of their own inside results/"):
+        keep_records(dict(keep=keep), _runs(tmp_path))
+
+
+def test_keep_deletes_only_the_stale_records_it_wrote(tmp_path, repo):
+    dest = keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/s1", "a/s2")))
+    mine = dest / "notes.txt"
+    mine.write_text("a file of a person's own")
+    keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/s1")))  # a/s2 is no longer a run
+    assert mine.read_text() == "a file of a person's own" and not (dest / "a" / "s2" / RECORD).exists()
+    assert (dest / "a" / "s1" / RECORD).exists() and len(json.loads((dest / LOG).read_text())["sets"]) == 2
+    assert check_kept(dest) == []  # the person's file was there when the folder was sealed again
+
+
+def test_a_forged_or_lost_record_fails_the_check_and_the_chapter_refuses_it(tmp_path):
+    "Changing a kept test accuracy from 67.16 to 99.9, or deleting a record, once left check_kept returning []."
+    copy = Path(shutil.copytree(ROOT / "results" / "cifar10", tmp_path / "kept"))
+    records = kept_records(copy)
+    forged, lost = records[0], records[1]
+    r = json.loads(forged.read_text())
+    r["test_accuracy"] = 99.9
+    forged.write_text(json.dumps(r, indent=1))
+    lost.unlink()
+    (copy / "extra.json").write_text("{}")
+    problems = check_kept(copy)
+    assert f"{forged}: changed since the records were kept" in problems
+    assert f"{lost}: missing (the manifest lists it)" in problems
+    assert f"{copy / 'extra.json'}: not in the manifest (added after the records were kept)" in problems
+    out = run_notebook("cifar10", tmp_path / "chapter.ipynb", threads=1, records_dir=str(copy))
+    texts = {o["metadata"]["scrapbook"]["name"]: o["data"].get("application/papermill.record/text/plain", "")
+             for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs
+             if "scrapbook" in o.get("metadata", {})}
+    assert "refused: the kept records fail their check" in texts["kept_check"] and "99.9" not in str(texts)
+    assert texts["verdict_1"].strip("'\"").startswith("refused")
 
 
 def test_a_record_names_the_commit_of_the_code_that_made_it():

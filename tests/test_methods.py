@@ -23,7 +23,7 @@ def head_only():
 
 def test_the_papers_methods_are_registered_in_display_order():
     assert list(METHODS)[:4] == ["no_teacher", "no_teacher_budget", "simultaneous", "stagewise"]
-    assert METHODS["no_teacher_budget"].epochs_factor == len(METHODS["stagewise"].steps) == 6
+    assert METHODS["no_teacher_budget"].budget_of == "stagewise" and len(METHODS["stagewise"].steps) == 6
     assert [s.name for s in METHODS["stagewise"].steps] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert not METHODS["no_teacher"].needs_teacher and METHODS["stagewise"].needs_teacher
     assert {m for m in METHODS if not METHODS[m].cacheable} == {"simultaneous", "hinton"}

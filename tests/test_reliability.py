@@ -3,9 +3,11 @@ bad settings and wrong files are refused early with a message that names the fix
 run folder at a time, and results stay readable (on another device, by the group)."""
 import errno
 import io
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from kd_lib import runner as rp
 from kd_lib.data import DatasetError, get_data
 from kd_lib.locks import LOCK, RunLock, RunLocked, lock_holder
 from kd_lib.models import resnet, teacher
-from kd_lib.records import DiskFull, atomic_write, read_json, write_json
+from kd_lib.records import CorruptFile, DiskFull, atomic_write, collect, read_json, write_json
 from kd_lib.runner import jobs as runner_jobs
 from kd_lib.runner.cli import main
 from kd_lib.train import train_student, train_teacher
@@ -223,3 +225,172 @@ def test_written_files_are_as_readable_as_the_umask_allows(umask, mode, tmp_path
         os.umask(old)
     assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {mode}
     assert read_json(tmp_path / "r.json") == {}
+
+
+# ---- Nothing lost, nothing forged (issue 20): each test below failed before its fix.
+
+STUDENT = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, method="no_teacher", epochs=2,
+               progress=False)
+KILLED_AFTER_FIT = f"""
+import os, sys, torch
+import kd_lib.train as train
+torch.set_num_threads(1)
+def die(*args, **kwargs): os.kill(os.getpid(), 9)  # the fit is over, its outputs and record not yet written
+if sys.argv[2] == "teacher": train.evaluate = die; train.train_teacher(**{TEACHER!r}, out_dir=sys.argv[1])
+else:
+    real = train.write_json
+    train.write_json = lambda path, obj: die() if path.name == "progress.json" else real(path, obj)
+    train.train_student(**{STUDENT!r}, out_dir=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_a_kill_between_a_fit_and_its_record_keeps_the_fit(kind, tmp_path):
+    "fit() deleted the resume state before the weights and the record were written: the fit was trained again."
+    p = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIT, str(tmp_path / "b"), kind],
+                       env=os.environ | {"KD_PROGRESS": "0"})
+    assert p.returncode == -signal.SIGKILL
+    recipe, args = (train_teacher, TEACHER) if kind == "teacher" else (train_student, STUDENT)
+    with pytest.warns(UserWarning, match="no longer running"): resumed = recipe(**args, out_dir=tmp_path / "b")
+    whole = recipe(**args, out_dir=tmp_path / "a")
+    fit = resumed["stages"][0]
+    assert fit["resumed_after"] == fit["epochs_run"] == args["epochs"]  # no epoch trained again
+    assert fit["history"] == whole["stages"][0]["history"] and resumed["test_accuracy"] == whole["test_accuracy"]
+    assert not list((tmp_path / "b").rglob("*.state.pth")) and not list((tmp_path / "b").rglob("models/*.pth"))
+
+
+def test_a_corrupt_json_names_its_file_and_what_to_do(tmp_path):
+    for text, what in (("", "is empty"), ('{"status": "compl', "is not valid JSON"), ("[1, 2]", "holds a JSON list")):
+        (tmp_path / "record.json").write_text(text)
+        with pytest.raises(CorruptFile, match=f"{tmp_path / 'record.json'} {what}.*delete the run folder {tmp_path}"):
+            read_json(tmp_path / "record.json")
+
+
+def test_the_runner_reports_a_corrupt_run_as_failed_and_goes_on(tmp_path, write_profile, capsys):
+    "A truncated record stopped --dry-run, collect and check_kept with a bare JSONDecodeError naming no file."
+    path = write_profile()
+    jobs = rp.expand(rp.load_profile(path))
+    bad = jobs[1]
+    bad.run.mkdir(parents=True)
+    (bad.run / "record.json").write_text('{"kind": "student", "status": "comp')
+    main(["--profile", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"failed    {bad.name}" in out and f"{bad.run / 'record.json'} is not valid JSON" in out
+    executed = []
+    def execute(job, threads=None, gpu=None):
+        executed.append(job.name)
+        return rp.Outcome("done")
+    with pytest.raises(RuntimeError, match=f"1 of 3 run\\(s\\) failed:\n\\* {bad.name}: .*record.json is not valid"):
+        rp.run_jobs(rp.plan(jobs), stream=io.StringIO(), execute=execute)
+    assert executed == [j.name for j in jobs if j is not bad]
+    with pytest.warns(UserWarning, match="left out of the results: .*record.json is not valid JSON"):
+        assert collect(tmp_path / "runs").empty
+
+
+def test_a_full_disk_in_torchs_own_words_is_said_plainly(tmp_path):
+    "The serializer's 'unexpected pos' (a tmpfs filling up) was not known as a full disk."
+    def write(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1272384 vs 1272280")
+    with pytest.raises(DiskFull, match=f"could not write {tmp_path / 'w.pth'}"): atomic_write(tmp_path / "w.pth", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    "A 40 MB tmpfs (root only: skipped where it cannot be mounted)."
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root); test_a_full_disk_in_torchs_own_words covers the message")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)  # lazily: a closed file may still be referenced
+
+
+def test_a_run_filling_the_disk_stops_with_disk_full_and_leaves_no_half_file(tiny_disk, tiny):
+    "A resnet10's resume state (about 60 MB) does not fit 40 MB: fastai's learn.save left a partial models/all.pth."
+    with pytest.raises(DiskFull, match="The disk is full: could not write .*all"):
+        train_student(**(tiny | dict(method="no_teacher", epochs=1, out_dir=tiny_disk, progress=False)))
+    assert not [p for p in tiny_disk.rglob("*") if p.name.endswith(".tmp")]
+    for p in tiny_disk.rglob("*.pth"): torch.load(p, map_location="cpu", weights_only=True)  # whole, if there
+
+
+def test_atomic_write_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
+    "A rename survives a kill; only a flushed file and folder survive a power loss."
+    from kd_lib import records
+    synced = []
+    monkeypatch.setattr(records, "_fsync", lambda path, directory=False: synced.append((Path(path).parent, directory)))
+    write_json(tmp_path / "r.json", {})
+    assert synced == [(tmp_path, False), (tmp_path.parent, True)]  # the temporary file, then the folder
+
+
+def test_a_reused_pid_is_no_owner(tmp_path):
+    "A lock naming a live unrelated process (pid 1) once made the runner wait for ever."
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / LOCK).write_text(json.dumps(dict(host=socket.gethostname(), pid=1, proc_start=12345, token="x")))
+    assert lock_holder(run) is None  # pid 1 is alive, but it started at another time than the lock's owner
+    with pytest.warns(UserWarning, match="from pid 1 on"), RunLock(run): assert lock_holder(run)["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"host": "h", "pid": "abc"}', "", "{"])
+def test_a_malformed_lock_is_stale_with_a_warning(text, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / LOCK).write_text(text)
+    with pytest.warns(UserWarning, match="not a lock this library wrote"):
+        with RunLock(run): assert lock_holder(run)["pid"] == os.getpid()
+
+
+def test_a_killed_papermill_leaves_the_notebook_as_it_was(tmp_path, monkeypatch):
+    "A runner killed while papermill wrote left a 0-byte book notebook, and `make html` failed on it."
+    out = tmp_path / "figures.ipynb"
+    out.write_text('{"cells": []}')
+    class Killed:  # papermill killed mid-write: an empty output, exit -9
+        def __init__(self, cmd, **kwargs): Path(cmd[4]).write_text("")
+        def wait(self): return -9
+    monkeypatch.setattr(runner_jobs.subprocess, "Popen", Killed)
+    with pytest.raises(RuntimeError, match="exit -9"): runner_jobs.run_notebook("figures", out, log=tmp_path / "l")
+    assert out.read_text() == '{"cells": []}' and sorted(p.name for p in tmp_path.iterdir()) == ["figures.ipynb", "l"]
+
+
+def test_an_interrupted_runner_kills_papermill_at_once(tmp_path, monkeypatch):
+    killed = []
+    class Interrupted:
+        def __init__(self, cmd, **kwargs): self.new_session = kwargs.get("start_new_session")
+        def wait(self):
+            if not killed: raise KeyboardInterrupt
+            return -9
+        def kill(self): killed.append(self.new_session)
+    monkeypatch.setattr(runner_jobs.subprocess, "Popen", Interrupted)
+    with pytest.raises(KeyboardInterrupt): runner_jobs.run_notebook("figures", tmp_path / "o.ipynb", log=tmp_path / "l")
+    assert killed == [True] and not (tmp_path / "o.ipynb").exists()
+
+
+def test_records_name_data_by_a_path_relative_to_the_data_root(tmp_path, kd_data):
+    assert get_data("digits", size=16, bs=32).split_info["path"] == "digits"
+    root = _jpeg_tree(tmp_path / "mine")  # a folder of the user's own, outside the data root: as given
+    assert get_data("folder", root, size=16, bs=4).split_info["path"] == str(root)
+    from kd_lib.records import versions
+    assert "/" not in versions()["argv"][0]
+
+
+def test_a_corrupt_teacher_says_to_train_it_again(tmp_path, tiny):
+    bad = tmp_path / "teacher.pth"
+    torch.save(teacher(10, pretrained=False).state_dict(), bad)
+    bad.write_bytes(bad.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt, truncated.*Train it again") as e:
+        train_student(**(tiny | dict(method="stagewise", epochs=1, out_dir=tmp_path, teacher_path=bad)))
+    assert "Re-running `torch.load`" not in str(e.value)
+    assert not [p for p in (tmp_path / "digits").rglob("*") if p.is_file()]  # refused before anything was written
+
+
+def test_an_image_replaced_by_one_of_the_same_size_and_time_is_checked_again(tmp_path):
+    "The unreadable-image memo was keyed on size and modification time only."
+    root = _jpeg_tree(tmp_path / "t")
+    get_data("folder", root, size=16, bs=4)
+    img = root / "train" / "a" / "1.jpg"
+    data, stat = img.read_bytes(), img.stat()
+    img.write_bytes(data[:600] + b"\0" * (len(data) - 600))  # same size, truncated content
+    os.utime(img, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DatasetError, match="train/a/1.jpg"): get_data("folder", root, size=16, bs=4)

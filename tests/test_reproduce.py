@@ -19,7 +19,7 @@ TINY = dict(name="tiny", datasets=[dict(
     teacher=dict(epochs=1, pretrained=False),
     students=[dict(student=["resnet10", "resnet14"], method=["no_teacher", "stagewise"], fraction=1.0, seed=[0, 1],
                    epochs=1),
-              dict(student="resnet10", method=["stagewise", "no_teacher"], fraction=[0.25, 1.0], seed=0, epochs=1)])])
+              dict(student="resnet10", method=["stagewise", "no_teacher"], fraction=0.25, seed=0, epochs=1)])])
 
 
 def tiny(tmp_path, **changes) -> dict:
@@ -52,7 +52,7 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
              for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 14, "digits": 54, "cifar10": 21, "paper": 75}
+    assert count == {"smoke": 14, "digits": 54, "cifar10": 35, "paper": 75}
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
     assert students == {"resnet10", "resnet18", "resnet26"}
@@ -63,10 +63,10 @@ def test_shipped_profile_sizes():
     assert small == {"no_teacher", "no_teacher_budget", "stagewise"}
 
 
-def test_expand_is_the_product_of_the_lists_without_duplicates(tmp_path):
+def test_expand_is_the_product_of_the_lists(tmp_path):
     jobs = rp.expand(tiny(tmp_path))
     students = [j for j in jobs if j.kind == "student"]
-    # 2 students x 2 methods x 2 seeds, then resnet10 x 2 methods x 2 fractions of which 2 runs repeat
+    # 2 students x 2 methods x 2 seeds, then resnet10 x 2 methods at a quarter
     assert len(students) == 8 + 2
     assert jobs[0].name == "digits/teacher" and jobs[0].run == tmp_path / "runs" / "digits" / "teacher"
     assert jobs[0].params["out_dir"] == str(tmp_path / "runs") and jobs[0].out_dir == tmp_path / "runs"
@@ -77,6 +77,40 @@ def test_expand_is_the_product_of_the_lists_without_duplicates(tmp_path):
     assert set(j.params) == set(StudentConfig.names()) | {"out_dir"}
     assert j.output == tmp_path / "runs" / "notebooks" / "digits" / "resnet10-stagewise-f0.25-s0.ipynb"
     assert jobs[0].params["pretrained"] is False and "student" not in jobs[0].params
+
+
+def test_a_run_made_twice_is_an_error_naming_both_groups(tmp_path):
+    "Two groups making one run name were once merged without a word: the first group's settings trained."
+    second = dict(student="resnet10", method="no_teacher", fraction=1.0, seed=0, epochs=5, schedule="one_cycle")
+    prof = tiny(tmp_path, datasets=[dict(TINY["datasets"][0], students=TINY["datasets"][0]["students"] + [second])])
+    with pytest.raises(rp.ProfileError, match="student groups 1 and 3 both make the run "
+                                              "digits/resnet10-no_teacher-f1-s0"):
+        rp.expand(prof)
+    twice = dict(student="resnet10", method="no_teacher", fraction=0.5, seed=[3, 3])
+    with pytest.raises(rp.ProfileError, match="group 3 lists the run digits/resnet10-no_teacher-f0.5-s3 twice"):
+        rp.expand(tiny(tmp_path, datasets=[dict(TINY["datasets"][0],
+                                                students=TINY["datasets"][0]["students"] + [twice])]))
+
+
+def test_a_budget_control_needs_its_twin_and_waits_for_it(tmp_path):
+    group = dict(student="resnet10", method="no_teacher_budget", fraction=0.25, seed=0, schedule="one_cycle")
+    jobs = rp.plan(rp.expand(tiny(tmp_path, datasets=[dict(TINY["datasets"][0],
+                                                           students=TINY["datasets"][0]["students"] + [group])])))
+    budget = jobs[-1]
+    assert budget.after == ["digits/resnet10-stagewise-f0.25-s0"]  # no teacher: it waits for its twin only
+    order = []
+    rp.run_jobs(jobs, n_jobs=1, stream=io.StringIO(), execute=fake_execute(order))
+    starts = [n for n, e in order if e == "start"]
+    assert starts.index(budget.name) > starts.index("digits/resnet10-stagewise-f0.25-s0")
+    orphan = dict(group, fraction=0.5)
+    with pytest.raises(rp.ProfileError, match="spends the budget of digits/resnet10-stagewise-f0.5-s0, which the "
+                                              "profile does not run"):
+        rp.expand(tiny(tmp_path, datasets=[dict(TINY["datasets"][0], students=[orphan])]))
+    jobs = rp.plan(rp.expand(tiny(tmp_path, datasets=[dict(TINY["datasets"][0],
+                                                           students=TINY["datasets"][0]["students"] + [group])])))
+    with pytest.raises(RuntimeError, match="resnet10-no_teacher_budget-f0.25-s0: not started: its budget twin "
+                                           "digits/resnet10-stagewise-f0.25-s0 failed"):
+        rp.run_jobs(jobs, stream=io.StringIO(), execute=fake_execute([], fail={"digits/resnet10-stagewise-f0.25-s0"}))
 
 
 def test_profile_errors(tmp_path):
@@ -202,12 +236,37 @@ def test_a_profile_may_set_every_configuration_field(tmp_path):
     (dict(datasets=[dict(dataset="digits", students=None)]), "one or more groups"),
     (dict(datasets=[dict(dataset="digits", students=[])]), "one or more groups"),
     (dict(example=dict(student="resnet99")), "example .* matches none of its runs"),
+    (dict(example="stagewise"), "example='stagewise': example takes a mapping"),
+    (dict(example=dict(studnet="resnet10")), r"example: unknown key\(s\) \['studnet'\]"),
+    (dict(out_dir=5), "out_dir=5: out_dir takes a folder path"),
+    (dict(jobs="two"), "jobs='two': jobs takes a whole number"),
+    (dict(jobs=0), "jobs=0: jobs takes a whole number"),
+    (dict(name=["a", "b"]), "name=.*: name takes a name"),
+    (dict(keep="/tmp/anywhere"), "keep='/tmp/anywhere': kept records go to a folder of their own inside results/"),
+    (dict(keep="results"), "keep='results': kept records go"),
+    (dict(keep="."), "keep='.': kept records go"),
+    (dict(keep="results/../kd_lib"), "keep='results/../kd_lib': kept records go"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(seed=2**62)])]), "seed=4611686018427387904: seeds are "
+                                                                            "whole numbers from 0 to 4294967295"),
+    (dict(datasets=[dict(dataset="digits", students=[dict(size=10000)])]), "size=10000: give an image side of 8 to "
+                                                                           "2048"),
 ])
 def test_bad_settings_are_refused_by_the_dry_run_with_their_place(change, match, tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(dict(TINY, out_dir=str(tmp_path / "runs"), **change)))
+    path.write_text(yaml.safe_dump(dict(TINY, **{"out_dir": str(tmp_path / "runs"), **change})))
     with pytest.raises(SystemExit, match=match): main(["--profile", str(path), "--dry-run"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_key_given_twice_and_a_billion_laughs_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"name: tiny\nout_dir: {tmp_path / 'runs'}\njobs: 1\njobs: 2\ndatasets: [{{dataset: digits, "
+                    "students: [{}]}]\n")
+    with pytest.raises(rp.ProfileError, match="the key 'jobs' is given twice"): rp.load_profile(path)
+    laughs = "\n".join([f"a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\nname: *a8\ndatasets: []\n"
+    path.write_text(laughs)
+    with pytest.raises(rp.ProfileError, match="more than 20 aliases"): rp.load_profile(path)
 
 
 def test_jobs_below_one_is_refused(capsys):

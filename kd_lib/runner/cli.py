@@ -42,7 +42,7 @@ def main(argv=None) -> None:
               "Move them away, or give the profile another out_dir, to show the profile's runs only.",
               file=sys.stderr)
     if args.dry_run:
-        for j in jobs: print(f"{j.status:9} {j.name}  {j.config.changed()}")
+        for j in jobs: print(f"{j.status:9} {j.name}  {j.config.changed()}" + (f"\n          {j.error}" if j.error else ""))
         todo = [j for j in jobs if j.status == "todo"]
         print(f"{len(jobs)} runs, {len(todo)} to run", file=sys.stderr)
         return

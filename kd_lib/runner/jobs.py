@@ -1,11 +1,13 @@
 """Jobs: each run of a profile is one papermill execution of a notebook in a kernel of its own (`run_notebook`);
 `run_jobs` runs them a few at a time, teachers before the students that distil them, with progress on stderr."""
+import json
 import os
 import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,25 +54,44 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError): pass
 
 
+def _whole(path: Path) -> bool:
+    "Whether `path` holds a whole notebook (JSON that parses), not one cut off while it was written."
+    try: return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError): return False
+
+
 def run_notebook(name: str, out: Path, threads: int = None, log: Path = None, gpu: str = None, lock: str = None,
                  **parameters) -> Path:
     """Execute `notebooks/<name>.ipynb` with `parameters` into `out` with papermill, in a kernel of its own
     (`threads` torch threads, all cores by default; `gpu`: the one GPU it sees), from the repository root;
     returns `out`. `lock`: the token of the run-folder lock the caller holds, handed to the kernel. Papermill
-    dies with the calling thread, and its kernel with it. On failure raises `RuntimeError` naming the executed
-    notebook (which shows the failing cell) and the log."""
+    writes a temporary file that replaces `out` once it has finished, so a killed run never leaves a half (or
+    empty) notebook; it runs in a session of its own, is killed at once when the caller is interrupted, and dies
+    with the calling thread (its kernel with it). On failure raises `RuntimeError` naming the executed notebook
+    (which shows the failing cell) and the log."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"): stale.unlink(missing_ok=True)  # left by a killed run
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     log = Path(log) if log else out.with_suffix(".log")
-    cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS / f"{name}.ipynb"), str(out), "--cwd", str(ROOT),
+    cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS / f"{name}.ipynb"), str(tmp), "--cwd", str(ROOT),
            "-k", "python3", "--no-progress-bar", "--log-level", "WARNING", "-y", yaml.safe_dump(parameters)]
     env = kernel_env(threads or _cores(), gpu)
     if lock: env[INHERIT] = lock
     with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=_die_with_parent)
-    if r.returncode != 0:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                             preexec_fn=_die_with_parent)
+        try: code = p.wait()
+        except BaseException:  # Ctrl-C or a signal: papermill goes now, not after it has saved a notebook
+            p.kill()
+            p.wait()
+            tmp.unlink(missing_ok=True)
+            raise
+    if _whole(tmp): os.replace(tmp, out)  # papermill saves what ran, failed cells too
+    tmp.unlink(missing_ok=True)
+    if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-        raise RuntimeError(f"papermill failed on notebooks/{name}.ipynb (exit {r.returncode}); executed notebook: "
+        raise RuntimeError(f"papermill failed on notebooks/{name}.ipynb (exit {code}); executed notebook: "
                            f"{out}, log: {log}\n{tail}")
     return out
 
@@ -151,8 +172,8 @@ def _result(future) -> Outcome:
 
 def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: float = 5.0, executor=None) -> list:
     """Run the `todo` jobs on `executor` (default: a `LocalExecutor` of `n_jobs` runs at once), in order,
-    except that a student which distils a teacher is submitted only once its dataset's teacher is complete
-    (no_teacher runs and other datasets need not wait), and that a run folder another process is training
+    except that a job is submitted only once the jobs it waits for (`Job.after`: a distilling student's teacher, a
+    budget control's twin) are complete (no_teacher runs and other datasets need not wait), and that a run folder another process is training
     (its lock held) is passed over, checked every `poll_s` seconds, and not trained again if that process
     completed it. `execute(job, threads=, gpu=)` runs one job where the executor puts it and returns an
     `Outcome` (default: `run_job`, papermill). A job whose run fails, or whose worker is lost for good, is
@@ -164,21 +185,24 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
     progress = Progress(jobs, stream, executor.slots, executor.verb)
     n_done = sum(j.status == "complete" for j in jobs)
     progress.say(f"{len(jobs)} runs: {n_done} complete already, {len(jobs) - n_done} to run, on {executor}")
-    teacher = {j.config.dataset: ("done" if j.status == "complete" else "todo") for j in jobs if j.kind == "teacher"}
+    status = {j.name: j.status for j in jobs}  # a job waits until every job of its `after` is complete or done
     pending, waiting, running, finished = [j for j in jobs if j.status == "todo"], set(), {}, queue.SimpleQueue()
 
     def settle(j: Job, outcome: Outcome) -> None:
         j.status, j.seconds, j.error = outcome.status, outcome.seconds, outcome.error
+        status[j.name] = j.status
         progress.finish(j, outcome.host)
-        if j.kind == "teacher": teacher[j.config.dataset] = "failed" if j.status == "failed" else "done"
 
     def submit_ready() -> None:
         for j in list(pending):
-            if j.needs_teacher and teacher.get(j.config.dataset, "done") == "failed":
+            after = [status.get(a, "done") for a in j.after]  # one not in `jobs` is taken as done
+            if failed := [a for a, st in zip(j.after, after) if st == "failed"]:
                 pending.remove(j)
-                settle(j, Outcome("failed", error=f"not started: the teacher of {j.config.dataset} failed"))
+                what = f"the teacher of {j.config.dataset}" if failed[0].endswith("/teacher") else \
+                    f"its budget twin {failed[0]}"
+                settle(j, Outcome("failed", error=f"not started: {what} failed"))
             elif not executor.queues and len(running) >= executor.slots: return
-            elif j.needs_teacher and teacher.get(j.config.dataset, "done") != "done": continue
+            elif any(st not in ("done", "complete") for st in after): continue
             elif (owner := lock_holder(j.run)) is not None:
                 if j.name not in waiting:
                     waiting.add(j.name)

@@ -9,16 +9,18 @@ import yaml
 
 from ..config import StudentConfig, TeacherConfig
 from ..methods import get_method
-from ..records import RECORD, complete_record, recorded_params
+from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
 
-__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "ProfileError", "RunConflict", "Job", "profiles",
+__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "ProfileError", "RunConflict", "Job", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "shown"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
-_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep"}  # the keys of a profile
+_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep", "margin"}  # the keys of a profile
+KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one of the repository
+MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
 _START_COST = 2.0  # a kernel's start, imports and figures, in units of one no_teacher epoch of resnet10
 
@@ -56,6 +58,15 @@ class Job:
         return dict(self.config.as_dict(), out_dir=shown(self.out_dir))
 
     @property
+    def after(self) -> list:
+        """The names of the jobs this one waits for: its dataset's teacher (a student that distils it) and its budget
+        twin (a budget control, `Method.budget_of`)."""
+        if self.kind == "teacher": return []
+        c, of = self.config, get_method(self.config.method).budget_of
+        return ([f"{c.dataset}/teacher"] if self.needs_teacher else []) + \
+            ([f"{c.dataset}/{run_name(dict(c.params(), method=of))}"] if of else [])
+
+    @property
     def needs_teacher(self) -> bool:
         "A student that distils its dataset's default teacher, so waits for it."
         return self.kind == "student" and get_method(self.config.method).needs_teacher \
@@ -82,19 +93,61 @@ def _unknown(where: str, keys, known) -> None:
         raise ProfileError(f"{where}: unknown key(s) {bad}; the keys here are {', '.join(sorted(known))}.")
 
 
+class _Loader(yaml.SafeLoader):
+    "YAML's safe loader that refuses a key given twice in one mapping, and more than `MAX_ALIASES` aliases."
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name): a profile needs few, and many can "
+                                     "expand without bound")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen: raise yaml.YAMLError(f"the key {key!r} is given twice in one mapping{k.start_mark}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _typed(where: str, prof: dict) -> None:
+    "Check the types of a profile's top-level values, naming the key and what it takes."
+    wants = dict(name=(str, "a name"), description=(str, "a line of text"), out_dir=(str, "a folder path"),
+                 keep=(str, f"a folder inside {KEPT_ROOT}/"), example=(dict, "a mapping of run settings, e.g. "
+                 "{dataset: digits, student: resnet10, method: stagewise, fraction: 1.0, seed: 0}"),
+                 jobs=(int, "a whole number of runs at once, 1 or more"),
+                 margin=((int, float), "a number of accuracy points, more than 0"))
+    for key, (t, what) in wants.items():
+        v = prof.get(key)
+        if v is None: continue
+        if not isinstance(v, t) or isinstance(v, bool) or (key in ("jobs", "margin") and v <= 0):
+            raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
+    if (bad := set(prof.get("example") or {}) - set(StudentConfig.names())):
+        raise ProfileError(f"{where}: example: unknown key(s) {sorted(bad)}; it names a run by its settings.")
+    if (keep := prof.get("keep")) is not None:
+        inside = (ROOT / keep).resolve()
+        if Path(keep).is_absolute() or inside == (ROOT / KEPT_ROOT).resolve() or \
+                (ROOT / KEPT_ROOT).resolve() not in inside.parents:
+            raise ProfileError(f"{where}: keep={keep!r}: kept records go to a folder of their own inside "
+                               f"{KEPT_ROOT}/ of the repository (e.g. {KEPT_ROOT}/<profile>), nowhere else.")
+
+
 def load_profile(profile) -> dict:
     """The profile `profile`: the name of one in `kd_lib/profiles/` (smoke, digits, paper) or the path of a
-    YAML file, its keys checked (`expand` checks the settings); `name` defaults to the file's stem and
-    `out_dir` to `runs/<name>`."""
+    YAML file, its keys and their types checked (`expand` checks the settings); `name` defaults to the file's
+    stem and `out_dir` to `runs/<name>`. A key given twice, or many YAML aliases, are errors."""
     path = Path(profile)
     if not (path.suffix in (".yaml", ".yml") or path.exists()): path = PROFILES / f"{profile}.yaml"
     if not path.is_file():
         raise ProfileError(f"No profile {profile!r}: choose one of {', '.join(profiles())} "
                            f"(kd_lib/profiles/) or give the path of a YAML file.")
-    try: prof = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise ProfileError(f"{path} is not valid YAML: {e}") from e
+    try: prof = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 -- a SafeLoader
+    except yaml.YAMLError as e: raise ProfileError(f"{path} is not a valid profile: {e}") from e
     if not isinstance(prof, dict): raise ProfileError(f"{path}: a profile is a YAML mapping.")
     _unknown(str(path), prof, _TOP)
+    _typed(str(path), prof)
     prof.setdefault("name", path.stem)
     prof.setdefault("out_dir", f"runs/{prof['name']}")
     prof["path"] = str(path)
@@ -129,11 +182,12 @@ def _config(cls, settings: dict, where: str):
 
 def expand(prof: dict, out_dir=None) -> list:
     """The profile's jobs in order: each dataset's teacher, then every student run of every group (the
-    product of the group's `student`, `method`, `fraction` and `seed` lists), duplicates dropped. Every
-    run's settings are checked by its configuration: a bad one is a `ProfileError` naming its place."""
+    product of the group's `student`, `method`, `fraction` and `seed` lists). Every run's settings are checked by
+    its configuration: a bad one is a `ProfileError` naming its place, as is a run that two groups (or one list
+    twice) make, and a budget control whose twin the profile does not run."""
     out = Path(out_dir or prof["out_dir"])
     out = out if out.is_absolute() else ROOT / out
-    teachers, students, seen = [], [], set()
+    teachers, students, seen = [], [], {}
     defaults = StudentConfig.defaults()
 
     def job(config):
@@ -150,9 +204,18 @@ def expand(prof: dict, out_dir=None) -> list:
             for combo in itertools.product(*lists):
                 settings = dict(base, **{k: v for k, v in g.items() if k not in EXPANDED}, **dict(zip(EXPANDED, combo)))
                 j = job(_config(StudentConfig, settings, f"{where}, student group {i + 1}"))
-                if j.name not in seen:
-                    seen.add(j.name)
-                    students.append(j)
+                if j.name in seen:
+                    raise ProfileError(f"{where}: student groups {seen[j.name]} and {i + 1} both make the run "
+                                       f"{j.name}, which can have one set of settings: remove it from one of them."
+                                       if seen[j.name] != i + 1 else f"{where}, student group {i + 1} lists the run "
+                                       f"{j.name} twice (a value repeated in a list).")
+                seen[j.name] = i + 1
+                students.append(j)
+    names = {j.name for j in teachers + students}
+    for j in students:
+        if missing := [a for a in j.after if a not in names and not a.endswith("/teacher")]:
+            raise ProfileError(f"{prof['path']}: {j.name} spends the budget of {missing[0]}, which the profile does "
+                               "not run: add that run, or remove this one.")
     return teachers + students
 
 
@@ -164,14 +227,18 @@ def shown(path: Path) -> str:
 
 def plan(jobs: list) -> list:
     """Mark each job `complete` when its run folder holds a complete record with the job's parameters
-    (it is not started again), else `todo`; raise `RunConflict` when a folder holds other parameters."""
+    (it is not started again), `failed` (with its `error`) when a file of its folder is corrupt, else `todo`;
+    raise `RunConflict` when a folder holds other parameters."""
     bad = []
     for j in jobs:
-        params = recorded_params(j.run)
-        if params is not None and (c := j.config.conflicts(params)):
-            bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
-            continue
-        j.status = "complete" if complete_record(j.run) is not None else "todo"
+        try:
+            params = recorded_params(j.run)
+            if params is not None and (c := j.config.conflicts(params)):
+                bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
+                continue
+            j.status = "complete" if complete_record(j.run) is not None else "todo"
+        except CorruptFile as e:  # reported as this run's failure; the others go on
+            j.status, j.error = "failed", str(e)
     if bad:
         raise RunConflict("These run folders hold runs with other parameters than the profile's:\n  "
                           + "\n  ".join(bad) + "\nDelete them, or give the profile another out_dir.")
