@@ -1,12 +1,20 @@
-"""The paper's four claims, each checked by a stated rule on paired runs, with its uncertainty.
+"""The paper's claims, each checked by a stated rule on paired runs, with its uncertainty.
 
-Runs are paired when they share dataset, student and seed (so the same split and the same sampled
-fraction): each claim is a mean over such pairs of a difference of test accuracies, with a 95% t-interval
-over the pairs. A verdict is `reproduced` when the interval lies on the claim's side of its threshold,
-`not reproduced` when it lies on the other side, and `inconclusive` when it straddles it, when there are
-fewer than two pairs, or when fewer than `MIN_CONVERGED` of the runs involved converged (an unconverged
-run is not evidence). "No teacher" is the stronger of the two no-teacher baselines present at each dataset
-and fraction: `no_teacher` (the paper's) and `no_teacher_budget` (as many optimizer steps as stagewise).
+Runs are paired when they share dataset, student and seed (so the same split and the same sampled fraction); a
+pair holds one run of each method, never two runs of other settings averaged. Each claim is a mean over pairs of
+a difference of test accuracies, with a 95% t-interval over the pairs (`SHARED_RULE`). A verdict is `reproduced`
+when the interval lies on the claim's side of its threshold, `not reproduced` when it lies on the other side, and
+`inconclusive` when it touches or crosses it, when there are fewer than two pairs, when fewer than
+`MIN_CONVERGED` of the student runs involved converged or their convergence is unknown, or when the teacher they
+distil did not converge (an unconverged run is not evidence). Claim 2's second part is an equivalence test: the
+90% interval of simultaneous minus no teacher within the profile's `margin` (two one-sided tests at 5%).
+
+"No teacher" is the stronger of the two no-teacher baselines present at each dataset and fraction: `no_teacher`
+(the paper's, early-stopped) and `no_teacher_budget` (trained for as many epochs as its stagewise twin used). Two
+baselines whose records are identical are an error (`IdenticalArms`): one of them never ran. Claim 4 adds the
+teacher's own uncertainty (the binomial standard error of its test accuracy) to the interval; claim 3 is also
+reported as the share of the teacher's gap over the baseline that stagewise closes. The verdicts are not corrected
+for multiplicity: each interval is at 95% on its own.
 """
 import numpy as np
 import pandas as pd
@@ -14,13 +22,24 @@ from scipy import stats
 
 from .results import PAPER_DATASETS, fraction_label, paper_as_records
 
-__all__ = ["BASELINES", "MIN_CONVERGED", "LEVEL", "paired", "interval", "verdict", "stronger_baseline", "claims",
-           "verdicts"]
+__all__ = ["BASELINES", "MIN_CONVERGED", "LEVEL", "MARGIN", "SHARED_RULE", "IdenticalArms", "paired", "interval",
+           "verdict", "equivalence", "stronger_baseline", "check_arms", "claims", "verdicts"]
 
 BASELINES = ("no_teacher", "no_teacher_budget")
-MIN_CONVERGED = 0.9  # the least share of converged runs a verdict other than inconclusive needs
+MIN_CONVERGED = 0.9  # the least share of converged student runs a verdict other than inconclusive needs
 LEVEL = 0.95
+MARGIN = 2.0  # claim 2's equivalence margin (points) where a profile states none
 PAIR = ["dataset", "student", "seed"]
+SHARED_RULE = ("Runs are paired by student and seed (same split, same sampled fraction), one run of each method per "
+               "pair. Each claim is a mean difference of test accuracies over the pairs, with its 95% t-interval. "
+               "Reproduced: the interval lies wholly on the claim's side of its threshold; not reproduced: wholly on "
+               "the other side; inconclusive: it touches or crosses the threshold, or fewer than 2 pairs, or fewer "
+               f"than {MIN_CONVERGED:.0%} of the student runs converged (or their convergence is unknown), or the "
+               "teacher did not converge. Verdicts are not corrected for multiplicity.")
+
+
+class IdenticalArms(ValueError):
+    "Two arms that should differ gave identical records: one of them never ran."
 
 
 def _students(records: pd.DataFrame, dataset: str, fraction: float) -> pd.DataFrame:
@@ -32,35 +51,60 @@ def _students(records: pd.DataFrame, dataset: str, fraction: float) -> pd.DataFr
 def paired(records: pd.DataFrame, dataset: str, fraction: float, methods: list,
            metric: str = "test_accuracy") -> pd.DataFrame:
     """One row per student and seed that every one of `methods` ran at `dataset` and `fraction`: a column of
-    `metric` per method, and `converged`, the number of those runs that converged (None where unrecorded)."""
+    `metric` per method, and `converged`, the number of those runs that converged (NaN when any is unknown). A
+    method run twice for one pair (two records of other settings) is a ValueError: pairs are never averaged."""
     s = _students(records, dataset, fraction)
     s = s[s["method"].isin(methods)]
     if s.empty: return pd.DataFrame(columns=PAIR + list(methods) + ["converged"])
-    wide = s.pivot_table(index=PAIR, columns="method", values=metric, aggfunc="mean")
-    wide = wide.reindex(columns=list(methods)).dropna()
-    conv = s.assign(c=s["converged"].astype(float) if "converged" in s else np.nan) \
-        .pivot_table(index=PAIR, columns="method", values="c", aggfunc="mean", dropna=False)
-    wide["converged"] = conv.reindex(index=wide.index, columns=list(methods)).sum(axis=1, min_count=1)
+    if (twice := s.groupby(PAIR + ["method"]).size()).max() > 1:
+        key = twice[twice > 1].index[0]
+        raise ValueError(f"{key[3]} ran {twice.max()} times for {dict(zip(PAIR, key[:3]))} at fraction {fraction} "
+                         "(records of other settings in one folder?): a pair holds one run of each method. Keep one "
+                         "profile's records per folder.")
+    wide = s.pivot(index=PAIR, columns="method", values=metric).reindex(columns=list(methods)).dropna()
+    conv = s.assign(c=s["converged"].map(lambda v: np.nan if v is None or v != v else float(bool(v)))
+                    if "converged" in s else np.nan).pivot(index=PAIR, columns="method", values="c")
+    wide["converged"] = conv.reindex(index=wide.index, columns=list(methods)).sum(axis=1, min_count=len(methods))
     return wide.reset_index()
 
 
-def interval(d, level: float = LEVEL) -> tuple:
-    "(mean, low, high, n) of the differences `d`: a `level` t-interval for their mean (infinite for one pair)."
+def interval(d, level: float = LEVEL, extra_se: float = 0.0) -> tuple:
+    """(mean, low, high, n) of the differences `d`: a `level` t-interval for their mean (infinite for one pair),
+    widened by `extra_se`, the standard error of a term every pair shares (the teacher's accuracy, say)."""
     d = np.asarray(d, dtype=float)
     n = len(d)
     if n == 0: return np.nan, np.nan, np.nan, 0
     if n == 1: return float(d[0]), -np.inf, np.inf, 1
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * np.sqrt(d.var(ddof=1) / n + extra_se ** 2)
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), n
 
 
-def verdict(low: float, high: float, threshold: float = 0.0, above: bool = True, converged: float = 1.0) -> str:
+def _gated(converged: float, teacher_converged) -> bool:
+    "Whether the runs behind a verdict may give one: enough student runs converged, and the teacher did."
+    return bool(np.isfinite(converged) and converged >= MIN_CONVERGED and teacher_converged is True)
+
+
+def verdict(low: float, high: float, threshold: float = 0.0, above: bool = True, converged: float = 1.0,
+            teacher_converged=True) -> str:
     """'reproduced' when the interval [low, high] is above `threshold` (below it when not `above`), 'not
-    reproduced' when on the other side, else (or with a `converged` share under `MIN_CONVERGED`) 'inconclusive'."""
-    if not np.isfinite(low) or not np.isfinite(high) or (np.isfinite(converged) and converged < MIN_CONVERGED):
+    reproduced' when on the other side, else 'inconclusive' (touching the threshold included); always
+    'inconclusive' when the `converged` share is under `MIN_CONVERGED` or unknown (NaN), or when the teacher's
+    convergence is not True."""
+    if not np.isfinite(low) or not np.isfinite(high) or not _gated(converged, teacher_converged):
         return "inconclusive"
     if (low > threshold) if above else (high < threshold): return "reproduced"
     if (high < threshold) if above else (low > threshold): return "not reproduced"
+    return "inconclusive"
+
+
+def equivalence(low: float, high: float, margin: float, converged: float = 1.0, teacher_converged=True) -> str:
+    """An equivalence verdict on a 90% interval [low, high] (two one-sided tests at 5%): 'reproduced' when it lies
+    within (-`margin`, `margin`), 'not reproduced' when it lies wholly beyond one of them, else 'inconclusive'
+    (also under the same convergence gate as `verdict`)."""
+    if not np.isfinite(low) or not np.isfinite(high) or not _gated(converged, teacher_converged):
+        return "inconclusive"
+    if -margin < low and high < margin: return "reproduced"
+    if low >= margin or high <= -margin: return "not reproduced"
     return "inconclusive"
 
 
@@ -71,35 +115,69 @@ def stronger_baseline(records: pd.DataFrame, dataset: str, fraction: float, metr
     return None if means.empty else str(means.idxmax())
 
 
+def check_arms(records: pd.DataFrame, arms=BASELINES) -> None:
+    """Raise `IdenticalArms` when two `arms` of one dataset, fraction, student and seed have identical records
+    (the same curve, epochs and accuracies): a control that gives its twin's record never ran."""
+    cols = ["curve", "epochs_run", "valid_accuracy", "test_accuracy"]
+    if records is None or records.empty or not set(cols) <= set(records): return
+    s = records[(records["kind"] == "student") & records["method"].isin(arms)]
+    for key, g in s.groupby(["dataset", "fraction", "student", "seed"]):
+        if len(g) > 1 and len(g[cols].drop_duplicates()) < len(g):
+            raise IdenticalArms(f"{' and '.join(g['method'])} of {dict(zip(['dataset', 'fraction', 'student', 'seed'], key))} "
+                                f"have identical records ({g['epochs_run'].iloc[0]} epochs, test accuracy "
+                                f"{g['test_accuracy'].iloc[0]}): one of them never ran, so it controls nothing. "
+                                f"Look at {g['record'].iloc[-1]}.")
+
+
 def _share(pairs: pd.DataFrame, runs_per_pair: int) -> float:
-    "The share of the runs of `pairs` that converged (NaN when no run recorded it)."
+    "The share of the runs of `pairs` that converged (NaN when any run's convergence is unknown)."
     c = pairs["converged"].astype(float)
-    return float(c.sum() / (runs_per_pair * len(pairs))) if len(pairs) and c.notna().any() else np.nan
+    return float(c.sum() / (runs_per_pair * len(pairs))) if len(pairs) and c.notna().all() else np.nan
+
+
+def _teacher(r: pd.DataFrame, ds: str, metric: str) -> tuple:
+    "The teacher's `metric`, its binomial standard error (points) and whether it converged; (None, 0, None) if none."
+    t = r[(r["kind"] == "teacher") & (r["dataset"] == ds)] if len(r) and "kind" in r else pd.DataFrame()
+    if t.empty: return None, 0.0, None
+    acc = float(t[metric].mean())
+    n = float(t["n_test"].iloc[0]) if "n_test" in t and pd.notna(t["n_test"].iloc[0]) else np.nan
+    se = 100 * np.sqrt(acc / 100 * (1 - acc / 100) / n) / np.sqrt(len(t)) if np.isfinite(n) else 0.0
+    conv = t["converged"] if "converged" in t else pd.Series([None])
+    return acc, float(se), (True if conv.map(lambda v: v is True or v == 1.0).all() else
+                            False if conv.map(lambda v: v is False or v == 0.0).any() else None)
 
 
 def _fmt(mean, low, high, n) -> str:
     if n == 0: return "n/a"
-    ci = f" [{low:+.1f}, {high:+.1f}]" if np.isfinite(low) else " (one pair: no interval)"
-    return f"{mean:+.1f}{ci} over {n} pair{'s' * (n != 1)}"
+    ci = f" [{low:+.2f}, {high:+.2f}]" if np.isfinite(low) else " (one pair: no interval)"
+    return f"{mean:+.2f}{ci} over {n} pair{'s' * (n != 1)}"
 
 
-# Each claim's statistic: `_claim_k(records, dataset, metric, small)` (`small`: the smallest fraction) gives the
-# paired differences, the share of their runs that converged and a note for the table, or None without runs.
+# Each claim's statistic: `fn(records, dataset, metric, small)` (`small`: the smallest fraction) gives a dict of the
+# paired differences `d`, the share of their student runs that converged, a `note` for the table, and `extra_se`
+# (a standard error all pairs share), or None without runs.
 def _claim_1(r, ds, metric, small=None):
     base = stronger_baseline(r, ds, 1.0, metric)
     p = paired(r, ds, 1.0, ["stagewise", base], metric) if base else pd.DataFrame()
     if p.empty: return None
-    return p["stagewise"] - p[base], _share(p, 2), f"stronger baseline: {base}"
+    return dict(d=p["stagewise"] - p[base], share=_share(p, 2), note=f"stagewise minus {base}, the stronger baseline")
 
 
 def _claim_2(r, ds, metric, small=None):
-    base = stronger_baseline(r, ds, 1.0, metric)
-    p = paired(r, ds, 1.0, ["stagewise", "simultaneous", base], metric) if base else pd.DataFrame()
+    p = paired(r, ds, 1.0, ["stagewise", "simultaneous"], metric)
     if p.empty: return None
-    return (p["stagewise"] - p[base]) / 2 - (p["simultaneous"] - p[base]), _share(p, 3), f"baseline: {base}"
+    return dict(d=p["stagewise"] - p["simultaneous"], share=_share(p, 2), note="stagewise minus simultaneous")
 
 
-def _claim_3(r, ds, metric, small):
+def _claim_2_equivalence(r, ds, metric, small=None):
+    base = stronger_baseline(r, ds, 1.0, metric)
+    p = paired(r, ds, 1.0, ["simultaneous", base], metric) if base else pd.DataFrame()
+    if p.empty: return None
+    return dict(d=p["simultaneous"] - p[base], share=_share(p, 2), note=f"simultaneous minus {base}")
+
+
+def _gains(r, ds, metric, small, share_of_gap: bool):
+    "Per pair, the stagewise gain over the stronger baseline at `small` minus at full data (or of the gap's share)."
     bases = [stronger_baseline(r, ds, f, metric) for f in (small, 1.0)]
     if None in bases: return None
     lo, hi = (paired(r, ds, f, ["stagewise", b], metric).set_index(PAIR)
@@ -107,38 +185,53 @@ def _claim_3(r, ds, metric, small):
               for f, b, k in zip((small, 1.0), bases, ("small", "full")))
     both = lo.join(hi, how="inner")
     if both.empty: return None
-    d = (both["sw_small"] - both["base_small"]) - (both["sw_full"] - both["base_full"])
+    teacher = _teacher(r, ds, metric)[0] if share_of_gap else None
+    if share_of_gap and teacher is None: return None
+    def gain(k): return both[f"sw_{k}"] - both[f"base_{k}"]
+    d = gain("small") - gain("full") if not share_of_gap else \
+        gain("small") / (teacher - both["base_small"]) - gain("full") / (teacher - both["base_full"])
     conv = both[["conv_small", "conv_full"]].astype(float)
-    share = float(conv.sum().sum() / (4 * len(both))) if conv.notna().any().any() else np.nan
-    return d, share, f"baselines: {bases[0]} at {fraction_label(small)}, {bases[1]} at full data"
+    share = float(conv.sum().sum() / (4 * len(both))) if conv.notna().all().all() else np.nan
+    what = "share of the teacher's gap over the baseline closed by stagewise" if share_of_gap else "stagewise gain"
+    return dict(d=d, share=share, note=f"{what} at {fraction_label(small)} minus at full data (baselines: "
+                                       f"{bases[0]} at {fraction_label(small)}, {bases[1]} at full data)")
+
+
+def _claim_3(r, ds, metric, small): return _gains(r, ds, metric, small, share_of_gap=False)
+def _claim_3_share(r, ds, metric, small): return _gains(r, ds, metric, small, share_of_gap=True)
 
 
 def _claim_4(r, ds, metric, small=None):
-    t = r[(r["kind"] == "teacher") & (r["dataset"] == ds)][metric] if len(r) and "kind" in r else []
+    teacher, se, _ = _teacher(r, ds, metric)
     p = paired(r, ds, 1.0, ["stagewise"], metric)
-    if not len(t) or p.empty: return None
-    return float(np.mean(t)) - p["stagewise"], _share(p, 1), "teacher minus stagewise"
+    if teacher is None or p.empty: return None
+    return dict(d=teacher - p["stagewise"], share=_share(p, 1), extra_se=se,
+                note=f"teacher minus stagewise, the teacher's standard error ({se:.2f}) added")
 
 
+# (id, claim, statistic, threshold, above, what differs from the shared rule)
 CLAIMS = [
-    ("1. stagewise beats no teacher (full data)", _claim_1, 0.0, True,
-     "stagewise minus the stronger no-teacher baseline, paired by student and seed: 95% interval above 0"),
-    ("2. simultaneous gains less than half as much as stagewise (full data)", _claim_2, 0.0, True,
-     "half the stagewise gain minus the simultaneous gain over the same baseline, paired: 95% interval above 0"),
-    ("3. the stagewise gain is larger with less data", _claim_3, 0.0, True,
-     "gain (stagewise minus the stronger baseline) on the smallest fraction minus the gain on full data, paired "
-     "by student and seed: 95% interval above 0"),
-    ("4. stagewise students come close to the teacher (full data)", _claim_4, 2.0, False,
-     "teacher minus stagewise, per student and seed: 95% interval below 2 points"),
+    ("1", "1. stagewise beats no teacher (full data)", _claim_1, 0.0, True, "interval above 0"),
+    ("2", "2. stagewise beats simultaneous (full data)", _claim_2, 0.0, True, "interval above 0"),
+    ("2_equivalence", "2. simultaneous gains little over no teacher (full data)", _claim_2_equivalence, None, None,
+     "equivalence: the 90% interval within ± the margin (two one-sided tests at 5%); not reproduced when wholly "
+     "beyond it"),
+    ("3", "3. the stagewise gain is larger with less data", _claim_3, 0.0, True, "interval above 0"),
+    ("3_share", "3. stagewise closes more of the teacher's gap with less data", _claim_3_share, 0.0, True,
+     "interval above 0 (shares, not points)"),
+    ("4", "4. stagewise students come within 2 points of the teacher (full data)", _claim_4, 2.0, False,
+     "interval below 2 points"),
 ]
-_RULE_END = ("; below (above for claim 4) it: not reproduced; across it, with fewer than 2 pairs, or with fewer "
-             f"than {MIN_CONVERGED:.0%} of the runs converged: inconclusive")
 
 
-def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy") -> pd.DataFrame:
+def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy",
+           margin: float = MARGIN) -> pd.DataFrame:
     """The paper's claims checked against `records`, a row per claim and dataset: our mean difference with its
-    95% interval, the share of the runs involved that converged, the same statistic from the paper's own
-    numbers (their range over the paper's datasets when it did not run ours), the verdict and its rule."""
+    interval and the pairs, the share of the student runs involved that converged, whether the teacher converged,
+    the same statistic from the paper's own numbers (their range over the paper's datasets when it did not run ours),
+    the verdict and what of the rule is the claim's own (`SHARED_RULE` is the rest). `margin`: claim 2's
+    equivalence margin, stated in the profile before the runs. Raises `IdenticalArms` when a control never ran."""
+    check_arms(records)
     rows = []
     pr = paper_as_records(paper) if paper is not None and len(paper) else pd.DataFrame(columns=["kind"])
     s = records[records["kind"] == "student"] if records is not None and len(records) and "kind" in records \
@@ -146,37 +239,44 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
     for ds in sorted(set(s["dataset"])):
         fractions = sorted({float(f) for f in s.loc[s["dataset"] == ds, "fraction"]})
         small = fractions[0] if fractions and fractions[0] < 1 else None
-        for name, fn, threshold, above, rule in CLAIMS:
-            if fn is _claim_3 and small is None: continue
+        teacher_conv = _teacher(records, ds, metric)[2]
+        for cid, name, fn, threshold, above, rule in CLAIMS:
+            if fn in (_claim_3, _claim_3_share) and small is None: continue
             res = fn(records, ds, metric, small)
             if res is None: continue
-            d, share, note = res
-            mean, low, high, n = interval(d)
-            conv = "n/a" if not np.isfinite(share) else f"{share:.0%}"
-            rows.append(dict(claim=name if fn is not _claim_3 else f"{name} ({fraction_label(small)})", dataset=ds,
-                             ours=f"{_fmt(mean, low, high, n)} ({note}; runs converged: {conv})",
-                             paper=_paper_cell(fn, pr, ds, metric), converged=share,
-                             verdict=verdict(low, high, threshold, above, share), rule=rule + _RULE_END))
-    return pd.DataFrame(rows, columns=["claim", "dataset", "ours", "paper", "converged", "verdict", "rule"])
+            level = 1 - 2 * (1 - LEVEL) if threshold is None else LEVEL  # 90% for the equivalence test
+            mean, low, high, n = interval(res["d"], level, res.get("extra_se", 0.0))
+            verdict_ = equivalence(low, high, margin, res["share"], teacher_conv) if threshold is None else \
+                verdict(low, high, threshold, above, res["share"], teacher_conv)
+            conv = "unknown" if not np.isfinite(res["share"]) else f"{res['share']:.0%}"
+            tconv = {True: "converged", False: "not converged", None: "convergence unknown"}[teacher_conv]
+            rows.append(dict(id=cid, claim=name if small is None or fn not in (_claim_3, _claim_3_share)
+                             else f"{name} ({fraction_label(small)})", dataset=ds,
+                             ours=f"{_fmt(mean, low, high, n)}{' (90%)' if threshold is None else ''}: {res['note']}",
+                             paper=_paper_cell(fn, pr, ds, metric), converged=res["share"],
+                             runs=f"students {conv} converged; teacher {tconv}", verdict=verdict_,
+                             rule=rule.replace("the margin", f"the margin ({margin:g} points)")))
+    return pd.DataFrame(rows, columns=["id", "claim", "dataset", "ours", "paper", "runs", "converged", "verdict",
+                                       "rule"])
 
 
 def _paper_cell(fn, pr: pd.DataFrame, ds: str, metric: str) -> str:
     "The claim's statistic from the paper's numbers: on `ds` when the paper ran it, else its range over its datasets."
     def mean(d):
         res = fn(pr, d, "test_accuracy", 0.25) if len(pr) else None
-        return interval(res[0])[0] if res is not None else np.nan
+        return interval(res["d"])[0] if res is not None else np.nan
     if ds in PAPER_DATASETS:
         m = mean(ds)
-        return "n/a" if not np.isfinite(m) else f"{m:+.1f} (mean over students, one run each)"
+        return "n/a" if not np.isfinite(m) else f"{m:+.2f} (mean over students, one run each)"
     vals = [v for v in map(mean, PAPER_DATASETS) if np.isfinite(v)]
-    return f"range {min(vals):+.1f} to {max(vals):+.1f} over its datasets" if vals else "n/a"
+    return f"range {min(vals):+.2f} to {max(vals):+.2f} over its datasets" if vals else "n/a"
 
 
 def verdicts(table: pd.DataFrame) -> dict:
-    "`verdict_1` to `verdict_4`: each claim's verdicts in a `claims` table, as 'verdict on dataset; ...'."
+    "`verdict_<id>` for each claim of `CLAIMS`: its verdicts in a `claims` table, as 'verdict on dataset; ...'."
     out = {}
-    for n in range(1, 5):
-        r = table[table["claim"].str.startswith(f"{n}.")]
-        out[f"verdict_{n}"] = ("; ".join(f"{v} on {d}" for v, d in zip(r["verdict"], r["dataset"])) if len(r)
-                               else "not tested by these runs")
+    for cid, *_ in CLAIMS:
+        r = table[table["id"] == cid]
+        out[f"verdict_{cid}"] = ("; ".join(f"{v} on {d}" for v, d in zip(r["verdict"], r["dataset"])) if len(r)
+                                 else "not tested by these runs")
     return out

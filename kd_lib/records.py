@@ -1,5 +1,6 @@
 """Run records: self-describing JSON files written atomically, and a collector into one DataFrame."""
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -154,12 +155,19 @@ def code_version() -> dict:
     return dict(commit=commit, dirty=dirty)
 
 
+def _curve(record: dict) -> str:
+    "A short hash of every fit's monitored values, epoch by epoch: two runs with the same curve trained alike."
+    values = [[h.get(s["monitor"]) for h in s.get("history", [])] for s in record.get("stages", [])]
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:12]
+
+
 def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
     (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
     accuracy of any epoch of its last label step (when recorded: the paper's test-set selection), the
-    teacher's accuracy, wall and CPU time, device and torch threads, the commit of the code, the record's path,
-    and for a distilled student its feature maps' MSE to the teacher's per stage (`mse_<stage>`)."""
+    teacher's accuracy, wall and CPU time, the test set's size, the epochs run in all and a hash of the monitored
+    curves (`curve`: two runs that trained alike have the same), device and torch threads, the commit of the code,
+    the record's path, and for a distilled student its feature maps' MSE to the teacher's per stage (`mse_<stage>`)."""
     rows = []
     for p in sorted(Path(folder).rglob(RECORD)):
         try: r = complete_record(p.parent)
@@ -176,6 +184,11 @@ def collect(folder) -> pd.DataFrame:
                      "best_test_accuracy": max(tested) if tested else None,
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
+                     "n_test": r["data"]["sizes"]["test"],
+                     "epochs_run": sum(s.get("epochs_run", 0) for s in r.get("stages", [])),
+                     "fits": len(r.get("stages", [])),
+                     "fits_converged": sum(s.get("converged") is True for s in r.get("stages", [])),
+                     "curve": _curve(r),
                      "cpu_s": sum(s.get("cpu_s", 0) + s.get("cache_cpu_s", 0) for s in r.get("stages", [])),
                      **{f"mse_{k}": v for k, v in (r.get("feature_mse") or {}).items()},
                      "device": r.get("versions", {}).get("device", "unknown"),

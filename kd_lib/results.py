@@ -179,16 +179,22 @@ def _in_order(df: pd.DataFrame, cols: list) -> pd.DataFrame:
 
 
 def convergence(records: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset, fraction and method (teachers as method 'teacher'): runs, how many recorded convergence
-    (records made before it was recorded did not), how many converged by `kd_lib.fitting.CONVERGENCE_RULE`
-    (every step of a run), and the share of those that recorded it."""
-    cols = ["dataset", "fraction", "method", "runs", "recorded", "converged", "share"]
+    """Per dataset, fraction and method (teachers as method 'teacher'): runs, how many could be judged (records
+    made before the rule, or fits of too few epochs, could not), how many converged by
+    `kd_lib.fitting.CONVERGENCE_RULE` (every fit of a run), the share of the judged ones, and the same for the fits
+    (a stagewise run has six)."""
+    cols = ["dataset", "fraction", "method", "runs", "judged", "converged", "share", "fits", "fits_converged"]
     if records is None or records.empty or "converged" not in records: return pd.DataFrame(columns=cols)
     r = records.assign(method=records["method"].where(records["kind"] == "student", "teacher") if "method" in records
-                       else "teacher", fraction=records["fraction"].fillna(1.0) if "fraction" in records else 1.0)
-    g = r.groupby(["dataset", "fraction", "method"], sort=False)["converged"]
-    out = g.agg(runs="size", recorded="count", converged=lambda v: int((v == True).sum())).reset_index()  # noqa: E712
-    out["share"] = (out["converged"] / out["recorded"]).where(out["recorded"] > 0)  # NaN: made before it was recorded
+                       else "teacher", fraction=records["fraction"].fillna(1.0) if "fraction" in records else 1.0,
+                       fits=records["fits"] if "fits" in records else np.nan,
+                       fits_converged=records["fits_converged"] if "fits_converged" in records else np.nan)
+    g = r.groupby(["dataset", "fraction", "method"], sort=False)
+    out = g["converged"].agg(runs="size", judged="count",
+                             converged=lambda v: int((v == True).sum())).reset_index()  # noqa: E712
+    out["share"] = (out["converged"] / out["judged"]).where(out["judged"] > 0)  # NaN: none could be judged
+    fits = g[["fits", "fits_converged"]].sum(min_count=1).reset_index(drop=True)
+    out[["fits", "fits_converged"]] = fits.to_numpy()
     return _in_order(out, cols)
 
 

@@ -2,8 +2,9 @@
 which may be 'inconclusive'. Built on records whose answer is known."""
 import numpy as np
 import pandas as pd
+import pytest
 
-from kd_lib.claims import claims, interval, paired, stronger_baseline, verdict
+from kd_lib.claims import IdenticalArms, claims, equivalence, interval, paired, stronger_baseline, verdict
 from kd_lib.results import convergence, selection
 
 STUDENTS = ["resnet10", "resnet14", "resnet18"]
@@ -30,47 +31,98 @@ def tied(r: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return r
 
 
-def row(table, n):
-    return table[table["claim"].str.startswith(f"{n}.")].iloc[0]
+def row(table, cid):
+    return table[table["id"] == str(cid)].iloc[0]
 
 
 def test_interval_and_verdict():
     mean, lo, hi, n = interval([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and lo < 2 < hi and np.isclose(hi - mean, 4.303 * 1 / np.sqrt(3), atol=1e-3)
+    assert np.isclose(interval([1.0, 2.0, 3.0], extra_se=1.0)[2] - mean, 4.303 * np.sqrt(1 / 3 + 1), atol=1e-3)
     assert interval([5.0])[1] == -np.inf and verdict(*interval([5.0])[1:3]) == "inconclusive"
     assert verdict(0.5, 2.0) == "reproduced" and verdict(-2.0, -0.5) == "not reproduced"
-    assert verdict(-0.5, 2.0) == "inconclusive" and verdict(0.5, 2.0, converged=0.8) == "inconclusive"
-    assert verdict(0.5, 1.5, threshold=2.0, above=False) == "reproduced"
+    assert verdict(-0.5, 2.0) == "inconclusive" and verdict(0.5, 1.5, threshold=2.0, above=False) == "reproduced"
+
+
+def test_the_rules_at_their_boundaries():
+    assert verdict(0.0, 2.0) == "inconclusive"  # a bound equal to the threshold is not beyond it
+    assert verdict(-2.0, 0.0) == "inconclusive" and verdict(1.0, 2.0, threshold=2.0, above=False) == "inconclusive"
+    assert verdict(0.5, 2.0, converged=0.9) == "reproduced"  # exactly the least share converged: enough
+    assert verdict(0.5, 2.0, converged=0.8999) == "inconclusive"
+    assert verdict(0.5, 2.0, converged=np.nan) == "inconclusive"  # unknown convergence once skipped the gate
+    assert verdict(0.5, 2.0, teacher_converged=False) == "inconclusive"
+    assert verdict(0.5, 2.0, teacher_converged=None) == "inconclusive"
+    assert equivalence(-1.0, 1.0, 2.0) == "reproduced" and equivalence(-2.0, 1.0, 2.0) == "inconclusive"
+    assert equivalence(2.0, 3.0, 2.0) == "not reproduced" and equivalence(-3.0, -2.0, 2.0) == "not reproduced"
+    assert equivalence(-1.0, 1.0, 2.0, converged=np.nan) == "inconclusive"
 
 
 def test_a_clear_gain_is_reproduced_and_no_gain_is_not():
     clear = claims(runs(dict(no_teacher=80, stagewise=90, simultaneous=81), fractions=(1.0, 0.25)))
     assert row(clear, 1)["verdict"] == "reproduced" and row(clear, 2)["verdict"] == "reproduced"
+    assert row(clear, "2_equivalence")["verdict"] == "reproduced"  # +1 point: within the 2-point margin
     assert row(clear, 4)["verdict"] == "not reproduced"  # 5 points below the teacher
     worse = claims(runs(dict(no_teacher=90, stagewise=80)))
     assert row(worse, 1)["verdict"] == "not reproduced"
     same = tied(runs(dict(no_teacher=85, stagewise=85)), "no_teacher")
     assert row(claims(same), 1)["verdict"] == "inconclusive"  # the interval spans 0
+    far = claims(runs(dict(no_teacher=80, stagewise=90, simultaneous=86)))
+    assert row(far, "2_equivalence")["verdict"] == "not reproduced"  # 6 points: beyond the margin
+    assert row(claims(runs(dict(no_teacher=80, stagewise=90, simultaneous=86)), margin=8.0),
+               "2_equivalence")["verdict"] == "reproduced"
 
 
-def test_unconverged_runs_make_a_verdict_inconclusive():
+def test_unconverged_runs_or_teacher_make_a_verdict_inconclusive():
     table = claims(runs(dict(no_teacher=80, stagewise=90), converged=False))
-    assert row(table, 1)["verdict"] == "inconclusive" and "runs converged: 0%" in row(table, 1)["ours"]
+    assert row(table, 1)["verdict"] == "inconclusive" and "students 0% converged" in row(table, 1)["runs"]
+    r = runs(dict(no_teacher=80, stagewise=90))
+    r.loc[r["kind"] == "teacher", "converged"] = False
+    assert row(claims(r), 1)["verdict"] == "inconclusive" and "teacher not converged" in row(claims(r), 1)["runs"]
+    r = runs(dict(no_teacher=80, stagewise=90)).astype({"converged": object})
+    r.loc[r.index[-1], "converged"] = None  # one run's convergence unknown: not evidence either
+    assert row(claims(r), 1)["verdict"] == "inconclusive" and "unknown" in row(claims(r), 1)["runs"]
 
 
 def test_stagewise_is_compared_with_the_stronger_no_teacher_baseline():
     r = tied(runs(dict(no_teacher=80, no_teacher_budget=90, stagewise=90)), "no_teacher_budget")
     assert stronger_baseline(r, "d", 1.0) == "no_teacher_budget"
     first = row(claims(r), 1)
-    assert first["verdict"] == "inconclusive" and "stronger baseline: no_teacher_budget" in first["ours"]
+    assert first["verdict"] == "inconclusive" and "no_teacher_budget, the stronger baseline" in first["ours"]
     p = paired(r, "d", 1.0, ["stagewise", "no_teacher_budget"])
     assert len(p) == len(STUDENTS) * 3 and (p["converged"] == 2).all()
+
+
+def test_identical_baselines_are_an_error_not_a_tie():
+    "In every kept CIFAR-10 pair the budget control's record was its no_teacher twin's: it never ran."
+    r = runs(dict(no_teacher=80, no_teacher_budget=80, stagewise=90), noise=0.0)
+    r = r.assign(curve=r["method"].map(lambda m: "same" if m in ("no_teacher", "no_teacher_budget") else m),
+                 epochs_run=10, valid_accuracy=80.0, record="r.json")
+    with pytest.raises(IdenticalArms, match="no_teacher and no_teacher_budget of .* never ran"): claims(r)
+    r.loc[r["method"] == "no_teacher_budget", "curve"] = "other"
+    claims(r)
+
+
+def test_runs_of_other_settings_are_never_averaged_into_a_pair():
+    r = runs(dict(no_teacher=80, stagewise=90))
+    again = r[r["method"] == "no_teacher"].assign(test_accuracy=60.0)  # the same pair run again with other settings
+    with pytest.raises(ValueError, match="no_teacher ran 2 times .* a pair holds one run of each method"):
+        claims(pd.concat([r, again]))
 
 
 def test_the_gain_with_less_data_is_the_paired_difference_of_gains():
     r = runs(dict(no_teacher=lambda f: 80 if f == 1 else 50, stagewise=lambda f: 90 if f == 1 else 75),
              fractions=(1.0, 0.25), noise=0.0)
-    assert row(claims(r), 3)["verdict"] == "reproduced" and row(claims(r), 3)["ours"].startswith("+15.0 [+15.0, +15.0]")
+    assert row(claims(r), 3)["verdict"] == "reproduced" and row(claims(r), 3)["ours"].startswith("+15.00 [+15.00")
+    # the teacher (95) left 15 points to close at full data (10 closed) and 45 at a quarter (25 closed)
+    share = row(claims(r), "3_share")
+    assert share["ours"].startswith(f"{25 / 45 - 10 / 15:+.2f}") and share["verdict"] == "not reproduced"
+
+
+def test_claim_4_counts_the_teachers_own_uncertainty():
+    r = runs(dict(no_teacher=80, stagewise=94.6), noise=0.05).assign(n_test=400)
+    with_se = row(claims(r), 4)
+    assert with_se["verdict"] == "inconclusive"  # 0.4 points below, but a 400-image test set's SE is 1.1 points
+    assert row(claims(r.assign(n_test=10**7)), 4)["verdict"] == "reproduced"
 
 
 def test_convergence_and_selection_tables():

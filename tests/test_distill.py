@@ -11,7 +11,7 @@ from fastai.torch_core import set_seed
 
 from kd_lib.data import get_data
 from kd_lib.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
-from kd_lib.models import FEATURE_STAGES, STAGES, resnet, teacher
+from kd_lib.models import FEATURE_STAGES, STAGES, evaluating, resnet, teacher
 from kd_lib.config import StudentConfig
 from kd_lib.fitting import seed_everything
 from kd_lib.methods import METHODS, Step
@@ -98,33 +98,50 @@ def test_truncated_stage_equals_the_papers_whole_forward(dls, tchr):
 
 
 class _Spy(Callback):
-    "Records the loss, the plain cross entropy of each training batch, and how often the teacher ran."
+    """Recomputes each training batch's loss by its formula, running the teacher itself (its own calls aside), and
+    counts how often the callback under test ran the teacher's `last` module, in training and in validation."""
     order = 50
 
-    def __init__(self, tchr):
-        self.extra, self.calls = [], {"train": 0, "valid": 0}
-        tchr.register_forward_hook(lambda *a: self.calls.__setitem__(self._split(), self.calls[self._split()] + 1))
+    def __init__(self, tchr, last):
+        self.tchr, self.terms, self.gaps, self.calls, self.own = tchr, [], [], {"train": 0, "valid": 0}, False
+        last.register_forward_hook(lambda *a: None if self.own else self.calls.__setitem__(
+            self._split(), self.calls[self._split()] + 1))
 
     def _split(self): return "train" if self.learn.training else "valid"
 
     def after_loss(self):
-        if self.training: self.extra.append(float((self.loss - CrossEntropyLossFlat()(self.pred, *self.yb)).detach()))
+        if not self.training: return
+        cb = next(c for c in self.learn.cbs if isinstance(c, (FeatureLoss, SoftTargets)))
+        ce = CrossEntropyLossFlat()(self.pred, *self.yb)
+        self.own = True
+        with torch.no_grad(), evaluating(self.tchr):
+            if isinstance(cb, SoftTargets):
+                t = self.tchr(self.x)
+                term = cb.alpha * cb.T ** 2 * F.kl_div(F.log_softmax(self.pred / cb.T, 1), F.softmax(t / cb.T, 1),
+                                                       reduction="batchmean")
+                expected = (1 - cb.alpha) * ce + term
+            else:
+                maps = stage_features(self.tchr, self.x, FEATURE_STAGES)
+                term = sum(F.mse_loss(s, t) for s, t in zip(cb.hooks.stored, maps))
+                expected = ce + term
+        self.own = False
+        self.terms.append(float(term))
+        self.gaps.append(float((self.loss - expected).abs()))
 
 
-@pytest.mark.parametrize("method,cb", [("simultaneous", FeatureLoss), ("hinton", SoftTargets)])
-def test_teacher_losses_add_a_term_in_training_only(method, cb, dls, tchr):
-    spy = _Spy(tchr)
+@pytest.mark.parametrize("method,last", [("simultaneous", "layer4"), ("hinton", "head")])
+def test_teacher_losses_add_their_term_in_training_only(method, last, dls, tchr):
+    """The loss is the formula's, with a teacher term that is not zero; the teacher runs every training batch (as
+    far as layer4 for the feature losses, to its head for soft targets) and never in validation."""
+    spy = _Spy(tchr, getattr(tchr, "head") if last == "head" else tchr.body.layer4)
     set_seed(0)
     student = resnet("resnet10")
     learn = step_learner(METHODS[method].steps[0], StudentConfig(method=method, lr=1e-3), student, tchr, dls)
     learn.add_cb(spy)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     n_train = len(dls.train)
-    assert len(spy.extra) == n_train and all(e != 0 for e in spy.extra)
-    if method == "simultaneous":  # the teacher runs only as far as layer4 (its head never), in training only
-        assert spy.calls == {"train": 0, "valid": 0}
-    else:
-        assert spy.calls == {"train": n_train, "valid": 0}
+    assert len(spy.terms) == n_train and min(spy.terms) > 1e-4 and max(spy.gaps) < 1e-5
+    assert spy.calls == {"train": n_train, "valid": 0}
     assert learn.loss_func.__class__ is CrossEntropyLossFlat  # the loss is put back after training
 
 

@@ -47,7 +47,8 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert rp.visible_gpus() == []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert len(rp.visible_gpus()) == torch.cuda.device_count()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # unset: every CUDA device, as torch counts them
+    assert rp.visible_gpus() == ["0", "1", "2"]
 
 
 def _foreign_lock(run: Path, age_s: float) -> dict:

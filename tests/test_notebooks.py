@@ -39,6 +39,12 @@ def test_one_documented_parameters_cell_and_no_outputs(path):
     assert names == list(params), f"{path.name}: papermill cannot read {set(names) - set(params)}"
 
 
+def test_the_figures_margin_defaults_to_the_claims_own():
+    "One margin: the figures notebook's default is kd_lib.claims.MARGIN, and a profile's `margin` reaches it."
+    from kd_lib.claims import MARGIN
+    assert pm.inspect_notebook(str(NOTEBOOKS / "figures.ipynb"))["margin"]["default"] == repr(MARGIN)
+
+
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory):
     "student.ipynb executed by papermill on tiny parameters, with a random teacher saved in a tmp folder."

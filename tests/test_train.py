@@ -12,6 +12,7 @@ import torch
 from torchvision.models import _api as tv_api
 
 import kd_lib.train as kt
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from kd_lib.models import PretrainedUnavailable, check_stage_shapes, resnet, teacher
 from kd_lib.records import collect, read_json
@@ -72,10 +73,17 @@ def test_stagewise_record_has_every_field(tmp_path, tiny, teacher_path):
 
 
 @pytest.mark.parametrize("method", ["simultaneous", "hinton", "fitnets"])
-def test_other_methods_run_and_record(method, tmp_path, tiny, teacher_path):
-    r = _student(tmp_path, tiny, teacher_path, method=method, epochs=1)
+def test_other_methods_learn_and_record(method, tmp_path, tiny, teacher_path):
+    r = _student(tmp_path, tiny, teacher_path, method=method, epochs=2)
     assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method].steps]
-    assert r["test_accuracy"] > 0
+    assert r["test_accuracy"] > 25  # chance is 10
+    if method == "fitnets":  # the hint kept the epoch of its lowest valid MSE to the teacher's layer2 ...
+        hint, classifier = r["stages"]
+        assert hint["parts"] == ["stem", "layer1", "layer2"] and hint["target"] == "layer2"
+        assert hint["best_value"] == min(h["valid_loss"] for h in hint["history"])
+        # ... and the classifier step left stem to layer2 as the hint kept them: their map is still that MSE away
+        assert r["feature_mse"]["layer2"] == pytest.approx(hint["best_value"], rel=1e-5)
+        assert classifier["parts"] == ["layer3", "layer4", "head"] and classifier["monitor"] == "accuracy"
 
 
 def test_finished_run_is_not_retrained(tmp_path, tiny, monkeypatch):
@@ -186,8 +194,7 @@ def test_teacher_recipe_trains_records_and_loads(tmp_path, tiny, monkeypatch):
     with pytest.warns(UserWarning, match="from scratch"):
         r = train_teacher(**args, pretrained=None)
     assert r["kind"] == "teacher" and r["imagenet_weights"] is False and r["test_accuracy"] > 10
-    lrs = [e for e in r["stages"][0]["history"]]
-    assert len(lrs) == 2
+    assert r["stages"][0]["epochs_run"] == 2
     t = load_teacher(tmp_path / "digits" / "teacher", 10)
     assert all(torch.equal(a, b) for a, b in zip(t.state_dict().values(),
                                                  torch.load(tmp_path / "digits" / "teacher" / "teacher.pth").values()))
@@ -213,3 +220,52 @@ def test_patience_stops_a_flat_fit_and_lets_a_learning_one_run(tmp_path, lr, sto
     # convergence is judged from the curve, never from the stop: 3 epochs are too few to judge
     assert s["converged"] is (None if stops else False)
     assert all(0 < h["valid_loss_se"] < 0.05 for h in s["history"])
+
+
+def _toy_learner(path):
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    data = list(zip(x, (x[:, 0] > 0).long()))
+    dls = DataLoaders(DataLoader(data[:192], bs=16, shuffle=True), DataLoader(data[192:], bs=64))
+    return Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss(), path=path)
+
+
+class _Lrs(Callback):
+    "The learning rate and momentum of every training batch, as the schedulers left them (fastai's run at 60)."
+    order = 61
+    def before_fit(self): self.seen = []
+    def before_batch(self):
+        if self.training: self.seen += [self.opt.hypers[0]["lr"], self.opt.hypers[0]["mom"]]
+
+
+def test_one_cycle_follows_fastais_schedule_and_a_resumed_fit_the_same_curve(tmp_path):
+    "It was once checked by counting epochs: here every batch's lr and momentum are fastai's fit_one_cycle's."
+    from kd_lib.fitting import fit, one_cycle
+    ours, theirs = _Lrs(), _Lrs()
+    learn = _toy_learner(tmp_path / "a")
+    learn.add_cb(ours)
+    fit(learn, "toy", epochs=4, lr=0.01, monitor="valid_loss", run=tmp_path / "a", one_cycle_lr=True, progress=False)
+    ref = _toy_learner(tmp_path / "b")
+    ref.add_cb(theirs)
+    with ref.no_bar(), ref.no_logging(): ref.fit_one_cycle(4, 0.01, pct_start=0.25, div_final=1e5)
+    assert len(ours.seen) == 2 * 4 * 12 and ours.seen == pytest.approx(theirs.seen, rel=1e-9)
+    assert max(ours.seen[::2]) == pytest.approx(0.01, rel=1e-3) and ours.seen[-2] < 0.01 / 100  # annealed
+    later = _toy_learner(tmp_path / "c")  # epochs 3 and 4 of a fit resumed after 2: the second half of the curve
+    later.add_cb(half := _Lrs())
+    with later.no_bar(), later.no_logging(): later.fit(2, 0.01, cbs=one_cycle(4, 0.01, start_epoch=2))
+    assert half.seen == pytest.approx(theirs.seen[2 * 24:], rel=1e-9)
+
+
+def test_measuring_test_accuracy_every_epoch_leaves_training_unchanged(tmp_path, tiny):
+    "test_each_epoch evaluates the test set after every epoch: the run must train exactly as one that does not."
+    args = tiny | dict(method="no_teacher", epochs=2, progress=False)
+    on = train_student(**args, out_dir=tmp_path / "on", test_each_epoch=True)
+    off = train_student(**args, out_dir=tmp_path / "off")
+    assert all("test_accuracy" in h for h in on["stages"][0]["history"])
+    assert [{k: v for k, v in h.items() if k != "test_accuracy"} for h in on["stages"][0]["history"]] == \
+        off["stages"][0]["history"]
+    w = [torch.load(p / "digits" / "resnet10-no_teacher-f0.25-s0" / "stages" / "all.pth", weights_only=True)
+         for p in (tmp_path / "on", tmp_path / "off")]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])

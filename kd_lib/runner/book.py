@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..claims import MARGIN
 from .jobs import run_notebook
 from .kept import kept_profiles
 from .profiles import ROOT, example, shown
@@ -33,7 +34,7 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
     steps = [("table1", dict(size=224, n_classes=10)),
              ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
                              dataset=teacher.config.dataset)),
-             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None)),
+             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None, margin=prof.get("margin", MARGIN))),
              *((name, dict(records_dir=folder)) for name, folder in kept.items())]
     for name, params in steps:
         print(f"writing book/generated/{name}.ipynb" + (f" from the records kept in {kept[name]}, made before (make "
