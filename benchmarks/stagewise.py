@@ -46,8 +46,9 @@ from torch import nn
 from kd_lib.data import get_data
 from kd_lib.distill import stage_features
 from kd_lib.fitting import evaluate, seed_everything, step_seed
-from kd_lib.models import STAGES, resnet, stage_part
+from kd_lib.models import resnet
 from kd_lib.records import run_name, versions, write_json
+from kd_lib.stages import Stages
 from kd_lib.train import load_teacher, run_dir, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
@@ -56,6 +57,7 @@ VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast":
 PLAN = {True: ["paper", "plain", "truncate", "fast", "forced", "forced_ft"],  # --augment both
         False: ["paper", "plain", "cached", "forced_cached"]}
 AUGMENT_OFF = ("cached", "forced_cached")  # variants that cache the training split, so run without augmentation
+PAPER = Stages.paper()  # the paper's models and stages
 
 
 def papers_teacher(path, n_classes: int, device) -> nn.Module:
@@ -75,8 +77,8 @@ def _plain(dl):
 def _paper_loss(net, tchr, stage: str, x, y):
     "A stage's loss as the paper's loop computed it: both networks whole, MSE of hooked feature maps; the head: CE."
     if stage == "head": return F.cross_entropy(net(x), y)
-    return F.mse_loss(stage_features(net, x, [stage], truncate=False)[0],
-                      stage_features(tchr, x, [stage], truncate=False)[0])
+    return F.mse_loss(stage_features(net, x, PAPER, [stage], truncate=False)[0],
+                      stage_features(tchr, x, PAPER, [stage], truncate=False)[0])
 
 
 def paper_stagewise(dls, student: str, teacher_path, epochs: int, lr: float, seed: int) -> tuple:
@@ -86,11 +88,11 @@ def paper_stagewise(dls, student: str, teacher_path, epochs: int, lr: float, see
     net = resnet(student, dls.c).to(dls.device)
     tchr = papers_teacher(teacher_path, dls.c, dls.device)
     stages = []
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(PAPER.all):
         seed_everything(step_seed(seed, i), dls)
         t0, c0 = time.perf_counter(), time.process_time()
         net.requires_grad_(False)
-        stage_part(net, stage).requires_grad_(True)
+        PAPER.part(net, stage).requires_grad_(True)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         best, best_state = None, None
         for _ in range(epochs):
@@ -124,7 +126,7 @@ def teacher_modes(dls, teacher_path, stage: str = "layer4", rounds: int = 3) -> 
         for name, (mode, after) in modes.items():
             t0 = time.process_time()
             for x in xs:
-                with mode(): t = stage_features(tchr, x, [stage])[0]
+                with mode(): t = stage_features(tchr, x, PAPER, [stage])[0]
                 after(t)
             res[name] = min(res[name], 1000 * (time.process_time() - t0) / len(xs))
     return res

@@ -1,15 +1,19 @@
 """kd_lib: Stagewise Knowledge Distillation on fastai. One concept per module, in the order the data flows:
 
 * `data`: the datasets as fastai DataLoaders (train, valid, test) with split metadata.
-* `models`: the paper's teacher and student ResNets, their stages by name.
+* `resident`: data held as tensors: images decoded once, batches indexed out of them.
+* `models`: the paper's teacher and student ResNets.
+* `stages`: where a teacher and a student are cut into stages (dotted module paths), presets, adapters.
 * `distill`: the distillation as fastai callbacks (teacher targets, freezing, teacher losses).
+* `forced`: teacher-forced stages (all feature stages at once, on the teacher's inputs).
+* `steps`: the kinds of step (labels, features, forced), each building its fastai Learner.
 * `methods`: the method registry (`METHODS`), each method defined once.
 * `config`: every setting of a teacher or student run (`TeacherConfig`, `StudentConfig`).
 * `cache`: what frozen parts compute, computed once (the fast path).
 * `fitting`: one fit with best-epoch checkpoints and exact resume.
 * `locks`: one process trains a run folder at a time.
 * `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
-* `records`: run records, written atomically and collected into a DataFrame.
+* `records`: run folders and records, written atomically, read by one reader, collected into a DataFrame.
 * `results`: analysis of records: summaries, gaps, convergence, what test-set selection adds.
 * `claims`: the paper's claims, each checked by a rule on paired runs, with its interval.
 * `figures`: the book's figures, from records.

@@ -3,14 +3,15 @@
 
 * `Store`: tensors of one dtype, in memory up to a bound in all, beyond it in memory-mapped files in a
   temporary folder under ``data_dir()/"cache"`` that `Store.close` deletes.
-* `TensorLoader`: a fastai `DataLoader` over cached tensors that gives the batches, in the order, of the
-  loader it mirrors (same length, batch size, shuffle, drop_last and `rng`).
+* `dataloaders`: fastai loaders over the cached tensors (`kd_lib.resident.TensorLoader`) that give the batches, in
+  the order, of the loaders they mirror (same length, batch size, shuffle, drop_last and `rng`).
 * `ValidateOn`: validates a part of the student on the cached valid split while training on images.
-* `FeatureCache`: for each step of a method (see `kd_lib.methods.Step`), the input of the first stage it
+* `FeatureCache`: for each step of a method (see `kd_lib.steps`), the input of the first stage it
   trains (the frozen student prefix's output) and its target (teacher feature map, or the labels), for
   every train and valid item in dataset order; and the part of the student that maps one to the other.
   Stage by stage it chains: the next step's input is this step's trained part applied (eval) to this
-  step's input, the next target the teacher's next stage applied to this target, one block each.
+  step's input, the next target the teacher's next stage applied to this target, one block each. It needs
+  stages that compose the models (`kd_lib.stages.Stages`).
 """
 import math
 import shutil
@@ -21,17 +22,17 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastcore.basics import store_attr
 from torch import nn
 
 from .data import data_dir
 from .distill import frozen
 from .forced import ForcedStages
-from .methods import FORCED
-from .models import FEATURE_STAGES, HEAD, STAGES, evaluating, stage_part, stage_span
+from .models import evaluating
+from .resident import TensorLoader
+from .stages import Stages
 
-__all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "TensorLoader", "ValidateOn", "FeatureCache"]
+__all__ = ["CACHE_DTYPES", "AMP_DTYPES", "Store", "ValidateOn", "FeatureCache"]
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 AMP_DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16)
@@ -39,9 +40,10 @@ AMP_DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16)
 
 class Store:
     """Tensors of `dtype` kept in `device` memory up to `max_bytes` in all; beyond that each new one is
-    a memory-mapped file in a temporary folder under `folder` (default ``data_dir()/"cache"``)."""
-    def __init__(self, dtype: torch.dtype, max_bytes: int, folder=None, device="cpu"):
-        self.dtype, self.max_bytes, self.device = dtype, max_bytes, device
+    a memory-mapped file in a temporary folder under `folder` (default ``data_dir()/"cache"``). With
+    `channels_last`, a 4-d tensor is laid out as the models run (N, H, W, C in memory): no layout change a batch."""
+    def __init__(self, dtype: torch.dtype, max_bytes: int, folder=None, device="cpu", channels_last: bool = False):
+        self.dtype, self.max_bytes, self.device, self.channels_last = dtype, max_bytes, device, channels_last
         self.folder = Path(folder or data_dir() / "cache")
         self.held, self.dir, self.files, self.in_memory, self.spilled = [], None, 0, 0, 0
 
@@ -49,8 +51,10 @@ class Store:
         "A new uninitialised tensor of `shape`, in memory while the bound allows, else mapped to a file."
         n = math.prod(shape)
         nbytes = n * self.dtype.itemsize
+        nhwc = self.channels_last and len(shape) == 4
         if self.in_memory + nbytes <= self.max_bytes:
-            t, path = torch.empty(shape, dtype=self.dtype, device=self.device), None
+            t, path = torch.empty(shape, dtype=self.dtype, device=self.device,
+                                  memory_format=torch.channels_last if nhwc else torch.contiguous_format), None
             self.in_memory += nbytes
         else:
             if self.dir is None:
@@ -59,7 +63,8 @@ class Store:
             self.files += 1
             path = self.dir / f"{self.files}.bin"
             with open(path, "wb") as f: f.truncate(nbytes)
-            t = torch.from_file(str(path), shared=True, size=n, dtype=self.dtype).view(shape)
+            t = torch.from_file(str(path), shared=True, size=n, dtype=self.dtype)
+            t = t.view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2) if nhwc else t.view(shape)
             self.spilled += nbytes
         self.held.append((t, nbytes, path))
         return t
@@ -78,19 +83,6 @@ class Store:
         self.dir = None
 
 
-class TensorLoader(DataLoader):
-    """A fastai `DataLoader` over equal-length `tensors`, a batch taken in one indexing, cast to float32
-    (floating ones) on `device`. With the same `n`, `bs`, `shuffle`, `drop_last` and `rng` state as
-    another fastai loader it yields the same items in each batch."""
-    def __init__(self, tensors, **kwargs):
-        super().__init__(tuple(tensors), n=len(tensors[0]), indexed=True, **kwargs)
-
-    def create_item(self, i): return i
-    def create_batch(self, idxs): return tuple(t[torch.tensor(idxs, device=t.device)] for t in self.dataset)
-    def retain(self, res, b): return res
-    def after_batch(self, b): return tuple(map(_as_float, b))
-
-
 def _listed(t) -> list:
     "`t` as a list of tensors: a tensor alone, or the tensors of a list or tuple."
     return list(t) if isinstance(t, (list, tuple)) else [t]
@@ -99,6 +91,9 @@ def _listed(t) -> list:
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     "A cached tensor in the dtype the plain path computes in: float32 if floating, else as is."
     return t.float() if t.is_floating_point() else t
+
+
+def _as_floats(b: tuple) -> tuple: return tuple(map(_as_float, b))
 
 
 class ValidateOn(Callback):
@@ -129,16 +124,20 @@ class FeatureCache:
     """Inputs and targets of a method's steps, computed once (eval mode, no gradients) for the train and
     valid items of `dls`, which must give the same tensor for an item every epoch (without `train`: for the
     valid items only, which no augmentation touches). Held in `dtype` (one of `CACHE_DTYPES`) in a `Store`
-    on the loaders' device (GPU memory on CUDA: batches need no transfer) bounded by `max_bytes`. `amp`
-    (a key of `AMP_DTYPES`) computes under autocast on CUDA. A context manager; `close` frees it all."""
+    on the loaders' device (GPU memory on CUDA: batches need no transfer) bounded by `max_bytes` (laid out
+    channels-last with `channels_last`). `amp` (a key of `AMP_DTYPES`) computes under autocast on CUDA. `stages` cut
+    both models (default: the paper's). The student's parts it applies are moved to the loaders' device first
+    (a resumed run loads its weights on the CPU). A context manager; `close` frees it all."""
     def __init__(self, dls, student: nn.Module, teacher: nn.Module = None, dtype: str = "float16",
-                 max_bytes: int = 4 * 2**30, amp: str = None, train: bool = True):
+                 max_bytes: int = 4 * 2**30, amp: str = None, train: bool = True, stages: Stages = None,
+                 channels_last: bool = False):
         if dtype not in CACHE_DTYPES: raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(CACHE_DTYPES)}.")
         self.dls, self.student, self.teacher, self.amp, self.train = dls, student, teacher, amp, train
+        self.stages = stages or Stages.paper()
         self.loaders = (dls.train, dls.valid) if train else (dls.valid,)
-        self.store = Store(getattr(torch, dtype), max_bytes, device=dls.device)
+        self.store = Store(getattr(torch, dtype), max_bytes, device=dls.device, channels_last=channels_last)
         # per cached loader: the inputs of stage `at`, the teacher's features of stage `t_at`, the labels
-        self.x = self.t = self.y = self.forced = None
+        self.x = self.t = self.y = self.later = None
         self.at = self.t_at = None
 
     def __enter__(self): return self
@@ -146,25 +145,31 @@ class FeatureCache:
 
     def close(self):
         self.store.close()
-        self.x = self.t = self.y = self.forced = None
+        self.x = self.t = self.y = self.later = None
 
-    def step(self, step) -> tuple:
-        """(inputs, targets, part) of `step`: per cached loader its items' inputs and targets, in dataset order,
-        and the part of the student that maps one to the other. Steps come in order; a step that cannot
-        be reached from the cache of the one before (the first, or a resumed run) starts again from the
-        images, then chains the same way, so a resumed run computes the same numbers."""
-        if step.target == FORCED: return self._forced()
-        for per_loader in self.forced or []:  # the teacher's later maps serve the forced step only
+    def labels(self, first: str) -> tuple:
+        "(inputs, labels, part) of a step that trains from stage `first` (a name) to the head on the labels."
+        return self._step(first, None)
+
+    def features(self, first: str, target: str) -> tuple:
+        "(inputs, teacher maps, part) of a step that trains stages `first` to `target` on the teacher's `target` map."
+        return self._step(first, target)
+
+    def _step(self, first: str, target) -> tuple:
+        """Per cached loader its items' inputs and targets, in dataset order, and the part of the student that maps
+        one to the other. Steps come in order; a step that cannot be reached from the cache of the one before (the
+        first, or a resumed run) starts again from the images, then chains the same way, so a resumed run computes
+        the same numbers."""
+        for per_loader in self.later or []:  # the teacher's later maps serve the forced step only
             for t in per_loader: self.store.free(t)
-        self.forced = None
-        first = min(STAGES.index(p) for p in step.parts)
-        target = None if step.target == "labels" else STAGES.index(step.target)
+        self.later = None
+        first, last = self.stages.index(first), None if target is None else self.stages.index(target)
         reachable = self.x is not None and first >= self.at and (
-            target is None or (self.t is not None and target >= self.t_at))
-        if not reachable: self._fill(target is not None)
-        self._advance(first, target)
-        if target is None: return self.x, self.y, stage_span(self.student, first, HEAD)
-        return self.x, self.t, stage_span(self.student, first, target)
+            last is None or (self.t is not None and last >= self.t_at))
+        if not reachable: self._fill(last is not None)
+        self._advance(first, last)
+        part = self.stages.span(self.student, self.stages.all[first], target or "head")
+        return self.x, (self.y if last is None else self.t), part
 
     def dataloaders(self, inputs: list, targets: list) -> DataLoaders:
         """`DataLoaders` of cached `inputs` and `targets` (as `step` gives them: per loader a tensor or a list
@@ -173,29 +178,32 @@ class FeatureCache:
             tensors = (*_listed(x), *_listed(t))
             pin = dl.device.type == "cuda" and all(o.device.type == "cpu" for o in tensors)
             return TensorLoader(tensors, bs=dl.bs, shuffle=dl.shuffle, drop_last=dl.drop_last, device=dl.device,
-                                pin_memory=pin)
+                                pin=pin, after_batch=_as_floats)
         dls = DataLoaders(*map(mirror, self.loaders, inputs, targets), path=self.dls.path, device=self.dls.device)
         dls.n_inp = len(_listed(inputs[0]))  # fastai's Learner splits a batch into n_inp inputs and the targets
         return dls
 
-    def _forced(self) -> tuple:
+    def forced(self) -> tuple:
         """Inputs and targets of teacher-forced stages (`kd_lib.forced`): per cached loader the images and the
-        teacher's stem to layer3 maps as the five stages' inputs, its five maps as their targets; nothing chained
-        through the student, so one cache serves the whole step."""
+        teacher's maps of the first to the last but one stage as the stages' inputs, all its maps as their targets;
+        nothing chained through the student, so one cache serves the whole step."""
         self._fill(True)
         maps, teacher = [self.t], frozen(self.teacher, self.dls.device)
-        for s in FEATURE_STAGES[1:]: maps.append(self._map(stage_part(teacher, s), maps[-1], free=False))
-        self.forced = maps[1:]  # freed by the next step; the images and the stem's maps are held as `x` and `t`
+        for s in self.stages.names[1:]: maps.append(self._map(self.stages.part(teacher, s, "teacher"), maps[-1],
+                                                              free=False))
+        self.later = maps[1:]  # freed by the next step; the images and the first stage's maps are `x` and `t`
         inputs = [[x, *(m[i] for m in maps[:-1])] for i, x in enumerate(self.x)]
-        return inputs, [[m[i] for m in maps] for i in range(len(self.x))], ForcedStages(self.student)
+        return inputs, [[m[i] for m in maps] for i in range(len(self.x))], ForcedStages(self.student, self.stages)
 
     def _fill(self, teacher: bool) -> None:
         "The images (the input of the first stage) and, with `teacher`, the teacher's first stage features."
         self._free()
-        fns = [nn.Sequential()] + ([stage_part(frozen(self.teacher, self.dls.device), "stem")] if teacher else [])
+        first = self.stages.names[0]
+        fns = [nn.Sequential()] + ([self.stages.part(frozen(self.teacher, self.dls.device), first, "teacher")]
+                                   if teacher else [])
         outs, self.y = [], []
         for dl, chunks in zip(self.loaders, self._chunks()):
-            y = torch.empty(len(dl.dataset), dtype=torch.long)
+            y = torch.empty(dl.n, dtype=torch.long)
             images = dl.new(shuffle=False, drop_last=False, get_idxs=lambda: [i for r in chunks for i in r])
             outs.append(self._run(fns, _labelled(zip(chunks, images), y), len(y)))
             self.y.append(y)
@@ -205,12 +213,13 @@ class FeatureCache:
     def _advance(self, first: int, target) -> None:
         "Chain the inputs on to stage `first`, the teacher's features on to `target` (None: drop them), stage by stage."
         while self.at < first:
-            self.x = self._map(stage_part(self.student, STAGES[self.at]), self.x)
+            self.x = self._map(self.stages.part(self.student, self.stages.all[self.at]), self.x)
             self.at += 1
         if target is None: return self._free_targets()
         while self.t_at < target:
             self.t_at += 1
-            self.t = self._map(stage_part(frozen(self.teacher, self.dls.device), STAGES[self.t_at]), self.t)
+            self.t = self._map(self.stages.part(frozen(self.teacher, self.dls.device), self.stages.all[self.t_at],
+                                                "teacher"), self.t)
 
     def _chunks(self) -> list:
         """Per split, ranges of items to compute together: the shapes of the batches the plain path runs
@@ -218,15 +227,16 @@ class FeatureCache:
         holds the very numbers the plain path computes (convolution kernels can depend on the batch size)."""
         res = []
         for dl in self.loaders:
-            n, bs = len(dl.dataset), dl.bs
+            n, bs = dl.n, dl.bs
             chunks = [range(i, min(i + bs, n)) for i in range(0, n, bs)]
             if dl.drop_last and n >= bs: chunks[-1] = range(n - bs, n)
             res.append(chunks)
         return res
 
     def _map(self, f: nn.Module, xs: list, free: bool = True) -> list:
-        "`f` applied to each split's cached tensor, which is freed unless `free` is False."
+        "`f` applied (on the loaders' device) to each split's cached tensor, which is freed unless `free` is False."
         dev = self.dls.device
+        f.to(dev)
         out = [self._run([f], ((r, _as_float(x[r.start:r.stop].to(dev))) for r in chunks), len(x))[0]
                for x, chunks in zip(xs, self._chunks())]
         if free:

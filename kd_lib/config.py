@@ -12,6 +12,7 @@ record's `params` (`params`), the runner's profile keys and defaults, and the no
 """
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from .methods import METHODS, get_method
 from .models import STUDENTS
 from .records import param_conflicts, run_name
 
-__all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
+__all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "CUSTOM", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
 
 GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
+CUSTOM = "custom"  # the dataset of a run given data loaders of its own (train_student(dls=...))
 MAX_SIZE = 2048  # the largest image side a run takes
 SCHEDULES = ("constant", "one_cycle")
 
@@ -85,6 +87,9 @@ class RunConfig:
                                          "rotation, zoom, lighting)")
     num_workers: int = option(0, "speed", "data-loading processes (to keep a GPU fed; with augmentation the "
                                           "random draws then differ)")
+    resident: typing.Optional[bool] = option(None, "speed", "images decoded once and held as one tensor (on the GPU "
+                                                            "under CUDA), batch transforms there: None where it fits, "
+                                                            "True always, False an image opened per item")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -106,7 +111,9 @@ class RunConfig:
 
     def check(self) -> None:
         "Raise ValueError naming the field and the fix when a value cannot make a sensible run."
-        _need(self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)}.")
+        _need(self.dataset in DATASETS or self.dataset == CUSTOM,
+              f"dataset={self.dataset!r}: choose one of {', '.join(DATASETS)} (or {CUSTOM!r}, data loaders of your "
+              "own given to train_student as dls=).")
         _need(self.dataset != "folder" or self.data_path, "dataset='folder' needs data_path, the root of its tree.")
         _need(self.size is None or 8 <= self.size <= MAX_SIZE,
               f"size={self.size}: give an image side of 8 to {MAX_SIZE} pixels (or None for the dataset's default).")
@@ -187,7 +194,8 @@ class StudentConfig(RunConfig):
     "A student run: `student` trained by `method` (a key of `kd_lib.methods.METHODS`)."
     kind: typing.ClassVar[str] = "student"
 
-    student: str = option("resnet10", "model", f"student model: {', '.join(STUDENTS)}")
+    student: str = option("resnet10", "model", f"student model: {', '.join(STUDENTS)}, or the name of a model of "
+                                               "your own (an nn.Module given to train_student as student)")
     method: str = option("stagewise", "method", f"a method of kd_lib.methods.METHODS: {', '.join(METHODS)} "
                                                 "(stagewise: the paper's)")
     teacher_path: typing.Optional[str] = option(None, "method", "the teacher's run folder or .pth (None: "
@@ -229,7 +237,9 @@ class StudentConfig(RunConfig):
     def check(self) -> None:
         super().check()
         method = get_method(self.method)
-        _need(self.student in STUDENTS, f"student={self.student!r}: choose one of {', '.join(STUDENTS)}.")
+        _need(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.student) is not None,
+              f"student={self.student!r}: choose one of {', '.join(STUDENTS)}, or name a model of your own with "
+              "letters, digits and _.+- only (it names the run's folder).")
         _need(0 < self.fraction <= 1, f"fraction={self.fraction}: a part of the training set, in (0, 1].")
         _need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         _need(self.patience is None or self.schedule == "constant",
@@ -259,11 +269,14 @@ class StudentConfig(RunConfig):
                                 "teacher loss over the whole student every batch: pass cache=False.")
 
     def check_device(self) -> None:
-        "Raise ValueError when the options ask for hardware this machine lacks (checked when the run starts)."
+        "Raise ValueError when the options ask for hardware this machine lacks (checked before anything is written)."
         import torch
         if self.amp and not torch.cuda.is_available():
             raise ValueError(f"amp={self.amp!r} needs a CUDA GPU (fastai's MixedPrecision autocasts on CUDA) and "
                              "there is none: pass amp=None.")
+        if self.amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"amp='bf16' needs a GPU with bfloat16 ({torch.cuda.get_device_name()} has none): pass "
+                             "amp='fp16' (with its loss scaling) or amp=None.")
 
 
 def _settings_doc(config: type) -> str:

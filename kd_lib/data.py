@@ -26,13 +26,17 @@ from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
-from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock, IndexSplitter, ItemGetter,
-                               Normalize, Resize, URLs, aug_transforms, get_image_files, imagenet_stats,
+import torch
+from fastai.torch_core import default_device
+from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock, IndexSplitter, IntToFloatTensor,
+                               ItemGetter, Normalize, Resize, URLs, aug_transforms, get_image_files, imagenet_stats,
                                untar_data)
 from PIL import Image
 from sklearn.datasets import load_digits
 
-__all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "DatasetError", "DatasetNotFoundError",
+from .resident import TensorLoader, decode, decoded_bytes, resident_loader
+
+__all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError", "DatasetNotFoundError",
            "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data", "trained_on", "check_no_leak"]
 
 URLS = {
@@ -44,6 +48,7 @@ DATASETS = ("digits", *URLS, "folder")
 SELECTIONS = ("valid", "test")
 CIFAR_STATS = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
 _SMALL = ("digits", "cifar10")  # default size 32; every other dataset 224
+RESIDENT_BYTES = 2 * 2**30  # decoded images held in CPU memory at the most (resident=None)
 PAPER_AUG = dict(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0.2, max_warp=0.2,
                  p_affine=0.75, p_lighting=0.75)  # fastai v1 get_transforms(do_flip=False)
 
@@ -65,13 +70,15 @@ class LeakageError(DatasetError):
 
 
 class KDDataLoaders(DataLoaders):
-    "fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info` and the `unused` items"
+    """fastai `DataLoaders` of (train, valid, test); `get_data` attaches `split_info`, the `items` of every split and
+    `loader`, which makes a loader of any items the way the valid split's is made (in order, no augmentation)."""
     test = property(lambda self: self[2])
-    unused = []  # (path, class) of the training part's items that `fraction` left out
+    items = {}  # per split (train, valid, test, unused): its (relative path, class) items
+    loader = None  # (relative path, class) items -> a loader of them, as the valid split's
 
     def unused_dl(self):
-        "A loader of the `unused` items (valid transforms, in order), or None when `fraction` left none out."
-        return self.test_dl(self.unused, with_labels=True) if self.unused else None
+        "A loader of the items `fraction` left out (valid transforms, in order), or None when it left none out."
+        return self.loader(self.items["unused"]) if self.items.get("unused") else None
 
 
 class _CenterResize(Resize):
@@ -80,9 +87,13 @@ class _CenterResize(Resize):
 
 
 def data_dir() -> Path:
-    "The project's data folder: `$KD_DATA` if set, else `<repo>/data`."
-    env = os.environ.get("KD_DATA")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "data"
+    """The project's data folder: `$KD_DATA` if set; else the repository's `data/` when kd_lib runs from a checkout
+    (an editable install); else, for a copy installed in site-packages, the user's cache folder
+    (`$XDG_CACHE_HOME/kd_lib`, by default `~/.cache/kd_lib`)."""
+    if env := os.environ.get("KD_DATA"): return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists(): return repo / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "kd_lib"
 
 
 def _portable(root: Path) -> str:
@@ -251,18 +262,68 @@ def _hash(items: list) -> str:
     return hashlib.sha256("".join(f"{p}\t{c}\n" for p, c in sorted(items)).encode()).hexdigest()[:12]
 
 
-def _dataloaders(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
-                 num_workers: int) -> KDDataLoaders:
-    "fastai loaders of `splits`: Resize item transform, paper augmentation (if `augment`) and Normalize batch ones."
+def _batch_tfms(augment: bool, stats: tuple) -> list:
+    "The batch transforms: bytes to floats, the paper's augmentation (if `augment`), normalisation by `stats`."
+    return [IntToFloatTensor(), *(aug_transforms(**PAPER_AUG) if augment else []), Normalize.from_stats(*stats)]
+
+
+def _per_item(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
+              num_workers: int) -> KDDataLoaders:
+    "fastai loaders of `splits`, an image opened per item: Resize item transform, then the batch transforms."
     train, valid = splits["train"], splits["valid"]
     items = [(root / p, c) for p, c in train + valid]
     block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab)), get_x=ItemGetter(0), get_y=ItemGetter(1),
                       splitter=IndexSplitter(range(len(train), len(items))),
                       item_tfms=Resize(size) if augment else _CenterResize(size),
-                      batch_tfms=[*(aug_transforms(**PAPER_AUG) if augment else []), Normalize.from_stats(*stats)])
+                      batch_tfms=_batch_tfms(augment, stats)[1:])  # ImageBlock brings IntToFloatTensor itself
     dls = block.dataloaders(items, path=root, bs=bs, num_workers=num_workers)
-    test = dls.test_dl([(root / p, c) for p, c in splits["test"]], with_labels=True)
-    return KDDataLoaders(dls.train, dls.valid, test, path=root)
+    def loader(its): return dls.test_dl([(root / p, c) for p, c in its], with_labels=True)
+    out = KDDataLoaders(dls.train, dls.valid, loader(splits["test"]), path=root)
+    out.loader = loader
+    return out
+
+
+def _resident(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
+              device) -> KDDataLoaders:
+    """Loaders of `splits` over their images decoded once (`kd_lib.resident`), on `device`: the batches of the
+    per-item path (bit for bit without augmentation), the batch transforms run on the device."""
+    device = device or default_device()  # where fastai's DataBlock puts its batches
+    decoded = decode(root, [o for v in splits.values() for o in v], _CenterResize(size), data_dir() / "decoded")
+    def loader(its, train=False):
+        return resident_loader(decoded, its, vocab, _batch_tfms(augment and train, stats), split_idx=0 if train else 1,
+                               device=device, bs=bs, shuffle=train, drop_last=train)
+    dls = KDDataLoaders(loader(splits["train"], train=True), loader(splits["valid"]), loader(splits["test"]),
+                        path=root, device=device)
+    dls.loader = loader
+    return dls
+
+
+def _fits(root: Path, splits: dict, size: int, augment: bool, device) -> str:
+    """Why the images of `splits` cannot be held decoded (`resident`), or '' when they can: the training images must
+    be square where the paper's random crop would move (with `augment`), and all of them fit the memory bound."""
+    n = sum(map(len, splits.values()))
+    bound = RESIDENT_BYTES if torch.device(device or "cpu").type != "cuda" else \
+        torch.cuda.mem_get_info(torch.device(device))[0] // 4
+    if decoded_bytes(n, size) > bound:
+        return f"{n} images of {size} px take {decoded_bytes(n, size) / 2**30:.1f} GiB, more than {bound / 2**30:.1f}"
+    if augment:
+        for rel, _ in splits["train"]:
+            with Image.open(root / rel) as im:
+                if im.size[0] != im.size[1]:
+                    return (f"{rel} is not square ({im.size[0]}x{im.size[1]}): the paper's random crop of it moves "
+                            "every epoch")
+    return ""
+
+
+def _dataloaders(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
+                 num_workers: int, resident, device) -> KDDataLoaders:
+    "The loaders of `splits`: resident where it fits and `resident` is not False (True: an error where it cannot)."
+    why = "" if resident is False else _fits(root, splits, size, augment, device)
+    if resident is True and why: raise DatasetError(f"resident=True cannot hold this data decoded: {why}. Pass "
+                                                    "resident=None (where it fits) or False (an image opened per item).")
+    if resident is not False and not why and num_workers == 0:
+        return _resident(root, splits, vocab, size, bs, augment, stats, device)
+    return _per_item(root, splits, vocab, size, bs, augment, stats, num_workers)
 
 
 def _check_args(name, fraction, selection, valid_pct, per_class=None):
@@ -279,7 +340,8 @@ def _check_args(name, fraction, selection, valid_pct, per_class=None):
 
 def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fraction: float = 1.0, seed: int = 0,
              selection: str = "valid", augment: bool = True, valid_pct: float = 0.2, skip_bad: bool = False,
-             num_workers: int = 0, per_class: int = None, split_seed: int = 0) -> KDDataLoaders:
+             num_workers: int = 0, per_class: int = None, split_seed: int = 0, resident: bool = None,
+             device=None) -> KDDataLoaders:
     """`KDDataLoaders` (train, valid, test) of dataset `name` (one of `DATASETS`), with `dls.split_info`.
 
     `path`: dataset root used as is (nothing downloaded; required for "folder"). `size`: image side
@@ -291,6 +353,11 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     `per_class`: only that many images of each class of the training folder take part (drawn with a fixed
     seed, the same for every run), for a smaller version of a large dataset; the test set stays whole.
     `augment=False`: Resize (centre crop) and Normalize only. `skip_bad`: leave out unreadable images.
+    `resident`: the images decoded once into one uint8 tensor on `device` (default: fastai's, the GPU where there is
+    one) and the batch transforms run there (`kd_lib.resident`); None: where it fits (`_fits`: square training
+    images or no augmentation, under `RESIDENT_BYTES` on the CPU, a quarter of a GPU's free memory), True: always
+    (an error where it cannot), False: an image opened, resized and converted per item per epoch (fastai's
+    DataBlock). `dls.split_info["resident"]` says which path it took.
 
     `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path` (relative to `data_dir()`
     when inside it, so a record names no machine's folders), `test_folder`,
@@ -310,8 +377,7 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
                            f"drops its last partial batch and would be empty; lower bs.")
     size = size or (32 if name in _SMALL else 224)
     stats = _digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
-    dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers)
-    dls.unused = [(root / p, c) for p, c in splits["unused"]]
+    dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers, resident, device)
     dls.items = splits
     dls.split_info = dict(
         name=name, path=_portable(root), size=size, bs=bs, fraction=fraction, seed=seed, split_seed=split_seed,
@@ -320,7 +386,8 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
         vocab=vocab, sizes={k: len(v) for k, v in splits.items()},
         counts={k: {c: counts[k][c] for c in vocab} for k in splits},
         hashes={k: _hash(v) for k, v in splits.items()},
-        stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad)
+        stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad,
+        resident=isinstance(dls.train, TensorLoader))
     return dls
 
 

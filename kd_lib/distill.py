@@ -1,9 +1,10 @@
-"""Distillation as fastai callbacks: teacher feature targets, stage freezing and the extra losses.
+"""Distillation as fastai callbacks: teacher feature targets, stage freezing and the extra losses. Every one
+takes the models' `kd_lib.stages.Stages`, so it works on any teacher/student pair.
 
 * `stage_features`: a model's feature maps at named stages, captured with fastai
-  hooks, running the body only as far as needed (or, the paper's way, all of it).
+  hooks, running the model only as far as needed (or, the paper's way, all of it).
 * `feature_mse`: how far a student's own feature maps are from the teacher's, stage by stage.
-* `StudentStage`: the student as far as one stage, the model of a stagewise Learner.
+* `StudentStage`: the student as far as one stage (and its adapter), the model of a stagewise Learner.
 * `TeacherFeatures`: swaps the labels of each batch for the frozen teacher's
   feature map, so an MSE loss distils that stage (stagewise, FitNets hints).
 * `FreezeOthers`: freezes what the optimizer does not train, BatchNorm included.
@@ -14,40 +15,42 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.hook import HookCallback, hook_outputs
+from fastai.callback.hook import HookCallback
 from fastai.callback.training import set_bn_eval
 from fastcore.basics import store_attr
 from torch import nn
 
-from .models import FEATURE_STAGES, STAGE_SLICES, evaluating, stage_modules
+from .models import evaluating
+from .stages import Stages, outputs
 
 __all__ = ["stage_features", "feature_mse", "frozen", "StudentStage", "TeacherFeatures", "FreezeOthers", "TeacherLoss",
            "FeatureLoss", "SoftTargets"]
 
 
-def stage_features(model: nn.Module, x: torch.Tensor, stages=FEATURE_STAGES, truncate: bool = True) -> list:
-    """Feature maps of `model` at `stages` for the batch `x`, by fastai hooks on the stage modules.
+def stage_features(model: nn.Module, x: torch.Tensor, stages: Stages, names=None, side: str = "student",
+                   truncate: bool = True) -> list:
+    """Feature maps of `model` (the `side` of `stages`) at the stages `names` (default: all feature stages) for the
+    batch `x`, by fastai hooks on the stages' output modules. With `truncate` the model runs only as far as the
+    last of them; without it the whole model runs, as the paper's code did. Both give the same tensors."""
+    return outputs(model, x, [stages.output(model, n, side) for n in (names or stages.names)], truncate)
 
-    With `truncate` only the body up to the last of `stages` runs; without it the
-    whole model runs, as the paper's code did. Both give the same tensors.
-    """
-    mods = stage_modules(model)
-    with hook_outputs([mods[s] for s in stages], detach=False) as hooks:
-        if truncate: model.body[:max(STAGE_SLICES[s].stop for s in stages)](x)
-        else: model(x)
-    return hooks.stored
+
+def _adapted(adapters, name: str, m: torch.Tensor) -> torch.Tensor:
+    "A student's map `m` of stage `name` through its adapter (`kd_lib.stages.adapter`), when it has one."
+    return adapters[name](m) if adapters is not None and name in adapters else m
 
 
 @torch.no_grad()
-def feature_mse(student: nn.Module, teacher: nn.Module, dl, stages=FEATURE_STAGES) -> dict:
+def feature_mse(student: nn.Module, teacher: nn.Module, dl, stages: Stages, adapters: nn.ModuleDict = None) -> dict:
     """Per stage, the MSE between the feature maps of `student`, composed (each stage on its own stages'
-    output), and of `teacher` on the batches of `dl`, both in eval mode: how far a distilled student drifts
-    from its teacher stage by stage."""
-    total, n = dict.fromkeys(stages, 0.0), 0
-    with evaluating(student, teacher):
-        for xb, _ in dl:
-            for s, a, b in zip(stages, stage_features(student, xb, stages), stage_features(teacher, xb, stages)):
-                total[s] += float(F.mse_loss(a, b)) * len(xb)
+    output; through its adapter where it has one), and of `teacher` on the batches of `dl`, all in eval mode: how
+    far a distilled student drifts from its teacher stage by stage."""
+    total, n = dict.fromkeys(stages.names, 0.0), 0
+    with evaluating(student, teacher, *([adapters] if adapters is not None else [])):
+        for xb, *_ in dl:
+            pairs = zip(stages.names, stage_features(student, xb, stages),
+                        stage_features(teacher, xb, stages, side="teacher"))
+            for s, a, b in pairs: total[s] += float(F.mse_loss(_adapted(adapters, s, a), b)) * len(xb)
             n += len(xb)
     return {s: v / max(n, 1) for s, v in total.items()}
 
@@ -58,25 +61,32 @@ def frozen(teacher: nn.Module, device=None) -> nn.Module:
 
 
 class StudentStage(nn.Module):
-    "The student as far as feature `stage`: its output is that stage's feature map."
-    def __init__(self, student: nn.Module, stage: str, truncate: bool = True):
+    """The student as far as feature `stage` of `stages`: its output is that stage's feature map, through the
+    stage's `adapter` when the student's map differs from the teacher's (the adapter trains with the stage)."""
+    def __init__(self, student: nn.Module, stages: Stages, stage: str, truncate: bool = True,
+                 adapter: nn.Module = None):
         super().__init__()
         store_attr()
 
-    def forward(self, x): return stage_features(self.student, x, [self.stage], self.truncate)[0]
+    def forward(self, x):
+        m = stage_features(self.student, x, self.stages, [self.stage], truncate=self.truncate)[0]
+        return self.adapter(m) if self.adapter is not None else m
 
 
 class TeacherFeatures(Callback):
-    """Replace each batch's labels by the teacher's feature map at `stage` (no_grad, eval), the target of an
-    MSE loss; in validation too unless `run_valid` is False (validation targets come from a cache)."""
+    """Replace each batch's labels by the teacher's feature map at `stage` of `stages` (no_grad, eval), the
+    target of an MSE loss; in validation too unless `run_valid` is False (validation targets come from a cache)."""
     order = MixedPrecision.order + 1  # the teacher runs under MixedPrecision's autocast too, before the loss reads yb
 
-    def __init__(self, teacher: nn.Module, stage: str, truncate: bool = True, run_valid: bool = True): store_attr()
+    def __init__(self, teacher: nn.Module, stages: Stages, stage: str, truncate: bool = True, run_valid: bool = True):
+        store_attr()
+
     def before_fit(self): frozen(self.teacher, self.dls.device)
 
     def before_batch(self):
         with torch.no_grad():
-            self.learn.yb = tuple(stage_features(self.teacher, self.x, [self.stage], self.truncate))
+            self.learn.yb = tuple(stage_features(self.teacher, self.x, self.stages, [self.stage], "teacher",
+                                                 self.truncate))
 
 
 class FreezeOthers(Callback):
@@ -127,22 +137,23 @@ class TeacherLoss(Callback):
 
 class FeatureLoss(TeacherLoss, HookCallback):
     """Simultaneous training of `student`: cross entropy + `weight` x the sum of the MSEs between its feature
-    maps and the teacher's at `stages`; its maps come from fastai hooks (`HookCallback`) on its stage modules."""
-    def __init__(self, teacher: nn.Module, student: nn.Module, stages=FEATURE_STAGES, weight: float = 1.0,
-                 truncate: bool = True):
-        mods = stage_modules(student)
-        super().__init__(modules=[mods[s] for s in stages], detach=False, cpu=False)
-        store_attr("teacher,stages,weight,truncate")
+    maps (through `adapters` where they differ) and the teacher's at every feature stage of `stages`; its maps come
+    from fastai hooks (`HookCallback`) on its stage modules."""
+    def __init__(self, teacher: nn.Module, student: nn.Module, stages: Stages, weight: float = 1.0,
+                 truncate: bool = True, adapters: nn.ModuleDict = None):
+        super().__init__(modules=[stages.output(student, n) for n in stages.names], detach=False, cpu=False)
+        store_attr("teacher,stages,weight,truncate,adapters")
 
     def before_fit(self):
         TeacherLoss.before_fit(self)  # the teacher frozen; neither base's before_fit calls the other's
         HookCallback.before_fit(self)  # the hooks registered (HookCallback.after_fit removes them)
 
     def hook(self, m, i, o): return o
-    def teacher_out(self, x): return stage_features(self.teacher, x, self.stages, self.truncate)
+    def teacher_out(self, x): return stage_features(self.teacher, x, self.stages, side="teacher", truncate=self.truncate)
 
     def extra(self, pred):
-        return self.weight * sum(F.mse_loss(s, t) for s, t in zip(self.hooks.stored, self.target))
+        return self.weight * sum(F.mse_loss(_adapted(self.adapters, n, s), t)
+                                 for n, s, t in zip(self.stages.names, self.hooks.stored, self.target))
 
 
 class SoftTargets(TeacherLoss):

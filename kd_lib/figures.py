@@ -22,7 +22,8 @@ from matplotlib.patches import FancyBboxPatch, Rectangle
 
 from .distill import stage_features
 from .methods import METHODS
-from .models import BLOCKS, FEATURE_STAGES, evaluating, resnet, stage_shapes
+from .models import BLOCKS, evaluating, resnet
+from .stages import Stages
 from .results import PAPER_DATASETS, fraction_label, method_order, n_layers, paper_as_records, summary, teachers
 
 __all__ = ["Figure", "accuracy_vs_layers", "figure3", "figure4", "paper_figure", "history_figure",
@@ -213,16 +214,19 @@ def _picture(f: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def feature_maps_figure(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor,
-                        stages=FEATURE_STAGES, image: np.ndarray = None) -> Figure:
-    """For one image `x` (1 x C x H x W, normalised as in training): each stage's feature map, a row for the
-    teacher and a row for the student (either may be None), a column per stage, one colour scale per column,
-    the MSE between the two maps under the student's. A map is drawn as its channel mean; a map of 4 pixels
-    or fewer (the deep stages of small images) as its channels' means on a grid."""
+                        stages: Stages = None, image: np.ndarray = None) -> Figure:
+    """For one image `x` (1 x C x H x W, normalised as in training): each feature stage's map (`stages`, default
+    the paper's), a row for the teacher and a row for the student (either may be None), a column per stage, one
+    colour scale per column, the MSE between the two maps under the student's (where their shapes agree). A map is
+    drawn as its channel mean; a map of 4 pixels or fewer (the deep stages of small images) as its channels' means
+    on a grid."""
+    stages = stages or Stages.paper()
     rows = [(n, m) for n, m in (("teacher", teacher), ("student", student)) if m is not None]
     with evaluating(*(m for _, m in rows)):
-        maps = {name: [f[0] for f in stage_features(m, x.to(next(m.parameters()).device), list(stages))]
+        maps = {name: [f[0] for f in stage_features(m, x.to(next(m.parameters()).device), stages, side=name)]
                 for name, m in rows}
-    ncols = len(stages) + 1
+    names = stages.names
+    ncols = len(names) + 1
     fig = Figure(figsize=(1.9 * ncols, 2.0 * max(len(rows), 1) + 0.5), layout="constrained")
     axes = np.array(fig.subplots(max(len(rows), 1), ncols, squeeze=False))
     img = image if image is not None else x[0].float().mean(0).cpu().numpy()
@@ -231,7 +235,7 @@ def feature_maps_figure(teacher: torch.nn.Module, student: torch.nn.Module, x: t
         axes[i, 0].imshow(img, cmap="gray" if np.ndim(img) == 2 else None)
         axes[i, 0].set_title("input" if i == 0 else "", fontsize=8)
         axes[i, 0].set_ylabel(name, fontsize=10)
-        for j, s in enumerate(stages):
+        for j, s in enumerate(names):
             a, f = axes[i, j + 1], maps[name][j]
             pics = [_picture(maps[n][j]) for n, _ in rows]
             vmin, vmax = min(p.min() for p in pics), max(p.max() for p in pics)
@@ -239,7 +243,7 @@ def feature_maps_figure(teacher: torch.nn.Module, student: torch.nn.Module, x: t
             c, h, w = f.shape
             gridded |= h * w <= 4
             if i == 0: a.set_title(f"{s}\n{c}x{h}x{w}" + (" (channels)" if h * w <= 4 else ""), fontsize=8)
-            if i == len(rows) - 1 and len(rows) == 2:
+            if i == len(rows) - 1 and len(rows) == 2 and maps["student"][j].shape == maps["teacher"][j].shape:
                 mse = float(torch.nn.functional.mse_loss(maps["student"][j].float(), maps["teacher"][j].float()))
                 a.set_xlabel(f"MSE {mse:.3g}", fontsize=8)
     for a in axes.ravel(): a.set_xticks([]); a.set_yticks([])
@@ -253,7 +257,7 @@ def stage_diagram(student: str = "resnet10", size: int = 224, teacher: str = "re
     """Teacher (top) and student (bottom) drawn stage by stage from their block counts, with the five hook
     points where feature maps are matched (red; their shapes at `size` px measured by running the student)
     and the order in which stagewise training trains the student's parts (stage 0 to 5)."""
-    shapes = stage_shapes(resnet(student, 10), size)
+    shapes = Stages.paper().shapes(resnet(student, 10), torch.zeros(1, 3, size, size))
     parts = ["stem", "maxpool", "layer1", "layer2", "layer3", "layer4", "head"]
     widths = dict(stem=1.25, maxpool=0.45, layer1=1.5, layer2=1.5, layer3=1.5, layer4=1.5, head=1.45)
     gap, x, pos = 0.45, {}, 0.0
@@ -284,7 +288,7 @@ def stage_diagram(student: str = "resnet10", size: int = 224, teacher: str = "re
         ax.text(-0.25, y + h / 2, f"{'teacher' if name == teacher else 'student'}\n{name}", ha="right",
                 va="center", fontsize=10, weight="bold")
     # hook points: the output of each feature stage (the stem's ReLU, before the max pool; each layer)
-    for k, st in enumerate(FEATURE_STAGES):
+    for k, st in enumerate(shapes):
         xe = x[st] + widths[st] + gap / 2
         ax.plot([xe, xe], [h, yt], color="tab:red", ls="--", lw=1.3)
         ax.plot([xe, xe], [h / 2, yt + h / 2], "o", color="tab:red", ms=6)

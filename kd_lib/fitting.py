@@ -30,7 +30,8 @@ from fastcore.foundation import L
 from .models import evaluating
 from .records import save_weights
 
-__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW", "CONVERGENCE_RULE",
+__all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW", "STATE_EVERY_S",
+           "CONVERGENCE_RULE",
            "MonitorNoise", "last_gain", "convergence", "BestCheckpoint", "one_cycle", "fit", "forget_fit", "evaluate",
            "quiet"]
 
@@ -95,6 +96,7 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
 
 
 WINDOW = 5  # the fewest last epochs whose trend judges a fit's convergence
+STATE_EVERY_S = 120.0  # a fit's resume state is written at most this often (and after its first and last epochs)
 CONVERGENCE_RULE = ("a fit converged when the least-squares slope of its monitored value over its last k epochs "
                     f"(k: the larger of {WINDOW} and a tenth of the epochs it ran), carried on for k epochs more, would "
                     "improve that value by no more than its noise, the standard error of one epoch's value on the "
@@ -182,17 +184,18 @@ def _load_opt_state(opt, sd: dict) -> None:
 class BestCheckpoint(TrackerCallback):
     """fastai's `TrackerCallback` (track the best `monitor`) that saves the best epoch's weights as `fname`
     and reloads them at the end, weights-only, as `SaveModelCallback` does (without its print per improvement),
-    and that also saves, after every epoch and atomically, all a killed run needs to resume exactly:
-    weights, optimizer, random states, smoothed loss, history, the best so far and the time spent.
+    and that also saves atomically all a killed run needs to resume exactly: weights, optimizer (and fp16's loss
+    scaler), random states, smoothed loss, history, the best so far and the time spent; after its first epoch, then
+    at most every `state_every_s` seconds of training (a kill loses at most that much), and after its last.
     With `patience`, it stops the fit once `patience` epochs have passed without a real improvement
     (`last_gain`: one beyond the monitored value's noise, `<monitor>_se` in the history); `extras`
     (name -> function) adds values measured after every epoch to the history."""
     order = TrackerCallback.order + 1
 
     def __init__(self, monitor: str, fname: str, state_path: Path, state: dict = None, patience: int = None,
-                 extras: dict = None):
+                 extras: dict = None, state_every_s: float = STATE_EVERY_S):
         super().__init__(monitor=monitor)
-        store_attr("fname,state_path,state,patience,extras")
+        store_attr("fname,state_path,state,patience,extras,state_every_s")
 
     def before_fit(self):
         super().before_fit()
@@ -200,10 +203,13 @@ class BestCheckpoint(TrackerCallback):
         self.history, self.best_epoch = list(s.get("history", [])), s.get("best_epoch")
         self.stopped_early = s.get("stopped_early", False)
         self.elapsed, self.cpu_s = s.get("elapsed", 0.), s.get("cpu", 0.)
+        self.saved_at = None  # when the resume state was last written (None: not yet in this process)
         if s:
             self.best = s["best"]
             self.learn.model.load_state_dict(s["model"])
             _load_opt_state(self.learn.opt, s["opt"])
+            if s.get("scaler") and getattr(self.learn, "scaler", None) is not None:  # fp16's loss scale, and its steps
+                self.learn.scaler.load_state_dict(s["scaler"])
             count, val = s["smooth_loss"]
             self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = count, torch.tensor(val)
             _set_rng_state(s["rng"], self.dls)
@@ -223,11 +229,16 @@ class BestCheckpoint(TrackerCallback):
         self.stopped_early = self.patience is not None and epoch - gained >= self.patience
         t, c = time.perf_counter(), time.process_time()
         self.elapsed, self.cpu_s, self.t0, self.c0 = self.elapsed + t - self.t0, self.cpu_s + c - self.c0, t, c
-        state = dict(model=self.learn.model.state_dict(), opt=_plain(self.opt.state_dict()),
-                     rng=_rng_state(self.dls), history=self.history, best=float(self.best),
-                     best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s, stopped_early=self.stopped_early,
-                     smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
-        save_weights(self.state_path, state)
+        last = self.stopped_early or self.epoch + 1 >= self.n_epoch
+        if last or self.saved_at is None or t - self.saved_at >= self.state_every_s:
+            scaler = getattr(self.learn, "scaler", None)
+            state = dict(model=self.learn.model.state_dict(), opt=_plain(self.opt.state_dict()),
+                         rng=_rng_state(self.dls), history=self.history, best=float(self.best),
+                         best_epoch=self.best_epoch, elapsed=self.elapsed, cpu=self.cpu_s,
+                         stopped_early=self.stopped_early, scaler=scaler.state_dict() if scaler is not None else None,
+                         smooth_loss=(self.recorder.smooth_loss.count, float(self.recorder.smooth_loss.val)))
+            save_weights(self.state_path, state)
+            self.saved_at = t
         if self.stopped_early: raise CancelFitException()
 
     def after_fit(self):
@@ -280,7 +291,7 @@ def forget_fit(learn: Learner, name: str, run: Path) -> None:
 
 
 def evaluate(learn: Learner) -> dict:
-    "Valid and test accuracy (%) of the learner's model (loaders 1 and 2 of `learn.dls`)."
+    "Valid and test accuracy (%) of the learner's model (loaders 1 and 2 of `learn.dls`; None without a test one)."
     with learn.no_bar():
-        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4)
-                for k, i in (("valid", 1), ("test", 2))}
+        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) if i < len(learn.dls.loaders)
+                else None for k, i in (("valid", 1), ("test", 2))}

@@ -1,11 +1,12 @@
-"""Teacher-forced stages (Parallel Blockwise KD): the five feature stages of a student trained at once, each
-on the teacher's feature map of the stage before it as its input and the teacher's map of its own stage as its
-target. No stage waits for the one before, so one teacher pass per batch serves all five.
+"""Teacher-forced stages (Parallel Blockwise KD): the feature stages of a student trained at once, each on the
+teacher's feature map of the stage before it as its input and the teacher's map of its own stage as its target.
+No stage waits for the one before, so one teacher pass per batch serves them all. The maps must match in shape
+(the teacher's map is the student stage's input): a pair whose widths differ is refused.
 
-* `ForcedStages`: the student's five stage parts, each on its own input; the model of the step.
-* `TeacherInputs`: runs the frozen teacher once per batch as far as layer4 (eval, no gradients) and gives the
-  stages their inputs and targets.
-* `forced_loss`, `stage_mse`: the sum of the five MSEs (the loss), and each one as a metric.
+* `ForcedStages`: the student's stage parts, each on its own input; the model of the step.
+* `TeacherInputs`: runs the frozen teacher once per batch as far as its last stage (eval, no gradients) and gives
+  the stages their inputs and targets.
+* `forced_loss`, `stage_mse`: the sum of the stages' MSEs (the loss), and each one as a metric.
 * `BestStages`: keeps for each stage the weights of the epoch of its own lowest valid MSE.
 """
 import math
@@ -19,29 +20,30 @@ from torch import nn
 
 from .distill import TeacherFeatures, stage_features
 from .fitting import BestCheckpoint
-from .models import FEATURE_STAGES, stage_part
 from .records import save_weights
+from .stages import Stages
 
 __all__ = ["ForcedStages", "TeacherInputs", "forced_loss", "stage_mse", "BestStages"]
 
 
 class ForcedStages(nn.Module):
-    "The five feature stages of `student`, stage k applied to input k (the image for the stem): one output each."
-    def __init__(self, student: nn.Module):
+    "The feature stages of `student`, stage k applied to input k (the image for the first): one output each."
+    def __init__(self, student: nn.Module, stages: Stages):
         super().__init__()
-        self.parts = nn.ModuleList(stage_part(student, s) for s in FEATURE_STAGES)
+        self.parts = nn.ModuleList(stages.part(student, s) for s in stages.names)
 
     def forward(self, x, *inputs): return tuple(p(i) for p, i in zip(self.parts, (x, *inputs)))
 
 
 class TeacherInputs(TeacherFeatures):
-    """`TeacherFeatures` for all five stages: the teacher's maps of the stem to layer3 become the inputs of
-    layer1 to layer4 (after the image, the stem's), all five the targets. The teacher runs once, to layer4."""
-    def __init__(self, teacher: nn.Module, run_valid: bool = True):  # False: the valid maps come from a cache
-        super().__init__(teacher, FEATURE_STAGES[-1], truncate=True, run_valid=run_valid)
+    """`TeacherFeatures` for every stage: the teacher's maps of the first to the last but one stage become the
+    inputs of the second to the last (after the image, the first's), all of them the targets. The teacher runs
+    once, to the last stage."""
+    def __init__(self, teacher: nn.Module, stages: Stages, run_valid: bool = True):  # False: valid maps cached
+        super().__init__(teacher, stages, stages.names[-1], truncate=True, run_valid=run_valid)
 
     def before_batch(self):
-        with torch.no_grad(): maps = stage_features(self.teacher, self.x, FEATURE_STAGES, truncate=True)
+        with torch.no_grad(): maps = stage_features(self.teacher, self.x, self.stages, side="teacher")
         self.learn.xb, self.learn.yb = (self.x, *maps[:-1]), tuple(maps)
 
 
@@ -52,9 +54,8 @@ def forced_loss(preds, *targets, reduction: str = "mean") -> torch.Tensor:
     return sum(F.mse_loss(p, t) for p, t in zip(preds, targets))
 
 
-def stage_mse(stage: str):
-    "A metric: the MSE of `stage` alone, named `mse_<stage>`."
-    k = FEATURE_STAGES.index(stage)
+def stage_mse(stage: str, k: int):
+    "A metric: the MSE of `stage`, the `k`-th output, alone, named `mse_<stage>`."
     def mse(preds, *targets): return F.mse_loss(preds[k], targets[k])
     mse.__name__ = f"mse_{stage}"
     return mse
@@ -66,22 +67,23 @@ class BestStages(Callback):
     best values come from `BestCheckpoint`'s history, so a resumed fit keeps the same ones."""
     order = BestCheckpoint.order + 1
 
-    def __init__(self, student: nn.Module, run: Path, step: str): store_attr()
+    def __init__(self, student: nn.Module, stages: Stages, run: Path, step: str): store_attr()
     def _path(self, stage: str) -> Path: return Path(self.run) / "models" / f"{self.step}-{stage}.pth"
 
     def before_fit(self):
         self.ckpt = next(cb for cb in self.learn.cbs if isinstance(cb, BestCheckpoint))
-        self.best = {s: min((h[f"mse_{s}"] for h in self.ckpt.history), default=math.inf) for s in FEATURE_STAGES}
+        self.best = {s: min((h[f"mse_{s}"] for h in self.ckpt.history), default=math.inf) for s in self.stages.names}
 
     def after_epoch(self):
         last = self.ckpt.history[-1]
-        for s in FEATURE_STAGES:
+        for s in self.stages.names:
             if last[f"mse_{s}"] < self.best[s]:
                 self.best[s] = last[f"mse_{s}"]
-                save_weights(self._path(s), stage_part(self.student, s).state_dict())
+                save_weights(self._path(s), self.stages.part(self.student, s).state_dict())
 
     def after_fit(self):
-        for s in FEATURE_STAGES:
+        for s in self.stages.names:
             if (path := self._path(s)).exists():
-                stage_part(self.student, s).load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+                self.stages.part(self.student, s).load_state_dict(torch.load(path, weights_only=True,
+                                                                             map_location="cpu"))
                 path.unlink()

@@ -1,41 +1,32 @@
-"""The distillation methods, each defined once: a `Method` says what a method trains, step by step, which
-callbacks it adds, what it needs and how the book draws it. `METHODS` is the registry, in display order.
+"""The distillation methods, each defined once: a `Method` says what a method trains, step by step (the steps
+of `kd_lib.steps`, made for the run's `kd_lib.stages.Stages`), which callbacks it adds, what it needs and how the
+book draws it. `METHODS` is the registry, in display order.
 
-    from kd_lib.methods import Method, Step, register
-    register(Method("head_only", (Step("head", ("head",)),), needs_teacher=False, color="tab:gray"))
+    from kd_lib.methods import Method, register
+    from kd_lib.steps import Labels
+    register(Method("head_only", (Labels("head", ("head",)),), needs_teacher=False, color="tab:gray"))
 
-makes ``train_student(method="head_only")``, the runner, the profiles and the figures know it.
+makes ``train_student(method="head_only")``, the profiles and the figures know it; for the runner's notebooks
+(which run in kernels of their own), put the definition in a module and name it in the profile's `imports`.
 """
 from dataclasses import dataclass
 from typing import Callable
 
 from .distill import FeatureLoss, SoftTargets
-from .models import FEATURE_STAGES, STAGES
+from .stages import Stages
+from .steps import Features, Forced, Labels
 
-__all__ = ["FORCED", "Step", "Method", "METHODS", "STAGEWISE", "FORCED_STAGES", "register", "get_method"]
-
-
-FORCED = "forced"  # the target of a step that trains the feature stages teacher-forced (kd_lib.forced)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One fit of a method: train the stages `parts` on `target`, a teacher feature stage (MSE), 'labels', or
-    `FORCED` (every feature stage at once on the teacher's inputs and maps); for the configuration's field
-    `epochs` or another one it names (a budget control: its twin's epochs, `Method.budget_of`)."""
-    name: str
-    parts: tuple = tuple(STAGES)
-    target: str = "labels"
-    epochs: str = "epochs"
+__all__ = ["Method", "METHODS", "register", "get_method"]
 
 
 @dataclass(frozen=True)
 class Method:
     """A distillation method.
 
-    `steps` run in order, each from the best checkpoint of the one before. A step with a feature target
-    trains on the MSE to the teacher's map there; a label step trains on the cross entropy, plus what
-    `callbacks(teacher, student, config)` adds (fastai callbacks, for example a teacher term in the loss).
+    `steps`: the steps (`kd_lib.steps`), in order, each from the best checkpoint of the one before; a tuple, or a
+    function of the run's `Stages` giving one (a method defined for any cut of the models). A `Features` step
+    trains on the MSE to the teacher's map there; a `Labels` step trains on the cross entropy, plus what
+    `callbacks(setting)` adds (fastai callbacks given the run's `kd_lib.steps.Setting`, e.g. a teacher term).
     `needs_teacher`: a trained teacher must exist before the method runs. `cacheable`: every step trains
     some stages on one target, so `kd_lib.cache.FeatureCache` can serve it (`config.cache`). `color` and
     `marker` draw it in the figures; `cost` is the time of one epoch relative to no_teacher's (the runner's
@@ -45,7 +36,7 @@ class Method:
     stopping: a control given the other method's budget of optimizer steps on the same data.
     """
     name: str
-    steps: tuple
+    steps: object
     needs_teacher: bool = True
     cacheable: bool = False
     callbacks: Callable = None
@@ -56,20 +47,22 @@ class Method:
     budget_of: str = None
     description: str = ""
 
-    def label_callbacks(self, teacher, student, config) -> list:
-        "The callbacks this method adds to a label step's Learner of `student` (none by default)."
-        return list(self.callbacks(teacher, student, config)) if self.callbacks else []
+    def steps_for(self, stages: Stages = None) -> tuple:
+        "The steps of this method for `stages` (default: the paper's)."
+        return tuple(self.steps(stages or Stages.paper()) if callable(self.steps) else self.steps)
+
+    def label_callbacks(self, setting) -> list:
+        "The callbacks this method adds to a label step's Learner (none by default), given the run's `Setting`."
+        return list(self.callbacks(setting)) if self.callbacks else []
 
     def epoch_cost(self, cached: bool = False) -> float:
         """The relative time of one epoch (`epochs` of the configuration) of this method, with the cache when
         `cached`; a budget control's is that of one epoch per step of the method whose budget it takes."""
-        steps = len(METHODS[self.budget_of].steps) if self.budget_of else 1
+        steps = len(METHODS[self.budget_of].steps_for()) if self.budget_of else 1
         return steps * (self.cached_cost if cached and self.cached_cost is not None else self.cost)
 
 
 METHODS: dict = {}  # name -> Method, in display order
-STAGEWISE = tuple(Step(s, (s,), s) for s in FEATURE_STAGES) + (Step("head", ("head",)),)  # the paper's six steps
-FORCED_STAGES = Step("stages", tuple(FEATURE_STAGES), FORCED)
 
 
 def register(method: Method) -> Method:
@@ -84,33 +77,44 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-register(Method("no_teacher", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:blue", marker="o",
+def _all(st: Stages) -> tuple: return (Labels("all", tuple(st.all)),)
+def _head() -> Labels: return Labels("head", ("head",))
+def _stagewise(st: Stages) -> tuple: return tuple(Features(s, (s,), target=s) for s in st.names) + (_head(),)
+def _forced(st: Stages) -> Forced: return Forced("stages", tuple(st.names))
+
+
+def _fitnets(st: Stages) -> tuple:
+    "A hint at the middle feature stage (layer2 of the paper's five), then the rest on the labels."
+    k = len(st.names) // 2
+    return (Features("hint", tuple(st.names[:k + 1]), target=st.names[k]),
+            Labels("classifier", (*st.names[k + 1:], "head")))
+
+
+register(Method("no_teacher", _all, needs_teacher=False, cacheable=True, color="tab:blue", marker="o",
                 description="the student alone, on the labels"))
-register(Method("no_teacher_budget", (Step("all"),), needs_teacher=False, cacheable=True, color="tab:cyan",
+register(Method("no_teacher_budget", _all, needs_teacher=False, cacheable=True, color="tab:cyan",
                 marker="P", budget_of="stagewise",
                 description="no_teacher given stagewise's budget: as many epochs as its stagewise twin used in all "
                             "(its optimizer steps on the same data), one-cycle, no early stopping"))
-register(Method("simultaneous", (Step("all"),),
-                callbacks=lambda teacher, student, c: [FeatureLoss(teacher, student, truncate=c.truncate)],
+register(Method("simultaneous", _all,
+                callbacks=lambda s: [FeatureLoss(s.teacher, s.student, s.stages, truncate=s.config.truncate,
+                                                 adapters=s.adapters)],
                 color="tab:orange", marker="s", cost=1.4,
-                description="the whole student on the labels plus the five feature MSEs at once"))
-register(Method("stagewise", STAGEWISE,
-                cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
+                description="the whole student on the labels plus the feature MSEs of every stage at once"))
+register(Method("stagewise", _stagewise, cacheable=True, color="tab:green", marker="^", cost=3.4, cached_cost=1.3,
                 description="the paper's: each feature stage on the MSE to the teacher's, in order, then the head"))
-register(Method("teacher_forced", (FORCED_STAGES, STAGEWISE[-1]), cacheable=True, color="tab:red", marker="X",
+register(Method("teacher_forced", lambda st: (_forced(st), _head()), cacheable=True, color="tab:red", marker="X",
                 cost=1.5,
-                description="the five feature stages at once, each on the teacher's map before it (teacher "
+                description="the feature stages at once, each on the teacher's map before it (teacher "
                             "forcing), then the head"))
 register(Method("teacher_forced_finetune",
-                (FORCED_STAGES, *(Step(f"{s.name}_finetune", s.parts, s.target, "finetune_epochs")
-                                  for s in STAGEWISE[:-1]), STAGEWISE[-1]),
+                lambda st: (_forced(st), *(Features(f"{s}_finetune", (s,), "finetune_epochs", target=s)
+                                           for s in st.names), _head()),
                 cacheable=True, color="tab:pink", marker="*", cost=2.0,
                 description="teacher_forced, then each stage in turn on the student's own inputs for "
                             "finetune_epochs (the drift repaired), then the head"))
-register(Method("hinton", (Step("all"),), callbacks=lambda teacher, student, c: [SoftTargets(teacher, c.T, c.alpha)],
+register(Method("hinton", _all, callbacks=lambda s: [SoftTargets(s.teacher, s.config.T, s.config.alpha)],
                 color="tab:purple", marker="D", cost=1.3,
                 description="Hinton et al.'s soft targets at temperature T, weight alpha"))
-register(Method("fitnets", (Step("hint", ("stem", "layer1", "layer2"), "layer2"),
-                            Step("classifier", ("layer3", "layer4", "head"))),
-                cacheable=True, color="tab:brown", marker="v", cost=2.0,
-                description="FitNets: a hint at layer2, then the rest on the labels"))
+register(Method("fitnets", _fitnets, cacheable=True, color="tab:brown", marker="v", cost=2.0,
+                description="FitNets: a hint at the middle stage, then the rest on the labels"))

@@ -1,9 +1,9 @@
-"""Teacher and student ResNets of the paper, with stage points by name.
+"""Teacher and student ResNets of the paper.
 
 Every model is ``nn.Sequential(body, head)`` in fastai's layout. The body keeps
 torchvision's child names (``conv1``, ``bn1``, ``relu``, ``maxpool``,
-``layer1`` ... ``layer4``), so the same stage names address the same places in
-the teacher and in every student: see `stage_modules`.
+``layer1`` ... ``layer4``), so the same stage points address the same places in
+the teacher and in every student: `kd_lib.stages.Stages.paper` names them.
 """
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -16,9 +16,7 @@ from torch import nn
 from torchvision.models import ResNet, ResNet34_Weights
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["BLOCKS", "STUDENTS", "STAGES", "FEATURE_STAGES", "PretrainedUnavailable",
-           "resnet", "teacher", "student_head", "stage_modules", "stage_part", "stage_span", "stage_shapes",
-           "STAGE_SLICES", "HEAD", "evaluating", "check_stage_shapes"]
+__all__ = ["BLOCKS", "STUDENTS", "PretrainedUnavailable", "resnet", "teacher", "student_head", "evaluating"]
 
 # Blocks per layer (Table 1 of the paper); ResNet18 is torchvision's own.
 BLOCKS = {
@@ -30,9 +28,6 @@ BLOCKS = {
     "resnet34": [3, 4, 6, 3],
 }
 STUDENTS = ["resnet10", "resnet14", "resnet18", "resnet20", "resnet26"]
-FEATURE_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
-STAGES = FEATURE_STAGES + ["head"]
-HEAD = STAGES.index("head")  # the head's number among the stages
 BODY_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
 N_FEATURES = 512  # channels out of layer4, for every BasicBlock ResNet
 
@@ -81,37 +76,6 @@ def teacher(n_classes: int = 10, pretrained: bool = True) -> nn.Sequential:
     return nn.Sequential(OrderedDict(body=_body(tv), head=create_head(N_FEATURES, n_classes)))
 
 
-def stage_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
-    """The module of each stage, by name, for a model built here.
-
-    The output of a feature stage's module is that stage's feature map (``stem``
-    is the ReLU before the maxpool); the parameters a stage trains are those of
-    `stage_part`. ``head`` is the classifier.
-    """
-    body, head = model.body, model.head
-    return OrderedDict(stem=body.relu, layer1=body.layer1, layer2=body.layer2,
-                       layer3=body.layer3, layer4=body.layer4, head=head)
-
-
-# The slice of the body each feature stage owns; together they cover the body in order.
-# The parameter-free maxpool opens layer1, so the stem's output is the ReLU before it.
-STAGE_SLICES = OrderedDict(stem=slice(0, 3), layer1=slice(3, 5), layer2=slice(5, 6),
-                           layer3=slice(6, 7), layer4=slice(7, 8))
-
-
-def stage_part(model: nn.Module, stage: str) -> nn.Module:
-    "The part of `model` that `stage` trains: its slice of the body, or the head."
-    return model.head if stage == "head" else model.body[STAGE_SLICES[stage]]
-
-
-def stage_span(model: nn.Module, first: int, last: int) -> nn.Module:
-    """`model` from the input of stage `STAGES[first]` to the output of `STAGES[last]` (numbers, `HEAD` for
-    the head): a slice of the body, followed by the head when `last` is `HEAD`."""
-    start = STAGE_SLICES[STAGES[first]].start if first < HEAD else len(model.body)
-    if last < HEAD: return model.body[start:STAGE_SLICES[STAGES[last]].stop]
-    return model.body[start:].append(model.head)
-
-
 @contextmanager
 def evaluating(*models: nn.Module):
     "Every module of `models` in eval mode inside the block, and its own mode restored after."
@@ -120,22 +84,3 @@ def evaluating(*models: nn.Module):
     try: yield
     finally:
         for m, training in modes: m.train(training)
-
-
-@torch.no_grad()
-def stage_shapes(model: nn.Module, size: int = 224, channels: int = 3) -> "OrderedDict[str, tuple]":
-    "The shape of each feature stage's output for one `size` x `size` image."
-    from fastai.callback.hook import hook_outputs
-    mods = stage_modules(model)
-    with evaluating(model), hook_outputs([mods[s] for s in FEATURE_STAGES]) as hooks:
-        model.body(torch.zeros(1, channels, size, size))
-    return OrderedDict((s, tuple(o.shape[1:])) for s, o in zip(FEATURE_STAGES, hooks.stored))
-
-
-def check_stage_shapes(student: nn.Module, teacher: nn.Module, size: int) -> None:
-    "Raise ValueError naming the stages where `student`'s and `teacher`'s feature maps differ at `size` px."
-    s, t = stage_shapes(student, size), stage_shapes(teacher, size)
-    if s != t:
-        bad = {k: (s[k], t[k]) for k in s if s[k] != t[k]}
-        raise ValueError(f"Student and teacher feature maps differ at {bad} (student, teacher) for {size} px "
-                         "inputs: stage losses need equal shapes.")

@@ -1,6 +1,6 @@
 """The paper's own published numbers (Table 1, Figures 3 and 4), as the paper printed them.
 
-They live as CSV files in the repository's ``data/paper/`` folder; these are the
+They live as CSV files in the package (``kd_lib/paper_numbers/``, installed with it); these are the
 only typed-in numbers of the project, and they are always labelled as the paper's.
 """
 from pathlib import Path
@@ -9,7 +9,7 @@ import pandas as pd
 
 __all__ = ["PAPER_DIR", "paper_table1", "paper_results", "paper_format"]
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "data" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper_numbers"
 
 
 def paper_table1() -> pd.DataFrame:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 __all__ = ["DiskFull", "CorruptFile", "atomic_write", "save_weights", "write_json", "read_json", "versions", "git",
            "code_version", "collect", "run_name",
-           "param_conflicts", "complete_record", "recorded_params", "RECORD"]
+           "param_conflicts", "RunFolder", "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -214,16 +215,69 @@ def param_conflicts(recorded: dict, wanted: dict, ignore=(), defaults: dict = No
             if k not in ignore and old.get(k) != wanted.get(k)}
 
 
+class RunFolder:
+    """One run's folder, `<out_dir>/<dataset>/<run name>`: the names of its files, and its record, params and
+    progress read and written. Every writer and reader of a run goes through it.
+
+    Files: `record.json` (the record, once complete), `params.json` (the settings, once the run started),
+    `progress.json` (the steps done), `stages/<step>.pth` (the weights the last step done kept), `teacher.pth` (a
+    teacher's weights), `adapters.pth` (the adapters of stages whose maps differ), `<fit>.state.pth` and
+    `models/` (what a killed fit resumes from), `.lock` (`kd_lib.locks`).
+    """
+    FIELDS = dict(  # what a complete record holds, by kind (`finish` checks it)
+        teacher=("kind", "params", "data", "stages", "weights", "converged", "wall_time_s", "valid_accuracy",
+                 "test_accuracy"),
+        student=("kind", "params", "data", "stages", "models", "teacher", "converged", "wall_time_s",
+                 "valid_accuracy", "test_accuracy"))
+
+    def __init__(self, path): self.path = Path(path)
+    def __repr__(self): return f"RunFolder({str(self.path)!r})"
+    def __truediv__(self, name) -> Path: return self.path / name
+
+    record_file = property(lambda self: self.path / RECORD)
+    params_file = property(lambda self: self.path / "params.json")
+    progress_file = property(lambda self: self.path / "progress.json")
+    teacher_file = property(lambda self: self.path / "teacher.pth")
+    adapters_file = property(lambda self: self.path / "adapters.pth")
+    def stage_file(self, step: str) -> Path: return self.path / "stages" / f"{step}.pth"
+    def state_file(self, fit: str) -> Path: return self.path / f"{fit}.state.pth"
+
+    def record(self) -> dict:
+        "The record when the run is complete, else None (a `CorruptFile` when it cannot be read)."
+        record = read_json(self.record_file)
+        return record if record is not None and record.get("status") == "complete" else None
+
+    def params(self) -> dict:
+        """The run's params: its record's, or, for a run that started training (its progress or a resume state
+        exists), its `params.json`'s; None for a folder holding no progress."""
+        if (record := read_json(self.record_file)) is not None: return record.get("params")
+        started = self.progress_file.exists() or any(self.path.glob("*.state.pth"))
+        return read_json(self.params_file) if started else None
+
+    def begin(self, params: dict) -> None:
+        "Mark the run started with `params`, once every check that can refuse it has passed."
+        write_json(self.params_file, params)
+
+    def progress(self) -> list: return (read_json(self.progress_file) or {}).get("steps", [])
+    def write_progress(self, steps: list) -> None: write_json(self.progress_file, dict(steps=steps))
+
+    def finish(self, record: dict) -> dict:
+        """Write `record` as the run's complete record, then delete what only a resumed run needs (resume states,
+        best-epoch files): until the record is written, a killed run resumes its finished fits, not new ones."""
+        if missing := [k for k in self.FIELDS[record["kind"]] if k not in record]:
+            raise ValueError(f"A {record['kind']} record needs {missing}: a bug in the code writing it.")
+        record.update(status="complete", versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        record = read_json(write_json(self.record_file, record))
+        for p in self.path.glob("*.state.pth"): p.unlink()
+        shutil.rmtree(self.path / "models", ignore_errors=True)
+        return record
+
+
 def complete_record(run) -> dict:
-    "The record of the run in folder `run` when that run is complete, else None."
-    record = read_json(Path(run) / RECORD)
-    return record if record is not None and record.get("status") == "complete" else None
+    "The record of the run in folder `run` when that run is complete, else None (`RunFolder.record`)."
+    return RunFolder(run).record()
 
 
 def recorded_params(run) -> dict:
-    """The params of the run in folder `run`: its record's, or, for a run that started training (its
-    `progress.json` or a `*.state.pth` exists), its `params.json`'s; None for a folder holding no progress."""
-    run = Path(run)
-    if (record := read_json(run / RECORD)) is not None: return record.get("params")
-    started = (run / "progress.json").exists() or any(run.glob("*.state.pth"))
-    return read_json(run / "params.json") if started else None
+    "The params of the run in folder `run` (`RunFolder.params`)."
+    return RunFolder(run).params()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .methods import METHODS
-from .models import FEATURE_STAGES
+from .stages import Stages
 
 __all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
            "provenance", "provenance_text", "paper_as_records", "convergence", "selection", "teacher_forcing",
@@ -219,7 +219,7 @@ def teacher_forcing(records: pd.DataFrame, methods=("stagewise", "teacher_forced
     """Sequential stagewise against teacher-forced stages (with and without the fine-tune), per dataset, fraction,
     student and method, means over seeds: test accuracy, CPU seconds of training, and the MSE of the student's
     own (composed) feature maps to the teacher's at each stage on the valid split (the drift)."""
-    mse = [f"mse_{s}" for s in FEATURE_STAGES]
+    mse = [f"mse_{s}" for s in Stages.paper().names]
     cols = ["dataset", "fraction", "student", "method", "runs", "test_accuracy", "cpu_s", *mse]
     if records is None or records.empty or "method" not in records: return pd.DataFrame(columns=cols)
     s = records[(records["kind"] == "student") & records["method"].isin(methods)]

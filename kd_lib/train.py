@@ -1,10 +1,14 @@
 """Recipes: train the teacher, train a student by any method of `kd_lib.methods.METHODS`, each run in a
-folder of its own with best-epoch checkpoints, exact resume after a kill, and a self-describing record.
+folder of its own (`kd_lib.records.RunFolder`) with best-epoch checkpoints, exact resume after a kill, and a
+self-describing record.
 
     record = train_student(student="resnet14", method="stagewise", epochs=5)   # or train_student(config)
+    record = train_student(student=my_net, teacher=my_big_net, stages=Stages.torchvision_resnet(), dls=my_dls,
+                           adapters=True, method="stagewise", epochs=5)     # models and data of your own
 
-A method's steps are fits of one Learner each (`step_learner`); `kd_lib.fitting.fit` runs them.
+A method's steps (`kd_lib.steps`) are fits of one Learner each; `kd_lib.fitting.fit` runs them.
 """
+import gc
 import shutil
 import time
 import warnings
@@ -13,27 +17,25 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from torch import nn
 
-from .cache import FeatureCache, ValidateOn
-from .config import StudentConfig, TeacherConfig
+from .cache import FeatureCache
+from .config import CUSTOM, StudentConfig, TeacherConfig
 from .data import check_no_leak, get_data
-from .distill import FreezeOthers, StudentStage, TeacherFeatures, feature_mse, frozen
-from .fitting import StopOnNaN, accuracy_of, evaluate, fit, forget_fit, paper_adam, seed_everything, step_seed
-from .forced import BestStages, ForcedStages, TeacherInputs, forced_loss, stage_mse
+from .distill import feature_mse, frozen
+from .fitting import StopOnNaN, accuracy_of, evaluate, fit, forget_fit, seed_everything, step_seed
 from .locks import LOCK, RunLock
-from .methods import FORCED, Step, get_method
-from .models import FEATURE_STAGES, PretrainedUnavailable, check_stage_shapes, resnet, stage_part, teacher
-from .records import (RECORD, complete_record, read_json, recorded_params, run_name, save_weights, versions,
-                      write_json)
+from .methods import get_method
+from .models import STUDENTS, PretrainedUnavailable, resnet, teacher
+from .records import RunFolder, read_json, run_name, save_weights
+from .stages import Stages
+from .steps import Setting
 
-__all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "step_learner", "load_teacher",
-           "load_student"]
+__all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "setting", "load_teacher", "load_student",
+           "describe_model"]
 
 
 class RunExists(RuntimeError):
@@ -45,33 +47,17 @@ def run_dir(out_dir, dataset: str, name: str) -> Path:
     return Path(out_dir) / dataset / name
 
 
-def _start(run: Path, config, force: bool):
+def _start(run: RunFolder, config, force: bool):
     """The record of a finished run of `config` (to return as is), or None when it is to be trained (its lock
-    held; `_begin` then marks it started); a run folder holding progress made with other settings (but
+    held; `RunFolder.begin` then marks it started); a run folder holding progress made with other settings (but
     `config.same_result()`) is an error."""
     if force:
-        for p in run.glob("*"):
+        for p in run.path.glob("*"):
             if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if (old := recorded_params(run)) is not None and (diff := config.conflicts(old)):
-        raise RunExists(f"{run} holds a run with other parameters (was, now: {diff}); "
+    if (old := run.params()) is not None and (diff := config.conflicts(old)):
+        raise RunExists(f"{run.path} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
-    if (record := complete_record(run)) is not None: return record
-    return None
-
-
-def _begin(run: Path, config) -> None:
-    "Mark `run` started with `config`'s params, once every check that can refuse the run has passed."
-    write_json(run / "params.json", config.params())
-
-
-def _finish(run: Path, record: dict) -> dict:
-    """Write `record` as the run's complete record, then delete what only a resumed run would need (resume states,
-    best-epoch files): until the record is written, a killed run resumes its finished fits instead of redoing them."""
-    record.update(status="complete", versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    record = read_json(write_json(run / RECORD, record))
-    for p in run.glob("*.state.pth"): p.unlink()
-    shutil.rmtree(run / "models", ignore_errors=True)
-    return record
+    return run.record()
 
 
 def _config(cls, config, changes: dict):
@@ -82,6 +68,13 @@ def _config(cls, config, changes: dict):
     return cls(**changes) if config is None else config.replace(**changes)
 
 
+def describe_model(model: nn.Module, name: str, stages: Stages, side: str = "student") -> dict:
+    "What a record says of a model: its name, class, number of parameters and stage paths."
+    return dict(name=name, cls=f"{type(model).__module__}.{type(model).__qualname__}",
+                params=sum(p.numel() for p in model.parameters()),
+                stages={n: list(stages.paths(n, side)) for n in stages.all})
+
+
 def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = False, progress=None,
                   **changes) -> dict:
     """Train the paper's ResNet34 teacher with one-cycle (max lr `lr`), keeping the best valid accuracy.
@@ -89,15 +82,17 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     `config`: a `TeacherConfig`, to which `changes` (its fields as keywords) apply; `pretrained`: True
     fine-tunes ImageNet weights (an error if they cannot be had), False trains from scratch, None uses
     them when they can be had and says so when not. Writes `<out_dir>/<dataset>/teacher/` with
-    `teacher.pth` and `record.json`; returns the record.
+    `teacher.pth` and `record.json`; returns the record. `progress=False` (or the environment's
+    `KD_PROGRESS=0`, which the runner sets) turns fastai's progress bars and epoch tables off.
     """
     c = _config(TeacherConfig, config, changes)
-    run = run_dir(out_dir, c.dataset, "teacher")
-    with RunLock(run):  # one process trains a run folder at a time
+    run = RunFolder(run_dir(out_dir, c.dataset, "teacher"))
+    with RunLock(run.path):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
-                       augment=c.augment, num_workers=c.num_workers, per_class=c.per_class, split_seed=c.split_seed)
-        _begin(run, c)
+                       augment=c.augment, num_workers=c.num_workers, per_class=c.per_class, split_seed=c.split_seed,
+                       resident=c.resident)
+        run.begin(c.params())
         seed_everything(c.seed, dls)
         imagenet = c.pretrained is not False
         try: model = teacher(dls.c, pretrained=imagenet)
@@ -105,13 +100,13 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
             if c.pretrained: raise
             warnings.warn(f"Training the teacher from scratch: {e}")
             imagenet, model = False, teacher(dls.c, pretrained=False)
-        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run, model_dir="models",
-                        cbs=StopOnNaN())
-        summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run, one_cycle_lr=True, progress=progress)
-        save_weights(run / "teacher.pth", model.state_dict())
-        return _finish(run, dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
-                                 weights="teacher.pth", imagenet_weights=imagenet, converged=summary["converged"],
-                                 wall_time_s=summary["time_s"], **evaluate(learn)))
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run.path,
+                        model_dir="models", cbs=StopOnNaN())
+        summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run.path, one_cycle_lr=True, progress=progress)
+        save_weights(run.teacher_file, model.state_dict())
+        return run.finish(dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
+                               weights=run.teacher_file.name, imagenet_weights=imagenet,
+                               converged=summary["converged"], wall_time_s=summary["time_s"], **evaluate(learn)))
 
 
 def _load_weights(path: Path) -> dict:
@@ -126,10 +121,11 @@ def _load_weights(path: Path) -> dict:
 def load_teacher(path, n_classes: int) -> nn.Module:
     "The teacher saved by `train_teacher` at `path` (its run folder or its .pth), loaded weights-only."
     path = Path(path)
-    if path.is_dir(): path = path / "teacher.pth"
+    if path.is_dir(): path = RunFolder(path).teacher_file
     if not path.exists():
         raise FileNotFoundError(f"No teacher at {path}: train it first with kd_lib.train.train_teacher(...) "
-                                "or notebooks/teacher.ipynb, or pass teacher_path.")
+                                "or notebooks/teacher.ipynb, or pass teacher_path (or a model of your own as "
+                                "train_student(teacher=<nn.Module>)).")
     model, weights = teacher(n_classes, pretrained=False), _load_weights(path)
     try: model.load_state_dict(weights)
     except RuntimeError as e:
@@ -137,56 +133,43 @@ def load_teacher(path, n_classes: int) -> nn.Module:
         extra, missing = sorted(set(weights) - set(mine)), sorted(set(mine) - set(weights))
         shapes = [k for k in mine if k in weights and tuple(weights[k].shape) != mine[k]]
         what = (f"{len(missing)} of the teacher's tensors are missing and {len(extra)} are not the teacher's "
-                "(a student's weights?)" if missing or extra else f"tensors of other shapes ({shapes[:3]}: "
-                f"a teacher of another number of classes than {n_classes}?)")
+                "(a student's weights, or a model of another kind?)" if missing or extra else
+                f"tensors of other shapes ({shapes[:3]}: a teacher of another number of classes than {n_classes}?)")
         raise ValueError(f"{path} does not hold a ResNet34 teacher of {n_classes} classes as train_teacher saves "
-                         f"one: {what}. Pass the teacher's run folder or its teacher.pth.") from e
+                         f"one: {what}. Pass the teacher's run folder or its teacher.pth; a model of your own goes "
+                         "in as train_student(teacher=<nn.Module with its weights>, stages=...).") from e
     return model
 
 
-def load_student(run) -> nn.Module:
-    "The trained student of a finished run folder (in eval mode): its model with the weights its last step kept."
-    run = Path(run)
-    if (record := complete_record(run)) is None:
-        raise FileNotFoundError(f"No finished student run in {run}: train it with kd_lib.train.train_student(...).")
-    model = resnet(record["params"]["student"], len(record["data"]["vocab"]))
-    model.load_state_dict(_load_weights(run / "stages" / f"{record['stages'][-1]['name']}.pth"))
+def load_student(run, model: nn.Module = None) -> nn.Module:
+    """The trained student of a finished run folder (in eval mode): its model with the weights its last step kept.
+    A student of Table 1 is rebuilt from its name; a model of your own is `model` (of the class the record names)."""
+    run = RunFolder(run)
+    if (record := run.record()) is None:
+        raise FileNotFoundError(f"No finished student run in {run.path}: train it with kd_lib.train.train_student(...).")
+    name = record["params"]["student"]
+    if model is None:
+        if name not in STUDENTS:
+            cls = (record.get("models") or {}).get("student", {}).get("cls", "a model of your own")
+            raise ValueError(f"{run.path} trained {name!r}, a model of your own ({cls}): pass it, built as it was, "
+                             "as load_student(run, model=...).")
+        model = resnet(name, len(record["data"]["vocab"]))
+    model.load_state_dict(_load_weights(run.stage_file(record["stages"][-1]["name"])))
     return model.eval()
 
 
-def step_learner(step: Step, config: StudentConfig, student: nn.Module, tchr: nn.Module, dls, run: Path = None,
-                 cache: FeatureCache = None) -> Learner:
-    """The Learner of one step of `config.method`: its model, loss, metric, trained parameters and callbacks.
-    With a `cache` of all splits, it trains the student's part of the step on the step's cached inputs and
-    targets; with a cache of the valid split, it validates that part on them (no teacher, no frozen prefix)."""
-    trained = [p for s in step.parts for p in stage_part(student, s).parameters()]
-    common = dict(opt_func=paper_adam, lr=config.lr, splitter=lambda m: [trained], path=run, model_dir="models")
-    if step.target == "labels": common.update(loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-    elif step.target == FORCED: common.update(loss_func=forced_loss, metrics=[stage_mse(s) for s in FEATURE_STAGES])
-    else: common.update(loss_func=nn.MSELoss())
-    cbs = [FreezeOthers(config.freeze_bn), StopOnNaN(), *([MixedPrecision(config.amp)] if config.amp else []),
-           *([ChannelsLast()] if config.channels_last else []),
-           *([BestStages(student, run, step.name)] if step.target == FORCED else [])]
-    if cache is not None:
-        inputs, targets, part = cache.step(step)
-        if cache.train: return Learner(cache.dataloaders(inputs, targets), part, cbs=cbs, **common)
-        cbs.append(ValidateOn(part, *inputs, *targets))
-    if step.target == FORCED:
-        return Learner(dls, ForcedStages(student), cbs=cbs + [TeacherInputs(tchr, run_valid=cache is None)], **common)
-    if step.target != "labels":
-        return Learner(dls, StudentStage(student, step.target, config.truncate),
-                       cbs=cbs + [TeacherFeatures(tchr, step.target, config.truncate, run_valid=cache is None)],
-                       **common)
-    return Learner(dls, student, cbs=cbs + get_method(config.method).label_callbacks(tchr, student, config), **common)
-
-
-def _teacher_of(c: StudentConfig, out_dir, dls, student: nn.Module) -> tuple:
-    """The teacher a student run distils (frozen parts are checked: same classes, same stage shapes), its
-    path and its record; (None, None, {}) for a method without a teacher."""
+def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tuple:
+    """The teacher a student run distils: `given` (a model of your own), or the one `train_teacher` saved (at
+    `teacher_path`, or the dataset's in `out_dir`), checked (same classes, no leak of its training images into this
+    run's valid or test split), with its path (None when `given`) and record; (None, None, {}) without a teacher."""
     if not get_method(c.method).needs_teacher: return None, None, {}
+    if given is not None:
+        warnings.warn("A teacher of your own comes without a record, so nothing can check that it did not train on "
+                      "this run's valid or test images.")
+        return given, None, dict(name=type(given).__name__.lower())
     tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
     tchr = load_teacher(tpath, dls.c)
-    record = read_json((tpath if tpath.is_dir() else tpath.parent) / RECORD) or {}
+    record = read_json((tpath if tpath.is_dir() else tpath.parent) / "record.json") or {}
     vocab, theirs = dls.split_info["vocab"], (record.get("data") or {}).get("vocab")
     if theirs is not None and list(theirs) != vocab:
         raise ValueError(f"The teacher at {tpath} was trained on the classes {theirs}, this run's data has {vocab}: "
@@ -195,8 +178,6 @@ def _teacher_of(c: StudentConfig, out_dir, dls, student: nn.Module) -> tuple:
     if record.get("data"): check_no_leak(record["data"], dls, f"The teacher at {tpath}")
     else: warnings.warn(f"The teacher at {tpath} has no record beside it, so nothing can check that it did not train "
                         "on this run's valid or test images.")
-    check_stage_shapes(student, tchr, dls.split_info["size"])
-    if c.channels_last: tchr.to(memory_format=torch.channels_last)
     return tchr, tpath, record
 
 
@@ -206,7 +187,7 @@ def _budget(c: StudentConfig, out_dir) -> dict:
     of = get_method(c.method).budget_of
     if not of: return None
     twin = run_name(dict(c.params(), method=of))
-    if (record := complete_record(run_dir(out_dir, c.dataset, twin))) is None:
+    if (record := RunFolder(run_dir(out_dir, c.dataset, twin)).record()) is None:
         raise FileNotFoundError(f"{c.method} trains for as many epochs as its {of} twin used: train "
                                 f"{run_dir(out_dir, c.dataset, twin)} first (the runner does, in that order).")
     return dict(twin=twin, epochs=sum(s["epochs_run"] for s in record["stages"]))
@@ -218,38 +199,89 @@ def _converged(fits: list):
     return False if False in flags else None if None in flags else True
 
 
-def _train_steps(c: StudentConfig, run: Path, dls, model: nn.Module, tchr, progress, budget: dict = None) -> list:
+def _train_steps(s: Setting, run: RunFolder, progress, budget: dict = None) -> list:
     """Fit the method's steps not yet done (`progress.json` lists the done ones; the last one's weights are
-    in `stages/`), each from the weights the one before kept, for the configuration's epochs (the `budget`'s, for
-    a budget control); returns every step's summary."""
-    progress_path = run / "progress.json"
-    steps = (read_json(progress_path) or {}).get("steps", [])
-    if steps: model.load_state_dict(_load_weights(run / "stages" / f"{steps[-1]['name']}.pth"))
+    in `stages/`, the adapters in `adapters.pth`), each from the weights the one before kept, for the
+    configuration's epochs (the `budget`'s, for a budget control); returns every step's summary."""
+    c, model = s.config, s.student
+    steps = run.progress()
+    if steps: model.load_state_dict(_load_weights(run.stage_file(steps[-1]["name"])))
+    if steps and len(s.adapters): s.adapters.load_state_dict(_load_weights(run.adapters_file))
     with ExitStack() as stack:
-        features = stack.enter_context(FeatureCache(dls, model, tchr, c.cache_dtype, c.cache_bytes, c.amp,
-                                                    train=c.cache is True)) if c.cache else None
-        method = get_method(c.method)
-        for i, step in enumerate(method.steps[len(steps):], start=len(steps)):
+        features = stack.enter_context(FeatureCache(s.dls, model, s.teacher, c.cache_dtype, c.cache_bytes, c.amp,
+                                                    train=c.cache is True, stages=s.stages,
+                                                    channels_last=c.channels_last)) if c.cache else None
+        plan = s.method.steps_for(s.stages)
+        for i, step in enumerate(plan[len(steps):], start=len(steps)):
             t0, c0 = time.perf_counter(), time.process_time()
-            learn = step_learner(step, c, model, tchr, dls, run, features)
+            learn = step.learner(s, features)
             cached = dict(cache_time_s=time.perf_counter() - t0, cache_cpu_s=time.process_time() - c0) \
                 if c.cache else {}
             seed_everything(step_seed(c.seed, i), learn.dls)
-            labels = step.target == "labels"
-            tested = dict(test_accuracy=partial(accuracy_of, model, dls.test)) if c.test_each_epoch and labels else None
+            labels = step.monitor == "accuracy"
+            test = getattr(s.dls, "test", None)
+            tested = dict(test_accuracy=partial(accuracy_of, model, test)) if c.test_each_epoch and labels and test \
+                else None
             summary = fit(learn, step.name, budget["epochs"] if budget else getattr(c, step.epochs), c.lr,
-                          "accuracy" if labels else "valid_loss", run, one_cycle_lr=c.schedule == "one_cycle",
-                          progress=progress, patience=c.patience, extras=tested)
-            steps.append({"parts": step.parts, "target": step.target, **summary, **cached})
-            save_weights(run / "stages" / f"{step.name}.pth", model.state_dict())
-            write_json(progress_path, dict(steps=steps))
-            forget_fit(learn, step.name, run)  # only now: a kill before progress.json resumes the finished fit
-            if i: (run / "stages" / f"{steps[-2]['name']}.pth").unlink(missing_ok=True)  # the last weights suffice
+                          step.monitor, run.path, one_cycle_lr=c.schedule == "one_cycle", progress=progress,
+                          patience=c.patience, extras=tested)
+            steps.append({"parts": step.parts, "target": getattr(step, "target", None) or
+                          ("labels" if labels else "forced"), **summary, **cached})
+            save_weights(run.stage_file(step.name), model.state_dict())
+            if len(s.adapters): save_weights(run.adapters_file, s.adapters.state_dict())
+            run.write_progress(steps)
+            forget_fit(learn, step.name, run.path)  # only now: a kill before progress.json resumes the finished fit
+            if i: run.stage_file(steps[-2]["name"]).unlink(missing_ok=True)  # the last weights suffice
+            learn = None  # its loaders hold this step's cache: freed before the next one is built (cache_bytes) ...
+            gc.collect()  # ... now, not whenever the Learner's reference cycles are next collected
     return steps
 
 
-def train_student(config: StudentConfig = None, out_dir="runs", force: bool = False, progress=None,
-                  **changes) -> dict:
+def _custom_data(dls) -> dict:
+    "What a record says of data loaders of your own (no split hashes: kd_lib did not draw them)."
+    loaders = dict(zip(("train", "valid", "test"), dls.loaders))
+    x = dls.one_batch()[0]
+    return dict(name="custom", path=None, size=int(x.shape[-1]), bs=dls.bs, vocab=[str(v) for v in dls.vocab],
+                sizes={k: dl.n for k, dl in loaders.items()}, hashes={}, augment=None)
+
+
+def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher: nn.Module = None,
+            stages: Stages = None, dls=None, adapters=False) -> Setting:
+    """The objects a student run of configuration `c` trains with, built and checked before anything is written:
+    the data (`dls`, or the configuration's dataset), the student (`student`, or Table 1's by name), the teacher
+    (`teacher`, or the dataset's), the `stages` (default: the paper's for Table 1's students, torchvision's ResNet
+    layout for models that have it) and the adapters of the stages whose maps differ (`adapters`: True or a
+    factory; see `kd_lib.stages.Stages.check`, which refuses a mismatch without them)."""
+    if dls is None:
+        dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
+                       selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
+                       split_seed=c.split_seed, resident=c.resident)
+    seed_everything(c.seed)
+    model = student if student is not None else resnet(c.student, dls.c)
+    if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
+    tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
+    made = nn.ModuleDict()
+    if tchr is not None:
+        size = dls.split_info["size"] if hasattr(dls, "split_info") else dls.one_batch()[0].shape[-1]
+        made = stages.check(model, tchr, torch.zeros(1, 3, size, size), adapters)
+        if c.channels_last: tchr.to(memory_format=torch.channels_last)
+    info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
+                path=str(tpath) if tpath else None, name="resnet34" if tpath else trecord.get("name")) \
+        if tchr is not None else dict(path=None)
+    return Setting(c, get_method(c.method), model, tchr, stages, made, dls, teacher_info=info)
+
+
+def _guess_stages(model: nn.Module) -> Stages:
+    "torchvision's ResNet layout when `model` has it, else an error asking for `stages`."
+    names = {n for n, _ in model.named_children()}
+    if {"conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"} <= names:
+        return Stages.torchvision_resnet()
+    raise ValueError(f"Cannot tell the stages of a {type(model).__name__}: pass stages=kd_lib.stages.Stages(...) "
+                     "naming the module that ends each stage (kd_lib.stages.module_table lists them).")
+
+
+def train_student(config: StudentConfig = None, out_dir="runs", force: bool = False, progress=None, *,
+                  teacher: nn.Module = None, stages: Stages = None, dls=None, adapters=False, **changes) -> dict:
     """Train a student as `config` (a `StudentConfig`, to which `changes`, its fields as keywords, apply)
     says, and write its record; returns the record.
 
@@ -258,26 +290,39 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     valid MSE, label steps the best valid accuracy. A killed run started again with the same settings
     resumes from its last finished epoch; a finished run is returned, not retrained. The fields of
     `StudentConfig` say what each setting does; book/performance.md explains the fast path.
+
+    Models and data of your own: `student=<nn.Module>` (its run is named by `name=`, default its class),
+    `teacher=<nn.Module>` (trained, frozen here), `stages` (a `kd_lib.stages.Stages`; torchvision's ResNets are
+    recognised), `dls` (fastai `DataLoaders` of train, valid and, optionally, test) and `adapters` (True, or a
+    factory, where the student's maps differ from the teacher's). `progress=False` (or `KD_PROGRESS=0`) turns
+    fastai's progress bars off; the digits and downloads live in `KD_DATA` (default: the repository's `data/`).
     """
+    own = changes.pop("student") if isinstance(changes.get("student"), nn.Module) else None
+    name = changes.pop("name", None)
+    if own is not None: changes["student"] = name or type(own).__name__.lower()
+    if dls is not None: changes.setdefault("dataset", CUSTOM)
     c = _config(StudentConfig, config, changes)
     c.check_device()
-    run = run_dir(out_dir, c.dataset, c.run_name)
-    with RunLock(run):  # one process trains a run folder at a time
+    run = RunFolder(run_dir(out_dir, c.dataset, c.run_name))
+    with RunLock(run.path):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
-        dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
-                       selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
-                       split_seed=c.split_seed)
-        seed_everything(c.seed)
-        model = resnet(c.student, dls.c)
-        tchr, tpath, trecord = _teacher_of(c, out_dir, dls, model)
+        s = setting(c, out_dir, own, teacher, stages, dls, adapters)
+        s.run = run.path
         budget = _budget(c, out_dir)
-        _begin(run, c)
-        steps = _train_steps(c, run, dls, model, tchr, progress, budget)
-        scores = evaluate(Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
-        if (unused := dls.unused_dl()) is not None: scores["unused_accuracy"] = round(accuracy_of(model, unused), 4)
-        if tchr is not None: scores["feature_mse"] = feature_mse(model, frozen(tchr, dls.device), dls.valid)
-        teacher = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
-                       path=str(tpath)) if tchr else dict(path=None)
-        return _finish(run, dict(kind="student", params=c.params(), data=dls.split_info, stages=steps,
-                                 teacher=teacher, converged=_converged(steps), **({"budget": budget} if budget else {}),
-                                 wall_time_s=sum(s["time_s"] + s.get("cache_time_s", 0) for s in steps), **scores))
+        run.begin(c.params())
+        steps = _train_steps(s, run, progress, budget)
+        scores = evaluate(Learner(s.dls, s.student, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
+        unused = s.dls.unused_dl() if hasattr(s.dls, "unused_dl") else None
+        if unused is not None: scores["unused_accuracy"] = round(accuracy_of(s.student, unused), 4)
+        if s.teacher is not None:
+            scores["feature_mse"] = feature_mse(s.student, frozen(s.teacher, s.dls.device), s.dls.valid, s.stages,
+                                                s.adapters)
+        tinfo = {k: v for k, v in s.teacher_info.items() if k != "name"}
+        models = dict(student=describe_model(s.student, c.student, s.stages),
+                      teacher=describe_model(s.teacher, s.teacher_info["name"], s.stages, "teacher")
+                      if s.teacher is not None else None,
+                      stages=s.stages.describe(), adapters={n: str(a) for n, a in s.adapters.items()})
+        data = s.dls.split_info if hasattr(s.dls, "split_info") else _custom_data(s.dls)
+        return run.finish(dict(kind="student", params=c.params(), data=data, stages=steps, models=models,
+                               teacher=tinfo, converged=_converged(steps), **({"budget": budget} if budget else {}),
+                               wall_time_s=sum(x["time_s"] + x.get("cache_time_s", 0) for x in steps), **scores))

@@ -10,6 +10,14 @@ from kd_lib.models import teacher
 # One thread: these tiny convolutions gain nothing from two, and two threads slow to a crawl
 # whenever another process holds a core (OpenMP workers spin on the busy one).
 torch.set_num_threads(1)
+# On a GPU, the exactness tests (cache against plain path, truncated against whole forwards, resume against an
+# uninterrupted run) hold with TF32 off and deterministic kernels: float32 all the way, the same algorithm each time.
+if torch.cuda.is_available():
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 # Small enough to train in seconds on 2 CPU cores: 16 px digits, a quarter of the train part.
 TINY = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3)
@@ -54,3 +62,14 @@ def write_profile(tmp_path):
                            teacher=dict(epochs=1, pretrained=False), students=students or TINY_STUDENTS)])))
         return path
     return write
+
+
+def step_learner(step, config, student, tchr, dls, run=None, cache=None, stages=None):
+    "The Learner of one `step` (kd_lib.steps) of `config.method` on the paper's stages, outside a run."
+    from torch import nn
+    from kd_lib.methods import get_method
+    from kd_lib.stages import Stages
+    from kd_lib.steps import Setting
+    setting = Setting(config, get_method(config.method), student, tchr, stages or Stages.paper(), nn.ModuleDict(), dls,
+                      run)
+    return step.learner(setting, cache)

@@ -10,7 +10,7 @@ from kd_lib.config import GROUPS, StudentConfig, TeacherConfig, parameters_cell
 from kd_lib.methods import METHODS
 from kd_lib.runner import NOTEBOOKS
 
-NOTEBOOK_ONLY = {"teacher": {"out_dir"}, "student": {"out_dir", "image_index"}}  # not settings of the run
+NOTEBOOK_ONLY = {"teacher": {"out_dir", "imports"}, "student": {"out_dir", "image_index", "imports"}}  # not settings
 
 
 def _parameters_source(kind: str) -> str:
@@ -34,7 +34,7 @@ def test_every_field_has_a_group_and_a_meaning():
         for o in config.options():
             assert o.group in GROUPS and len(o.help) > 10, o
     assert {o.name for o in StudentConfig.options("speed")} == {"num_workers", "truncate", "cache", "cache_dtype",
-                                                                "cache_bytes", "amp", "channels_last"}
+                                                                "cache_bytes", "amp", "channels_last", "resident"}
 
 
 def test_values_are_normalised_and_params_hold_every_field():
@@ -54,7 +54,7 @@ def test_values_are_normalised_and_params_hold_every_field():
     (dict(lr=-1e-3), "must be positive"),
     (dict(fraction=0), r"in \(0, 1\]"),
     (dict(size=0), "8 to 2048 pixels"),
-    (dict(student="resnet11"), "resnet10, resnet14"),
+    (dict(student="resnet 11"), "resnet10, resnet14"),
     (dict(method="stagewize"), ", ".join(METHODS)),
     (dict(dataset="folder"), "needs data_path"),
     (dict(selection="train"), "valid, test"),

@@ -85,3 +85,12 @@ def test_a_killed_workers_run_is_resubmitted_and_resumes_to_the_uninterrupted_we
 
 
 
+
+
+def test_workers_of_one_host_share_its_cores(cluster, monkeypatch):
+    "Each worker once divided the cores by its own task threads: two workers of one host took all cores each."
+    from kd_lib.runner import executors
+    def threads_given(job, threads=None): return threads
+    got = cluster.submit(executors._on_worker, threads_given, None, None, pure=False).result()
+    assert cluster.submit(executors.host_slots, pure=False).result() == 2  # 2 workers x 1 thread, on this host
+    assert got == max(1, executors.cores() // 2)

@@ -11,11 +11,15 @@ from fastai.torch_core import set_seed
 
 from kd_lib.data import get_data
 from kd_lib.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
-from kd_lib.models import FEATURE_STAGES, STAGES, evaluating, resnet, teacher
+from kd_lib.models import evaluating, resnet, teacher
+from kd_lib.stages import Stages
+from kd_lib.steps import Features
 from kd_lib.config import StudentConfig
 from kd_lib.fitting import seed_everything
-from kd_lib.methods import METHODS, Step
-from kd_lib.train import step_learner
+from kd_lib.methods import METHODS
+from conftest import step_learner
+
+PAPER = Stages.paper()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,8 @@ def test_stage_features_truncated_equal_whole_model(truncate, tchr):
     x = torch.randn(2, 3, 16, 16)
     for m in (tchr.eval(), resnet("resnet14").eval()):
         with torch.no_grad():
-            assert all(torch.equal(a, b) for a, b in zip(stage_features(m, x, FEATURE_STAGES, truncate),
-                                                          stage_features(m, x, FEATURE_STAGES, not truncate)))
+            assert all(torch.equal(a, b) for a, b in zip(stage_features(m, x, PAPER, truncate=truncate),
+                                                          stage_features(m, x, PAPER, truncate=not truncate)))
 
 
 @pytest.mark.parametrize("stage", ["stem", "layer2", "layer4"])
@@ -57,7 +61,7 @@ def test_feature_stage_trains_only_its_stage(stage, dls, tchr):
     set_seed(0)
     before_s = copy.deepcopy(resnet("resnet10").state_dict())
     before_t = copy.deepcopy(tchr.state_dict())
-    student, learn = _fit_step(Step(stage, (stage,), stage), "stagewise", dls, tchr)
+    student, learn = _fit_step(Features(stage, (stage,), target=stage), "stagewise", dls, tchr)
     changed = _changed(before_s, student.state_dict())
     prefix = ("body.conv1", "body.bn1") if stage == "stem" else (f"body.{stage}",)
     assert changed and all(k.startswith(prefix) for k in changed), changed
@@ -71,13 +75,13 @@ def test_feature_stage_trains_only_its_stage(stage, dls, tchr):
 def test_head_stage_trains_only_the_head(dls):
     set_seed(0)
     before = copy.deepcopy(resnet("resnet10").state_dict())
-    student, learn = _fit_step(METHODS["stagewise"].steps[-1], "stagewise", dls, None)
+    student, learn = _fit_step(METHODS["stagewise"].steps_for()[-1], "stagewise", dls, None)
     changed = _changed(before, student.state_dict())
     assert changed == {k for k in before if k.startswith("head.")}
 
 
 def test_frozen_bn_statistics_drift_only_when_asked(dls, tchr):
-    step = Step("layer2", ("layer2",), "layer2")
+    step = Features("layer2", ("layer2",), target="layer2")
     set_seed(0)
     before = copy.deepcopy(resnet("resnet10").state_dict())
     frozen_bn, _ = _fit_step(step, "stagewise", dls, tchr)
@@ -90,7 +94,7 @@ def test_frozen_bn_statistics_drift_only_when_asked(dls, tchr):
 
 
 def test_truncated_stage_equals_the_papers_whole_forward(dls, tchr):
-    step = Step("layer1", ("layer1",), "layer1")
+    step = Features("layer1", ("layer1",), target="layer1")
     fast, lf = _fit_step(step, "stagewise", dls, tchr, epochs=2, truncate=True)
     plain, lp = _fit_step(step, "stagewise", dls, tchr, epochs=2, truncate=False)
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
@@ -121,7 +125,7 @@ class _Spy(Callback):
                                                        reduction="batchmean")
                 expected = (1 - cb.alpha) * ce + term
             else:
-                maps = stage_features(self.tchr, self.x, FEATURE_STAGES)
+                maps = stage_features(self.tchr, self.x, PAPER, side="teacher")
                 term = sum(F.mse_loss(s, t) for s, t in zip(cb.hooks.stored, maps))
                 expected = ce + term
         self.own = False
@@ -136,7 +140,7 @@ def test_teacher_losses_add_their_term_in_training_only(method, last, dls, tchr)
     spy = _Spy(tchr, getattr(tchr, "head") if last == "head" else tchr.body.layer4)
     set_seed(0)
     student = resnet("resnet10")
-    learn = step_learner(METHODS[method].steps[0], StudentConfig(method=method, lr=1e-3), student, tchr, dls)
+    learn = step_learner(METHODS[method].steps_for()[0], StudentConfig(method=method, lr=1e-3), student, tchr, dls)
     learn.add_cb(spy)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     n_train = len(dls.train)
@@ -171,4 +175,3 @@ def test_freeze_others_freezes_what_the_optimizer_does_not_train(dls):
     assert seen["grad"] == {n for n, _ in student.head.named_parameters(prefix="head")}
     assert seen["bn_training"] is False
     assert all(p.requires_grad for p in student.parameters())
-    assert set(STAGES) >= {"head"}

@@ -12,10 +12,11 @@ from kd_lib.cache import FeatureCache, Store
 from kd_lib.config import StudentConfig
 from kd_lib.fitting import StopOnNaN, seed_everything
 from kd_lib.data import data_dir, get_data
-from kd_lib.distill import stage_features
-from kd_lib.methods import Step
-from kd_lib.models import FEATURE_STAGES, HEAD, resnet, stage_span, teacher
-from kd_lib.train import load_teacher, step_learner, train_student
+from kd_lib.models import resnet, teacher
+from kd_lib.steps import Features, Labels
+from kd_lib.train import load_teacher, train_student
+
+from conftest import step_learner
 
 EPOCHS = 1  # per stage; the resume test takes 2
 RUN = "digits/resnet10-stagewise-f0.25-s0"
@@ -102,8 +103,8 @@ def test_fp16_cache_is_within_its_rounding(tiny, teacher_path):
     set_seed(0)
     student, tchr = resnet("resnet10"), load_teacher(teacher_path, 10)
     with FeatureCache(dls, student, tchr, "float32") as exact, FeatureCache(dls, student, tchr, "float16") as half:
-        for k, step in enumerate((Step("stem", ("stem",), "stem"), Step("layer3", ("layer3",), "layer3"))):
-            (x32, t32, _), (x16, t16, _) = exact.step(step), half.step(step)
+        for k, (first, target) in enumerate((("stem", "stem"), ("layer3", "layer3"))):
+            (x32, t32, _), (x16, t16, _) = exact.features(first, target), half.features(first, target)
             for a, b in zip([*x32, *t32], [*x16, *t16]):
                 assert b.dtype == torch.float16
                 if k == 0: assert torch.equal(b, a.half())
@@ -176,7 +177,7 @@ def test_valid_cache_validates_without_the_teacher_and_changes_nothing(tiny, tea
         set_seed(0)
         student, calls[:] = resnet("resnet10"), []
         with FeatureCache(dls, student, tchr, "float32", train=False) if cached else nullcontext() as cache:
-            learn = step_learner(Step("layer1", ("layer1",), "layer1"), StudentConfig(lr=1e-3), student, tchr, dls,
+            learn = step_learner(Features("layer1", ("layer1",), target="layer1"), StudentConfig(lr=1e-3), student, tchr, dls,
                                  cache=cache)
             seed_everything(0, learn.dls)
             n_cache = len(calls)
@@ -193,17 +194,6 @@ def test_amp_without_cuda_is_a_clear_error(tmp_path, tiny):
         train_student(**(tiny | dict(method="no_teacher", amp="bf16", out_dir=tmp_path)))
     with pytest.raises(ValueError, match="bf16, fp16"):
         train_student(**(tiny | dict(method="no_teacher", amp="fp8", out_dir=tmp_path)))
-
-
-def test_student_parts_compose_the_student():
-    m = resnet("resnet10").eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(stage_span(m, 0, HEAD)(x), m(x))
-        assert torch.equal(stage_span(m, HEAD, HEAD)(stage_span(m, 0, HEAD - 1)(x)), m(x))
-        feats = stage_features(m, x, FEATURE_STAGES)
-        for i in range(1, len(FEATURE_STAGES)):
-            assert torch.equal(stage_span(m, i, i)(feats[i - 1]), feats[i])
 
 
 class _AutocastCPU(Callback):
@@ -226,7 +216,7 @@ class _Look(Callback):
 def test_teacher_runs_under_the_learners_autocast(tiny):
     dls = get_data("digits", size=tiny["size"], bs=tiny["bs"], fraction=tiny["fraction"], augment=False)
     torch.manual_seed(0)
-    learn = step_learner(Step("layer1", ("layer1",), "layer1"), StudentConfig(lr=1e-3), resnet("resnet10"),
+    learn = step_learner(Features("layer1", ("layer1",), target="layer1"), StudentConfig(lr=1e-3), resnet("resnet10"),
                          teacher(10, pretrained=False), dls)
     look = _Look()
     learn.add_cbs([_AutocastCPU(), look])
@@ -237,8 +227,45 @@ def test_teacher_runs_under_the_learners_autocast(tiny):
 def test_channels_last_puts_the_student_in_that_format(tiny):
     dls = get_data("digits", size=tiny["size"], bs=tiny["bs"], fraction=tiny["fraction"], augment=False)
     student = resnet("resnet10")
-    learn = step_learner(Step("head", ("head",)), StudentConfig(lr=1e-3, channels_last=True), student, None, dls)
+    learn = step_learner(Labels("head", ("head",)), StudentConfig(lr=1e-3, channels_last=True), student, None, dls)
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     w = student.body.layer1[0].conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+
+
+def test_a_steps_cache_is_freed_before_the_next_one_is_built(tmp_path, tiny, teacher_path, monkeypatch):
+    "cache_bytes bounds the cache: the step before's Learner once held its tensors while the next were built (2x)."
+    import gc
+    import weakref
+    from kd_lib import cache
+    real, alive, refs = cache.FeatureCache._step, [], []
+    def spy(self, first, target):
+        out = real(self, first, target)  # the step before's inputs, mapped to this step's, are given back to the store
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs if all(r() is not t for t in out[0])))  # ... and nothing holds them
+        refs[:] = [weakref.ref(t) for t in out[0]]  # this step's inputs, one per cached loader
+        return out
+    monkeypatch.setattr(cache.FeatureCache, "_step", spy)
+    _run(tmp_path, tiny, teacher_path, cache=True, cache_dtype="float32")
+    assert len(alive) == 6 and alive == [0] * 6
+
+
+def test_a_cache_for_channels_last_models_is_laid_out_so():
+    s = Store(torch.float32, max_bytes=4 * 8 * 4 * 4 * 4, channels_last=True)
+    a, b = s.empty((4, 8, 4, 4)), s.empty((4, 8, 4, 4))  # in memory, then a memory-mapped file
+    for t in (a, b): assert t.shape == (4, 8, 4, 4) and t.is_contiguous(memory_format=torch.channels_last)
+    b[:] = torch.arange(4 * 8 * 16, dtype=torch.float32).view(4, 8, 4, 4)
+    assert float(b[3, 7, 3, 3]) == 4 * 8 * 16 - 1 and b[torch.tensor([2, 0])].is_contiguous(
+        memory_format=torch.channels_last)  # a batch taken out of it keeps the layout
+    s.close()
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_before_anything_is_written(tmp_path, tiny, monkeypatch):
+    "It was accepted, and failed in fastai's MixedPrecision after params.json and the cache existed."
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(ValueError, match="bfloat16 \\(Tesla T4 has none\\)"):
+        train_student(**(tiny | dict(method="stagewise", amp="bf16", cache=True, augment=False, out_dir=tmp_path)))
+    assert not list(tmp_path.iterdir())

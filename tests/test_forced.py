@@ -6,22 +6,26 @@ import torch
 
 from kd_lib.forced import ForcedStages, forced_loss
 from kd_lib.distill import stage_features
-from kd_lib.models import FEATURE_STAGES, resnet, stage_part, teacher
+from kd_lib.models import resnet, teacher
+from kd_lib.stages import Stages
 from kd_lib.train import train_student
+
+PAPER = Stages.paper()
+FEATURE_STAGES = PAPER.names
 
 
 def test_each_stage_learns_from_its_own_mse_only():
     torch.manual_seed(0)
     student, tchr = resnet("resnet10"), teacher(10, pretrained=False).eval()
     x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad(): maps = stage_features(tchr, x, FEATURE_STAGES)
-    model = ForcedStages(student)
+    with torch.no_grad(): maps = stage_features(tchr, x, PAPER, side="teacher")
+    model = ForcedStages(student, PAPER)
     outs = model(x, *maps[:-1])
     for k, stage in enumerate(FEATURE_STAGES):
         student.zero_grad()
         torch.nn.functional.mse_loss(outs[k], maps[k]).backward(retain_graph=True)
         for j, other in enumerate(FEATURE_STAGES):
-            grads = [p.grad for p in stage_part(student, other).parameters()]
+            grads = [p.grad for p in PAPER.part(student, other).parameters()]
             touched = any(g is not None and g.abs().sum() > 0 for g in grads)
             assert touched == (j == k), (stage, other)
     assert torch.isclose(forced_loss(outs, *maps), sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, maps)))
@@ -81,8 +85,8 @@ def test_each_stage_keeps_the_weights_of_its_own_best_epoch(forced_teacher):
     totals, n = dict.fromkeys(FEATURE_STAGES, 0.0), 0
     with torch.no_grad():
         for x, _ in dls.valid:
-            maps = stage_features(tchr, x, FEATURE_STAGES)
-            for s, out, t in zip(FEATURE_STAGES, ForcedStages(student)(x, *maps[:-1]), maps):
+            maps = stage_features(tchr, x, PAPER, side="teacher")
+            for s, out, t in zip(FEATURE_STAGES, ForcedStages(student, PAPER)(x, *maps[:-1]), maps):
                 totals[s] += float(torch.nn.functional.mse_loss(out, t)) * len(x)
             n += len(x)
     for s in FEATURE_STAGES:
@@ -93,11 +97,12 @@ def test_a_fine_tune_step_feeds_each_stage_the_students_own_features(forced_teac
     from kd_lib.config import StudentConfig
     from kd_lib.data import get_data
     from kd_lib.methods import get_method
-    from kd_lib.train import load_teacher, step_learner
+    from kd_lib.train import load_teacher
+    from conftest import step_learner
     torch.manual_seed(0)
     student, tchr = resnet("resnet10"), load_teacher(forced_teacher / "teacher.pth", 10)
     dls = get_data("digits", size=16, bs=32, fraction=0.25, augment=False)
-    step = next(s for s in get_method("teacher_forced_finetune").steps if s.name == "layer2_finetune")
+    step = next(s for s in get_method("teacher_forced_finetune").steps_for() if s.name == "layer2_finetune")
     learn = step_learner(step, StudentConfig(dataset="digits", size=16, bs=32, method="teacher_forced_finetune"),
                          student, tchr, dls, forced_teacher)
     seen = []

@@ -5,9 +5,10 @@ import torch
 from kd_lib.config import StudentConfig
 from kd_lib.figures import figure4
 from kd_lib.fitting import seed_everything
-from kd_lib.methods import METHODS, Method, Step, get_method, register
+from kd_lib.methods import METHODS, Method, get_method, register
 from kd_lib.models import resnet
-from kd_lib.records import collect
+from kd_lib.records import collect, read_json
+from kd_lib.steps import Labels
 from kd_lib.runner import expand, load_profile
 from kd_lib.train import load_student, train_student
 
@@ -15,7 +16,7 @@ from kd_lib.train import load_student, train_student
 @pytest.fixture()
 def head_only():
     "A toy method, registered for one test: only the head trains, on the labels, with the body left random."
-    m = register(Method("head_only", (Step("head", ("head",)),), needs_teacher=False, cacheable=True,
+    m = register(Method("head_only", (Labels("head", ("head",)),), needs_teacher=False, cacheable=True,
                         color="tab:pink", marker="*", description="the head alone"))
     yield m
     del METHODS["head_only"]
@@ -23,8 +24,9 @@ def head_only():
 
 def test_the_papers_methods_are_registered_in_display_order():
     assert list(METHODS)[:4] == ["no_teacher", "no_teacher_budget", "simultaneous", "stagewise"]
-    assert METHODS["no_teacher_budget"].budget_of == "stagewise" and len(METHODS["stagewise"].steps) == 6
-    assert [s.name for s in METHODS["stagewise"].steps] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert METHODS["no_teacher_budget"].budget_of == "stagewise" and len(METHODS["stagewise"].steps_for()) == 6
+    assert [s.name for s in METHODS["stagewise"].steps_for()] == ["stem", "layer1", "layer2", "layer3", "layer4",
+                                                                  "head"]
     assert not METHODS["no_teacher"].needs_teacher and METHODS["stagewise"].needs_teacher
     assert {m for m in METHODS if not METHODS[m].cacheable} == {"simultaneous", "hinton"}
     assert not METHODS["no_teacher_budget"].needs_teacher
@@ -44,3 +46,24 @@ def test_a_new_method_is_one_definition_and_runs_end_to_end(head_only, tmp_path,
     prof = dict(load_profile("smoke"), datasets=[dict(dataset="digits", students=[dict(method="head_only")])])
     jobs = expand(prof, tmp_path / "runs")
     assert jobs[1].config.method == "head_only" and not jobs[1].needs_teacher
+
+
+def test_a_method_registered_in_a_module_reaches_the_runners_kernels(tmp_path, monkeypatch, write_profile):
+    "The docstring once said so and it did not: each papermill kernel starts afresh, without the user's register()."
+    import io
+    from kd_lib import runner as rp
+    (tmp_path / "my_methods.py").write_text(
+        "from kd_lib.methods import Method, register\nfrom kd_lib.steps import Labels\n"
+        "register(Method('head_only', (Labels('head', ('head',)),), needs_teacher=False))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the kernels find it as the repository's root would
+    path = write_profile([dict(student="resnet10", method="no_teacher", epochs=1)])
+    path.write_text(path.read_text().replace("method: no_teacher", "method: head_only") + "imports: [my_methods]\n")
+    try:
+        jobs = rp.plan(rp.expand(rp.load_profile(path)))  # loading it imports my_methods: head_only is known
+        assert jobs[1].params["imports"] == ["my_methods"]
+        rp.run_jobs(jobs[1:], stream=io.StringIO())  # the student alone: it needs no teacher
+        record = read_json(jobs[1].run / "record.json")
+        assert record["params"]["method"] == "head_only" and [s["name"] for s in record["stages"]] == ["head"]
+    finally:
+        METHODS.pop("head_only", None)

@@ -95,7 +95,8 @@ def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     g = results.gaps(as_runs)
     assert set(g["dataset"]) == {"imagenette", "imagewoof", "cifar10"} and (g["wins"] == 5).all()
     c = claims.claims(as_runs, paper)
-    assert len(c) == 12  # the paper's own numbers, one run per student: intervals over its five students
+    assert len(c) == 18 and set(c["verdict"]) == {"inconclusive"}  # the paper reported no convergence: not evidence
+    c = claims.claims(as_runs.assign(converged=True), paper)  # had every run converged: intervals over five students
     assert claims.verdicts(c)["verdict_1"] == "reproduced on cifar10; reproduced on imagenette; reproduced on imagewoof"
     assert claims.verdicts(c)["verdict_4"] == ("inconclusive on cifar10; reproduced on imagenette; "
                                                "reproduced on imagewoof")  # its CIFAR10 interval spans 2 points

@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fastai.callback.core import Callback
+
 from kd_lib import runner as rp
 from kd_lib.data import DatasetError, get_data
 from kd_lib.locks import LOCK, RunLock, RunLocked, lock_holder
@@ -263,13 +265,13 @@ STUDENT = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, method=
                progress=False)
 KILLED_AFTER_FIT = f"""
 import os, sys, torch
-import kd_lib.train as train
+import kd_lib.records as records, kd_lib.train as train
 torch.set_num_threads(1)
 def die(*args, **kwargs): os.kill(os.getpid(), 9)  # the fit is over, its outputs and record not yet written
 if sys.argv[2] == "teacher": train.evaluate = die; train.train_teacher(**{TEACHER!r}, out_dir=sys.argv[1])
 else:
-    real = train.write_json
-    train.write_json = lambda path, obj: die() if path.name == "progress.json" else real(path, obj)
+    real = records.write_json
+    records.write_json = lambda path, obj: die() if path.name == "progress.json" else real(path, obj)
     train.train_student(**{STUDENT!r}, out_dir=sys.argv[1])
 """
 
@@ -421,6 +423,53 @@ def test_an_image_replaced_by_one_of_the_same_size_and_time_is_checked_again(tmp
     get_data("folder", root, size=16, bs=4)
     img = root / "train" / "a" / "1.jpg"
     data, stat = img.read_bytes(), img.stat()
-    img.write_bytes(data[:600] + b"\0" * (len(data) - 600))  # same size, truncated content
+    img.write_bytes(b"not an image".ljust(len(data), b" "))  # same size, no longer an image
     os.utime(img, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(DatasetError, match="train/a/1.jpg"): get_data("folder", root, size=16, bs=4)
+
+
+class _Scaler:
+    "Stands in for fp16's GradScaler on the CPU: a loss scale that changes every optimizer step."
+    def __init__(self): self.scale = 1.0
+    def state_dict(self): return {"scale": self.scale}
+    def load_state_dict(self, sd): self.scale = sd["scale"]
+
+
+class _Amp(Callback):
+    "Stands in for fastai's MixedPrecision: makes `learn.scaler` before the fit, which every step changes."
+    order = 10
+    def before_fit(self): self.learn.scaler = _Scaler()
+    def after_step(self): self.learn.scaler.scale *= 1.5
+    def after_fit(self): self.final, self.learn.scaler = self.learn.scaler.scale, None
+
+
+class _KillAfter(Callback):
+    "Interrupts a fit at the end of epoch `epoch`, after its checkpoints were written."
+    order = 90
+    def __init__(self, epoch): self.at = epoch
+    def after_epoch(self):
+        if self.epoch == self.at: raise KeyboardInterrupt
+
+
+def test_a_resumed_fit_carries_on_the_loss_scalers_state(tmp_path):
+    "fp16's GradScaler state was not in the resume state: a resumed fp16 run scaled its losses otherwise."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from kd_lib.fitting import fit
+    def learner(path):
+        torch.manual_seed(0)
+        x = torch.randn(64, 4)
+        data = list(zip(x, (x[:, 0] > 0).long()))
+        dls = DataLoaders(DataLoader(data[:48], bs=8, shuffle=True), DataLoader(data[48:], bs=8))
+        return Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss(), path=path, cbs=_Amp())
+    whole = learner(tmp_path / "a")
+    fit(whole, "toy", epochs=3, lr=0.01, monitor="valid_loss", run=tmp_path / "a", progress=False)
+    killed = learner(tmp_path / "b")
+    killed.add_cb(_KillAfter(epoch=1))
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, "toy", epochs=3, lr=0.01, monitor="valid_loss", run=tmp_path / "b", progress=False)
+    resumed = learner(tmp_path / "b")
+    fit(resumed, "toy", epochs=3, lr=0.01, monitor="valid_loss", run=tmp_path / "b", progress=False)
+    amp = [next(c for c in l.cbs if isinstance(c, _Amp)) for l in (whole, resumed)]
+    assert amp[0].final == amp[1].final == 1.5 ** (3 * 6)

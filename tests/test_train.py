@@ -14,7 +14,7 @@ from torchvision.models import _api as tv_api
 import kd_lib.train as kt
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from kd_lib.models import PretrainedUnavailable, check_stage_shapes, resnet, teacher
+from kd_lib.models import PretrainedUnavailable, resnet, teacher
 from kd_lib.records import collect, read_json
 from kd_lib.fitting import StopOnNaN
 from kd_lib.methods import METHODS
@@ -75,7 +75,7 @@ def test_stagewise_record_has_every_field(tmp_path, tiny, teacher_path):
 @pytest.mark.parametrize("method", ["simultaneous", "hinton", "fitnets"])
 def test_other_methods_learn_and_record(method, tmp_path, tiny, teacher_path):
     r = _student(tmp_path, tiny, teacher_path, method=method, epochs=2)
-    assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method].steps]
+    assert [s["name"] for s in r["stages"]] == [s.name for s in METHODS[method].steps_for()]
     assert r["test_accuracy"] > 25  # chance is 10
     if method == "fitnets":  # the hint kept the epoch of its lowest valid MSE to the teacher's layer2 ...
         hint, classifier = r["stages"]
@@ -158,17 +158,19 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny):
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(kt, "CrossEntropyLossFlat", lambda: (lambda pred, y: pred.sum() * float("nan")))
+    import kd_lib.steps
+    monkeypatch.setattr(kd_lib.steps, "CrossEntropyLossFlat", lambda: (lambda pred, y: pred.sum() * float("nan")))
     with pytest.raises(FloatingPointError, match="Lower the learning rate"):
         train_student(**(tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)))
     assert not list(tmp_path.rglob("record.json"))
 
 
 def test_mismatched_stage_shapes_are_a_clear_error():
+    from kd_lib.stages import StageMismatch, Stages
     t = teacher(10, pretrained=False)
     t.body.layer4 = torch.nn.Identity()
-    with pytest.raises(ValueError, match="layer4"):
-        check_stage_shapes(resnet("resnet10"), t, 32)
+    with pytest.raises(StageMismatch, match=r"layer4: student \(512, 1, 1\), teacher \(256, 2, 2\)"):
+        Stages.paper().check(resnet("resnet10"), t, torch.zeros(1, 3, 32, 32))
 
 
 def test_missing_teacher_says_how_to_get_one(tmp_path, tiny):

@@ -17,7 +17,8 @@ GENERATED = ROOT / "book" / "generated"
 
 def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
     """Write `book/generated/`: Table 1 and the method diagram (run now), the figures of the profile's records
-    (run now), the executed notebooks of the example teacher and student runs (copied; executed again
+    (run now), the page on models of one's own (run now, with the profile's `own_models` parameters, its runs in
+    `<out_dir>-own_models`), the executed notebooks of the example teacher and student runs (copied; executed again
     first when missing or older than `notebooks/<kind>.ipynb`, which only reads the complete run's record),
     and the chapter of each profile whose records are kept in the repository (`kept_profiles`), from them."""
     stream = stream or sys.stderr
@@ -35,6 +36,8 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
              ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
                              dataset=teacher.config.dataset)),
              ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None, margin=prof.get("margin", MARGIN))),
+             ("own_models", dict(out_dir=shown(out.with_name(f"{out.name}-own_models")),
+                                 **(prof.get("own_models") or {}))),
              *((name, dict(records_dir=folder)) for name, folder in kept.items())]
     for name, params in steps:
         print(f"writing book/generated/{name}.ipynb" + (f" from the records kept in {kept[name]}, made before (make "

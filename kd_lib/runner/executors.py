@@ -14,7 +14,7 @@ import queue
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["cores", "visible_gpus", "LocalExecutor", "DaskExecutor"]
+__all__ = ["cores", "visible_gpus", "host_slots", "LocalExecutor", "DaskExecutor"]
 
 
 def cores() -> int:
@@ -59,10 +59,19 @@ class LocalExecutor:
     def shutdown(self): self._pool.shutdown(wait=True)
 
 
+def host_slots() -> int:
+    """On a Dask worker: the task threads of all the workers of its host (several workers may share a machine, and
+    its cores)."""
+    from distributed import get_client, get_worker
+    me = get_worker()
+    workers = get_client().scheduler_info()["workers"]
+    host = workers.get(me.address, {}).get("host")
+    return sum(w["nthreads"] for w in workers.values() if host and w.get("host") == host) or me.state.nthreads
+
+
 def _on_worker(fn, job, threads):
-    "A run on a Dask worker, with `threads` torch threads (default: the machine's cores / the worker's task threads)."
-    from distributed import get_worker
-    return fn(job, threads=threads or max(1, cores() // get_worker().state.nthreads))
+    "A run on a Dask worker, with `threads` torch threads (default: the host's cores / the task threads of its workers)."
+    return fn(job, threads=threads or max(1, cores() // host_slots()))
 
 
 class DaskExecutor:

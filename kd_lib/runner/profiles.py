@@ -1,6 +1,7 @@
 """Profiles: YAML files that name, per dataset, the teacher's settings and groups of student runs;
 loaded and checked whole (`load_profile`), expanded into jobs (`expand`), planned against what already ran
 (`plan`). Every setting is a field of `kd_lib.config.TeacherConfig` or `StudentConfig`, checked by them."""
+import importlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ import yaml
 
 from ..config import StudentConfig, TeacherConfig
 from ..methods import get_method
+from ..models import STUDENTS
 from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "ProfileError", "RunConflict", "Job", "profiles",
@@ -18,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
-_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep", "margin"}  # the keys of a profile
+_TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep", "margin", "imports",
+        "own_models"}  # the keys of a profile
 KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one of the repository
 MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
@@ -41,6 +44,7 @@ class Job:
     run: Path
     output: Path
     out_dir: Path  # the profile's out_dir, absolute
+    imports: tuple = ()  # modules the notebook imports first (the profile's `imports`: methods registered there)
     status: str = "todo"  # todo | complete | running | failed | done
     seconds: float = 0.0
     log: Path = None
@@ -54,8 +58,10 @@ class Job:
 
     @property
     def params(self) -> dict:
-        "The notebook's parameters: the configuration's fields and `out_dir` (relative to the repository when inside)."
-        return dict(self.config.as_dict(), out_dir=shown(self.out_dir))
+        """The notebook's parameters: the configuration's fields, `out_dir` (relative to the repository when inside)
+        and the modules to `imports` first."""
+        return dict(self.config.as_dict(), out_dir=shown(self.out_dir),
+                    **({"imports": list(self.imports)} if self.imports else {}))
 
     @property
     def after(self) -> list:
@@ -118,12 +124,21 @@ def _typed(where: str, prof: dict) -> None:
                  keep=(str, f"a folder inside {KEPT_ROOT}/"), example=(dict, "a mapping of run settings, e.g. "
                  "{dataset: digits, student: resnet10, method: stagewise, fraction: 1.0, seed: 0}"),
                  jobs=(int, "a whole number of runs at once, 1 or more"),
-                 margin=((int, float), "a number of accuracy points, more than 0"))
+                 margin=((int, float), "a number of accuracy points, more than 0"),
+                 own_models=(dict, "a mapping of notebooks/own_models.ipynb's parameters, e.g. {epochs: 1}"))
     for key, (t, what) in wants.items():
         v = prof.get(key)
         if v is None: continue
         if not isinstance(v, t) or isinstance(v, bool) or (key in ("jobs", "margin") and v <= 0):
             raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
+    imports = prof.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise ProfileError(f"{where}: imports={imports!r}: imports takes a list of module names, e.g. [mypkg.methods].")
+    for m in imports:  # methods registered there must be known here (to check the runs) and in every kernel
+        try: importlib.import_module(m)
+        except ImportError as e:
+            raise ProfileError(f"{where}: imports: cannot import {m!r} ({e}); it must be importable from the "
+                               "repository's root, where the notebooks run.") from e
     if (bad := set(prof.get("example") or {}) - set(StudentConfig.names())):
         raise ProfileError(f"{where}: example: unknown key(s) {sorted(bad)}; it names a run by its settings.")
     if (keep := prof.get("keep")) is not None:
@@ -192,7 +207,7 @@ def expand(prof: dict, out_dir=None) -> list:
 
     def job(config):
         return Job(config, f"{config.dataset}/{config.run_name}", out / config.dataset / config.run_name,
-                   out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out)
+                   out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out, tuple(prof.get("imports") or ()))
     for d in prof["datasets"]:
         ds, where = d["dataset"], f"{prof['path']}, dataset {d['dataset']}"
         base = dict(dataset=ds, data_path=d.get("data_path"), **(d.get("common") or {}))
@@ -204,6 +219,10 @@ def expand(prof: dict, out_dir=None) -> list:
             for combo in itertools.product(*lists):
                 settings = dict(base, **{k: v for k, v in g.items() if k not in EXPANDED}, **dict(zip(EXPANDED, combo)))
                 j = job(_config(StudentConfig, settings, f"{where}, student group {i + 1}"))
+                if j.config.student not in STUDENTS:
+                    raise ProfileError(f"{where}, student group {i + 1}: student={j.config.student!r}: a profile's "
+                                       f"runs build their students by name, one of {', '.join(STUDENTS)} (a model of "
+                                       "your own trains with kd_lib.train.train_student(student=<nn.Module>)).")
                 if j.name in seen:
                     raise ProfileError(f"{where}: student groups {seen[j.name]} and {i + 1} both make the run "
                                        f"{j.name}, which can have one set of settings: remove it from one of them."
