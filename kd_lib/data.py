@@ -34,7 +34,8 @@ from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from .resident import TensorLoader, decode, decoded_bytes, resident_loader
+from .augment import PAPER_AUG, PaperAugment
+from .resident import TensorLoader, decode, decoded_bytes, file_key, resident_loader
 
 __all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError", "DatasetNotFoundError",
            "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data", "trained_on", "check_no_leak"]
@@ -49,8 +50,6 @@ SELECTIONS = ("valid", "test")
 CIFAR_STATS = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
 _SMALL = ("digits", "cifar10")  # default size 32; every other dataset 224
 RESIDENT_BYTES = 2 * 2**30  # decoded images held in CPU memory at the most (resident=None)
-PAPER_AUG = dict(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0.2, max_warp=0.2,
-                 p_affine=0.75, p_lighting=0.75)  # fastai v1 get_transforms(do_flip=False)
 
 
 class DatasetError(ValueError):
@@ -198,9 +197,10 @@ def _listing(root: Path, split: str) -> tuple[list, list]:
 def _unreadable(root: Path, items: list) -> list:
     """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
     only when its pixels are read). Decoding every image takes a while on a large dataset, so the answer is
-    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes and modification times."""
-    stats = [(rel, *(lambda st: (st.st_size, st.st_mtime_ns))((root / rel).stat())) for rel, _ in items]
-    key = hashlib.sha256(json.dumps([str(root.resolve()), stats]).encode()).hexdigest()[:16]
+    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes, times and inodes (`kd_lib.resident.file_key`:
+    a file replaced by another of the same size and modification time is checked again; nothing is kept while a
+    file changed too recently to tell)."""
+    key, trusted = file_key(root, items)
     memo = data_dir() / "checks" / f"{key}.json"
     try:
         if memo.exists(): return list(json.loads(memo.read_text()))
@@ -210,6 +210,7 @@ def _unreadable(root: Path, items: list) -> list:
         try:
             with Image.open(root / rel) as im: im.load()
         except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
+    if not trusted: return bad
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
     tmp.write_text(json.dumps(bad))
@@ -262,9 +263,11 @@ def _hash(items: list) -> str:
     return hashlib.sha256("".join(f"{p}\t{c}\n" for p, c in sorted(items)).encode()).hexdigest()[:12]
 
 
-def _batch_tfms(augment: bool, stats: tuple) -> list:
-    "The batch transforms: bytes to floats, the paper's augmentation (if `augment`), normalisation by `stats`."
-    return [IntToFloatTensor(), *(aug_transforms(**PAPER_AUG) if augment else []), Normalize.from_stats(*stats)]
+def _batch_tfms(augment: bool, stats: tuple, own: bool = False) -> list:
+    """The batch transforms: bytes to floats, the paper's augmentation (if `augment`: fastai's transforms, or with
+    `own` `kd_lib.augment.PaperAugment`, the same in a few batched operations), normalisation by `stats`."""
+    aug = ([PaperAugment(**PAPER_AUG)] if own else aug_transforms(**PAPER_AUG)) if augment else []
+    return [IntToFloatTensor(), *aug, Normalize.from_stats(*stats)]
 
 
 def _per_item(root: Path, splits: dict, vocab: list, size: int, bs: int, augment: bool, stats: tuple,
@@ -290,7 +293,8 @@ def _resident(root: Path, splits: dict, vocab: list, size: int, bs: int, augment
     device = device or default_device()  # where fastai's DataBlock puts its batches
     decoded = decode(root, [o for v in splits.values() for o in v], _CenterResize(size), data_dir() / "decoded")
     def loader(its, train=False):
-        return resident_loader(decoded, its, vocab, _batch_tfms(augment and train, stats), split_idx=0 if train else 1,
+        return resident_loader(decoded, its, vocab, _batch_tfms(augment and train, stats, own=True),
+                               split_idx=0 if train else 1,
                                device=device, bs=bs, shuffle=train, drop_last=train)
     dls = KDDataLoaders(loader(splits["train"], train=True), loader(splits["valid"]), loader(splits["test"]),
                         path=root, device=device)

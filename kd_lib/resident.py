@@ -11,6 +11,7 @@
 """
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from fastai.data.core import Pipeline  # fasttransform's, as fastai uses it
 
 from .records import save_weights
 
-__all__ = ["TensorLoader", "Decoded", "decoded_bytes", "decode", "resident_loader"]
+__all__ = ["TensorLoader", "Decoded", "RACY_S", "file_key", "decoded_bytes", "decode", "resident_loader"]
 
 
 class TensorLoader(DataLoader):
@@ -66,26 +67,38 @@ class Decoded:
 def decoded_bytes(n: int, size: int) -> int: return n * 3 * size * size
 
 
-def _key(root: Path, items: list, size: int) -> str:
-    "A key for the decoded images of `items` at `size`: changes when any file does (size, times, inode)."
-    stats = [(rel, *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))((root / rel).stat()))
-             for rel, _ in items]
-    return hashlib.sha256(json.dumps([str(root.resolve()), size, stats]).encode()).hexdigest()[:16]
+RACY_S = 2.0  # a file changed this recently may change again within its timestamps' resolution
+
+
+def file_key(root: Path, items: list, *extra) -> tuple:
+    """A key for what is computed from the files of `items` ((relative path, class) under `root`) and `extra`: it
+    changes when any file does (size, modification and change times, inode), and whether it can be trusted: not
+    when a file changed less than `RACY_S` ago, as a change in the same tick of the file system's clock would not
+    change its times (git's "racy" files). An untrusted key's result is not kept."""
+    now, stats = time.time_ns(), []
+    for rel, _ in items:
+        st = (Path(root) / rel).stat()
+        stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+    trusted = all(now - max(st[2], st[4]) > RACY_S * 1e9 for st in stats)
+    return hashlib.sha256(json.dumps([str(Path(root).resolve()), *extra, stats]).encode()).hexdigest()[:16], trusted
 
 
 def decode(root: Path, items: list, resize, folder: Path) -> Decoded:
     """The images of `items` ((relative path, class) under `root`) decoded as the per-item pipeline decodes them
     (`PILImage.create`, the item transform `resize` as for a valid item, `ToTensor`), as one uint8 tensor; kept in
-    `folder` for the next run (a corrupt or stale copy is decoded again)."""
+    `folder` for the next run (a corrupt or stale copy is decoded again; none is kept while a file is racy,
+    `file_key`)."""
     items = sorted(items)
-    path = Path(folder) / f"{_key(Path(root), items, resize.size[0])}.pt"
+    key, trusted = file_key(root, items, resize.size[0])
+    path = Path(folder) / f"{key}.pt"
     try:
         if path.exists(): return Decoded(torch.load(path, map_location="cpu", weights_only=True), items)
     except Exception: path.unlink(missing_ok=True)  # only a cache: a file cut short is made again
     to_tensor = ToTensor()
-    images = torch.stack([to_tensor(resize(PILImage.create(Path(root) / rel), split_idx=1)) for rel, _ in items])
-    save_weights(path, images.as_subclass(torch.Tensor))
-    return Decoded(images.as_subclass(torch.Tensor), items)
+    images = torch.stack([to_tensor(resize(PILImage.create(Path(root) / rel), split_idx=1))
+                          for rel, _ in items]).as_subclass(torch.Tensor)
+    if trusted: save_weights(path, images)
+    return Decoded(images, items)
 
 
 def resident_loader(decoded: Decoded, items: list, vocab: list, batch_tfms: list, split_idx: int, device=None,

@@ -3,7 +3,7 @@
 A `Stages` names, for each feature stage, the modules (dotted paths, `nn.Module.get_submodule`) that compute it
 from the stage before's map, the last one's output being the stage's feature map, in the student and, where they
 differ, in the teacher; then the head. Everything that distils (`kd_lib.distill`, `kd_lib.steps`, the cache)
-takes a `Stages` and never a model's layout, so any pair of `nn.Module`s can be distilled:
+takes a `Stages` and never a model's layout, so any pair of PyTorch modules can be distilled::
 
     stages = Stages.torchvision_resnet()            # conv1/bn1/relu, layer1 ... layer4, avgpool/fc
     stages = Stages.paper()                         # the paper's ResNets (kd_lib.models): the default

@@ -1,6 +1,6 @@
 """Recipes: train the teacher, train a student by any method of `kd_lib.methods.METHODS`, each run in a
 folder of its own (`kd_lib.records.RunFolder`) with best-epoch checkpoints, exact resume after a kill, and a
-self-describing record.
+self-describing record::
 
     record = train_student(student="resnet14", method="stagewise", epochs=5)   # or train_student(config)
     record = train_student(student=my_net, teacher=my_big_net, stages=Stages.torchvision_resnet(), dls=my_dls,

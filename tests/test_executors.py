@@ -33,7 +33,7 @@ def test_each_local_run_at_a_time_sees_a_gpu_of_its_own(write_profile):
         time.sleep(0.1)
         with lock: seen.append(now.pop(job.name))
         return rp.Outcome("done")
-    ex = rp.LocalExecutor(2, gpus=["3", "5"])
+    ex = rp.LocalExecutor(2, gpus=["3", "5"], workers=False)  # the stand-in `execute` runs in the slots' threads
     assert ex.threads >= 1 and "GPUs 3,5" in repr(ex)
     rp.run_jobs(jobs, stream=io.StringIO(), execute=execute, executor=ex)
     ex.shutdown()
@@ -100,20 +100,24 @@ STUDENT_ONLY = """
 import sys
 from kd_lib import runner as rp
 jobs = rp.plan(rp.expand(rp.load_profile(sys.argv[1])))
-rp.run_jobs([j for j in jobs if j.kind == "student"], executor=rp.LocalExecutor(1, gpus=[], threads=1))
+notebooks = sys.argv[2] == "True"
+rp.run_jobs([j for j in jobs if j.kind == "student"], execute=rp.run_job if notebooks else rp.train_job,
+            executor=rp.LocalExecutor(1, gpus=[], threads=1, workers=not notebooks))
 """
 LONG = [dict(student="resnet10", method="no_teacher", epochs=8)]  # a student run long enough to be killed
 
 
-def test_a_killed_runner_takes_its_kernels_with_it_and_a_new_one_finishes(tmp_path, write_profile):
-    "Papermill and its kernel once outlived a killed runner and went on training the run folder."
-    cmd = [sys.executable, "-c", STUDENT_ONLY, str(write_profile(LONG))]
+@pytest.mark.parametrize("notebooks", [False, True], ids=["workers", "papermill"])
+def test_a_killed_runner_takes_its_workers_with_it_and_a_new_one_finishes(notebooks, tmp_path, write_profile):
+    "Papermill and its kernel once outlived a killed runner and went on training the run folder; so could a worker."
+    cmd = [sys.executable, "-c", STUDENT_ONLY, str(write_profile(LONG)), str(notebooks)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "runs" / "digits" / "resnet10-no_teacher-f1-s0"
     deadline = time.time() + 240
     while not list(run.glob("*.state.pth")) and time.time() < deadline and p.poll() is None: time.sleep(0.05)
     kids = psutil.Process(p.pid).children(recursive=True)
-    assert p.poll() is None and any("ipykernel" in " ".join(k.cmdline()) for k in kids), "no kernel to kill"
+    assert p.poll() is None and kids, "no worker to kill"
+    assert not notebooks or any("ipykernel" in " ".join(k.cmdline()) for k in kids), "no kernel to kill"
     p.send_signal(signal.SIGKILL)
     p.wait()
     gone, alive = psutil.wait_procs(kids, timeout=15)

@@ -153,3 +153,21 @@ def test_a_record_names_the_commit_of_the_code_that_made_it():
     changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "kd_lib", "notebooks"],
                              capture_output=True, text=True).stdout.strip()
     assert code_version() == dict(commit=head, dirty=bool(changed)) == versions()["code"]
+
+
+@pytest.mark.parametrize("prof", KEPT, ids=lambda p: p["name"])
+def test_the_kept_controls_ran_and_no_split_leaked(prof):
+    "Each budget control trained, without stopping, the epochs its stagewise twin used; no twin of it is its copy; "
+    "every student was picked and judged on the teacher's own valid split."
+    records = {p.parent.name: json.loads(p.read_text()) for p in kept_records(ROOT / prof["keep"])}
+    teacher = records.pop("teacher")
+    budget = {n: r for n, r in records.items() if r["params"]["method"] == "no_teacher_budget"}
+    assert budget, "no budget control kept"
+    for name, r in budget.items():
+        twin, baseline = records[r["budget"]["twin"]], records[name.replace("no_teacher_budget", "no_teacher")]
+        used = sum(s["epochs_run"] for s in twin["stages"])
+        fit = r["stages"][0]
+        assert abs(fit["epochs_run"] - used) <= 1 and not fit["stopped_early"], name
+        assert [h["accuracy"] for h in fit["history"]] != [h["accuracy"] for h in baseline["stages"][0]["history"]]
+    assert all(r["data"]["hashes"]["valid"] == teacher["data"]["hashes"]["valid"] for r in records.values())
+    assert teacher["converged"] is True

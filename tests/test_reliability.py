@@ -68,10 +68,11 @@ def test_a_teacher_killed_mid_fit_resumes_to_the_uninterrupted_weights(tmp_path)
 
 def test_any_exception_in_a_run_fails_that_run_and_the_runner(tmp_path, monkeypatch, write_profile):
     "An OSError (a read-only out_dir) once killed the worker thread and the runner said 'all complete'."
-    def read_only(name, out, **kw): raise OSError(errno.EROFS, "Read-only file system", str(out))
-    monkeypatch.setattr(runner_jobs, "run_notebook", read_only)
+    import kd_lib.train
+    def read_only(config, out_dir, **kw): raise OSError(errno.EROFS, "Read-only file system", str(out_dir))
+    for recipe in ("train_teacher", "train_student"): monkeypatch.setattr(kd_lib.train, recipe, read_only)
     jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
-    with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO())
+    with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO())  # in forked workers
     lines = dict(re.findall(r"\* (\S+): (.*)", str(e.value)))
     assert "OSError" in lines["digits/teacher"] and "Read-only" in lines["digits/teacher"]
     assert "OSError" in lines["digits/resnet10-no_teacher-f1-s0"]  # its own failure, not the teacher's
@@ -417,15 +418,29 @@ def test_a_corrupt_teacher_says_to_train_it_again(tmp_path, tiny):
     assert not [p for p in (tmp_path / "digits").rglob("*") if p.is_file()]  # refused before anything was written
 
 
-def test_an_image_replaced_by_one_of_the_same_size_and_time_is_checked_again(tmp_path):
+def test_an_image_replaced_by_one_of_the_same_size_and_time_is_checked_again(tmp_path, monkeypatch):
     "The unreadable-image memo was keyed on size and modification time only."
+    from kd_lib import resident
+    def replace(img: Path, data: bytes, stat) -> None:
+        new = img.with_name("new.tmp")
+        new.write_bytes(data)
+        os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(new, img)  # another file, of the same size and modification time
     root = _jpeg_tree(tmp_path / "t")
-    get_data("folder", root, size=16, bs=4)
+    monkeypatch.setattr(resident, "RACY_S", 0.0)  # the memo is kept at once
+    get_data("folder", root, size=16, bs=4, resident=False)
+    assert list((Path(os.environ["KD_DATA"]) / "checks").glob("*.json"))  # kept
     img = root / "train" / "a" / "1.jpg"
     data, stat = img.read_bytes(), img.stat()
-    img.write_bytes(b"not an image".ljust(len(data), b" "))  # same size, no longer an image
-    os.utime(img, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(DatasetError, match="train/a/1.jpg"): get_data("folder", root, size=16, bs=4)
+    replace(img, b"not an image".ljust(len(data), b" "), stat)
+    with pytest.raises(DatasetError, match="train/a/1.jpg"): get_data("folder", root, size=16, bs=4, resident=False)
+    replace(img, data, stat)
+    monkeypatch.undo()  # racy files (changed within RACY_S): nothing is kept, so a change in the same tick is seen
+    other = _jpeg_tree(tmp_path / "u")
+    get_data("folder", other, size=16, bs=4, resident=False)
+    bad = other / "train" / "b" / "2.jpg"
+    bad.write_bytes(b"not an image".ljust(bad.stat().st_size, b" "))
+    with pytest.raises(DatasetError, match="train/b/2.jpg"): get_data("folder", other, size=16, bs=4, resident=False)
 
 
 class _Scaler:

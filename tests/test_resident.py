@@ -1,5 +1,7 @@
 """Images decoded once: the resident loaders give the per-item path's batches (bit for bit without augmentation,
 the same family of augmentations with it), with the same splits and hashes; where they cannot, the per-item path."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -65,13 +67,18 @@ def test_images_that_are_not_square_stay_per_item_under_augmentation(tmp_path):
     assert all(torch.equal(x, y) for p, q in zip(_batches(plain.valid), _batches(per_item.valid)) for x, y in zip(p, q))
 
 
-def test_decoded_images_are_kept_for_the_next_run_and_made_again_when_a_file_changes(tmp_path, kd_data):
+def test_decoded_images_are_kept_for_the_next_run_and_made_again_when_a_file_changes(tmp_path, kd_data,
+                                                                                     monkeypatch):
+    from kd_lib import resident
+    monkeypatch.setattr(resident, "RACY_S", 0.0)  # files just written are trusted here: their copy is kept at once
     root = _tree(tmp_path / "t", size=(12, 12))
     first = get_data("folder", root, size=8, bs=4, augment=False)
     kept = sorted((kd_data / "decoded").glob("*.pt"))
     assert kept and get_data("folder", root, size=8, bs=4, augment=False).split_info["resident"]
     assert sorted((kd_data / "decoded").glob("*.pt")) == kept  # the second run decoded nothing
-    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(root / "val" / "a" / "0.png")
+    changed = root / "val" / "a" / "new.png"
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(changed)
+    os.replace(changed, root / "val" / "a" / "0.png")
     again = get_data("folder", root, size=8, bs=4, augment=False)
     assert len(list((kd_data / "decoded").glob("*.pt"))) == len(kept) + 1
     assert not torch.equal(next(iter(first.test))[0], next(iter(again.test))[0])  # val/ is the test split

@@ -5,7 +5,7 @@ import sys
 from .. import runner
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
-from .jobs import run_jobs
+from .jobs import run_job, run_jobs, train_job
 from .kept import keep_records
 from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
 
@@ -24,6 +24,9 @@ def main(argv=None) -> None:
     p.add_argument("--book-only", action="store_true", help="build the book from notebooks already run")
     p.add_argument("--runs-only", action="store_true", help="run the profile's notebooks, build no book")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is complete; run nothing")
+    p.add_argument("--notebooks", action="store_true",
+                   help="execute each run's notebook with papermill (kept in <out_dir>/notebooks/; a kernel per run, "
+                        "slower) instead of its recipe in a worker process")
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1: p.error(f"--jobs {args.jobs}: run at least 1 job at a time.")
     if args.gpu and not args.scheduler: p.error("--gpu asks Dask workers for a GPU: give --scheduler too.")
@@ -48,11 +51,11 @@ def main(argv=None) -> None:
         return
     try:  # on a machine with GPUs, one run per GPU unless --jobs says otherwise
         executor = DaskExecutor(args.scheduler, gpu=args.gpu) if args.scheduler else \
-            LocalExecutor(args.jobs or len(visible_gpus()) or int(prof.get("jobs", 1)))
+            LocalExecutor(args.jobs or len(visible_gpus()) or int(prof.get("jobs", 1)), workers=not args.notebooks)
     except (ImportError, OSError) as e:
         sys.exit(f"error: {e}")
     try:
-        run_jobs(jobs, executor=executor)
+        run_jobs(jobs, executor=executor, execute=run_job if args.notebooks else train_job)
         if prof.get("keep"): print(f"records kept in {keep_records(prof, jobs)}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs)

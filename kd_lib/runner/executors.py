@@ -2,17 +2,21 @@
 style), `slots` (runs at once), `queues` (whether it takes more than `slots` and queues them), `verb` and
 `shutdown()`.
 
-* `LocalExecutor` (the default): `n_jobs` runs at once on this machine, the cores shared between them; on a
-  machine with GPUs, each run sees one of them (`CUDA_VISIBLE_DEVICES`), the next free one.
+* `LocalExecutor` (the default): `n_jobs` runs at once on this machine, the cores shared between them, each slot a
+  worker process that lives as long as the executor (torch and fastai imported once, not once a run); on a
+  machine with GPUs, each slot sees one of them (`CUDA_VISIBLE_DEVICES`).
 * `DaskExecutor`: every run goes to a worker of a Dask scheduler (``--scheduler tcp://host:8786``), with a
   ``GPU: 1`` worker resource when runs need a GPU. Dask moves the runs of a worker that died to another one
   (up to its ``distributed.scheduler.allowed-failures``), where they resume. The workers must see the
   repository, ``out_dir`` and ``data/`` at the same paths as the runner: a shared file system.
 """
+import multiprocessing
 import os
 import queue
+import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 __all__ = ["cores", "visible_gpus", "host_slots", "LocalExecutor", "DaskExecutor"]
 
@@ -31,32 +35,65 @@ def visible_gpus() -> list:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def _watch(parent: int) -> None:
+    "In a worker: exit as soon as the process that started it is gone (a killed runner takes its workers with it)."
+    while os.getppid() == parent: time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_started(parent: int, threads: int, gpu) -> None:
+    "A slot's worker process, as it starts: its torch threads, its GPU, no progress bars, and a watch on its runner."
+    if gpu is not None: os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.environ["KD_PROGRESS"] = "0"
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"): os.environ[var] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="watch the runner").start()
+
+
 class LocalExecutor:
-    """`n_jobs` runs at once in threads of this process (each run a papermill subprocess), each with
-    `threads` torch threads (default: cores / `n_jobs`) and, when `gpus` (default: `visible_gpus()`) lists
-    any, one GPU."""
+    """`n_jobs` runs at once on this machine, each with `threads` torch threads (default: cores / `n_jobs`) and,
+    when `gpus` (default: `visible_gpus()`) lists any, one GPU. With `workers` (the default), each slot runs its
+    runs in a worker process of its own, started (forked) at its first run and kept until `shutdown`: the function
+    a run executes must then be picklable (a module's function); without, in a thread of this process (a run that
+    starts a process of its own, papermill say, or a test's stand-in)."""
     queues, verb = False, "start"
 
-    def __init__(self, n_jobs: int = 1, gpus: list = None, threads: int = None):
+    def __init__(self, n_jobs: int = 1, gpus: list = None, threads: int = None, workers: bool = True):
         self.slots = max(1, n_jobs)
         self.gpus = visible_gpus() if gpus is None else list(gpus)
         self.threads = threads or max(1, cores() // self.slots)
+        self.workers = {} if workers else None  # slot -> its worker process (a pool of one)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="kd-run")
         self._free = queue.SimpleQueue()  # slot numbers: slot k runs on GPU k mod len(gpus)
         for k in range(self.slots): self._free.put(k)
 
     def __repr__(self):
         gpus = f", GPUs {','.join(self.gpus)} (one per run)" if self.gpus else ""
-        return f"this machine, {self.slots} at a time on {cores()} cores, {self.threads} torch thread(s) each{gpus}"
+        where = "worker processes" if self.workers is not None else "threads"
+        return (f"this machine, {self.slots} at a time on {cores()} cores ({where}), {self.threads} torch thread(s) "
+                f"each{gpus}")
+
+    def _worker(self, k: int, gpu) -> ProcessPoolExecutor:
+        if k not in self.workers:
+            fork = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            self.workers[k] = ProcessPoolExecutor(1, mp_context=fork, initializer=_worker_started,
+                                                  initargs=(os.getpid(), self.threads, gpu))
+        return self.workers[k]
 
     def _in_slot(self, fn, job):
         k = self._free.get()
-        try: return fn(job, threads=self.threads, gpu=self.gpus[k % len(self.gpus)] if self.gpus else None)
+        gpu = self.gpus[k % len(self.gpus)] if self.gpus else None
+        try:
+            if self.workers is None: return fn(job, threads=self.threads, gpu=gpu)
+            return self._worker(k, gpu).submit(fn, job, threads=self.threads, gpu=gpu).result()
         finally: self._free.put(k)
 
     def submit(self, fn, job): return self._pool.submit(self._in_slot, fn, job)
 
-    def shutdown(self): self._pool.shutdown(wait=True)
+    def shutdown(self):
+        self._pool.shutdown(wait=True)
+        for w in (self.workers or {}).values(): w.shutdown(wait=True)
 
 
 def host_slots() -> int:

@@ -1,5 +1,6 @@
 """Jobs: each run of a profile is one papermill execution of a notebook in a kernel of its own (`run_notebook`);
 `run_jobs` runs them a few at a time, teachers before the students that distil them, with progress on stderr."""
+import importlib
 import json
 import os
 import queue
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..locks import INHERIT, RunLock, RunLocked, lock_holder
@@ -19,7 +21,7 @@ from ..records import complete_record
 from .executors import LocalExecutor, cores as _cores
 from .profiles import NOTEBOOKS, ROOT, Job
 
-__all__ = ["kernel_env", "run_notebook", "Progress", "run_job", "run_jobs"]
+__all__ = ["kernel_env", "run_notebook", "Progress", "run_job", "train_job", "run_jobs"]
 
 
 def _fmt(s: float) -> str:
@@ -143,22 +145,44 @@ def _locked(run: Path, poll_s: float) -> RunLock:
         except RunLocked: time.sleep(poll_s)
 
 
-def run_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.0) -> Outcome:
-    """Run `job` here (on this machine, or on the cluster worker it was sent to): take its run folder's lock,
-    waiting while another process holds it; unless the run is complete by then, execute its notebook with
-    papermill (`threads`, `gpu`: see `run_notebook`), handing the lock to the kernel. Never raises: a failure,
-    by any exception, is a failed `Outcome` with its cause."""
+def _locked_run(job: Job, work, poll_s: float) -> Outcome:
+    """Take `job`'s run-folder lock (waiting while another process holds it) and, unless the run is complete by
+    then, `work(lock token)`. Never raises: a failure, by any exception, is a failed `Outcome` with its cause."""
     t, host = time.perf_counter(), socket.gethostname()
     try:
         lock = _locked(job.run, poll_s)
         try:
             if complete_record(job.run) is not None: return Outcome("complete", time.perf_counter() - t, host=host)
-            run_notebook(job.kind, job.output, threads=threads, gpu=gpu, lock=lock.token, **job.params)
+            work(lock.token)
         finally: lock.__exit__()
         return Outcome("done", time.perf_counter() - t, host=host)
     except Exception as e:  # noqa: BLE001 -- whatever stops a run fails that run, and the runner goes on
         error = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return Outcome("failed", time.perf_counter() - t, error, host)
+
+
+def run_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.0) -> Outcome:
+    """Run `job` by executing its notebook with papermill (`threads`, `gpu`: see `run_notebook`), here (on this
+    machine, or on the cluster worker it was sent to), its run folder's lock handed to the kernel: every run's
+    executed notebook is kept (`--notebooks`), at the cost of a kernel started per run."""
+    return _locked_run(job, lambda token: run_notebook(job.kind, job.output, threads=threads, gpu=gpu, lock=token,
+                                                       **job.params), poll_s)
+
+
+def train_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.0) -> Outcome:
+    """Run `job` in this process (a `LocalExecutor` slot's worker, or a Dask worker): its recipe (`train_teacher`
+    or `train_student` of its configuration, into its `out_dir`), after importing the profile's `imports`, under
+    its run folder's lock. What its notebook would do, without a kernel per run; the book re-executes the notebooks
+    of the runs it shows, from their records."""
+    def work(token):
+        from ..train import train_student, train_teacher
+        for m in job.imports: importlib.import_module(m)
+        if threads: torch.set_num_threads(threads)
+        recipe = train_teacher if job.kind == "teacher" else train_student
+        os.environ[INHERIT] = token  # the recipe's RunLock uses the lock held here
+        try: recipe(job.config, out_dir=job.out_dir, progress=False)
+        finally: os.environ.pop(INHERIT, None)
+    return _locked_run(job, work, poll_s)
 
 
 def _result(future) -> Outcome:
@@ -173,14 +197,16 @@ def _result(future) -> Outcome:
 def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: float = 5.0, executor=None) -> list:
     """Run the `todo` jobs on `executor` (default: a `LocalExecutor` of `n_jobs` runs at once), in order,
     except that a job is submitted only once the jobs it waits for (`Job.after`: a distilling student's teacher, a
-    budget control's twin) are complete (no_teacher runs and other datasets need not wait), and that a run folder another process is training
-    (its lock held) is passed over, checked every `poll_s` seconds, and not trained again if that process
+    budget control's twin) are complete (no_teacher runs and other datasets need not wait), and that a run folder
+    another process is training (its lock held) is passed over, checked every `poll_s` seconds, and not trained again if that process
     completed it. `execute(job, threads=, gpu=)` runs one job where the executor puts it and returns an
-    `Outcome` (default: `run_job`, papermill). A job whose run fails, or whose worker is lost for good, is
+    `Outcome` (default: `train_job`, in the executor's worker processes; `run_job`: papermill executes each run's
+    notebook). A job whose run fails, or whose worker is lost for good, is
     reported failed with its cause, and the students of a failed teacher as not started. Progress goes to
     `stream` (stderr) as the futures complete. Returns the jobs; raises `RuntimeError` listing the failures."""
-    execute, own = execute or run_job, executor is None
-    executor = executor or LocalExecutor(n_jobs)
+    own = executor is None
+    executor = executor or LocalExecutor(n_jobs, workers=execute is None)  # a given `execute` runs in a thread
+    execute = execute or train_job
     cpu0 = _children_cpu()
     progress = Progress(jobs, stream, executor.slots, executor.verb)
     n_done = sum(j.status == "complete" for j in jobs)

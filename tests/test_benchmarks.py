@@ -1,0 +1,22 @@
+"""The benchmarks run: the GPU check (its script, CPU-sized here) writes its throughputs and projection."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_runs_on_a_cpu_and_projects_the_papers_cifar10_runs(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable)
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--small", "--dataset", "digits", "--size",
+                        "16", "--bs", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rates = report["images_per_second"]
+    assert set(rates) == {"teacher", "no_teacher", "simultaneous", "stagewise", "teacher_forced"}
+    assert list(rates["stagewise"]) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert all(v > 0 for per in rates.values() for v in per.values())
+    assert report["projection"]["runs"] == 26 and report["projection"]["hours"] > 0  # 1 teacher, 25 students
+    assert "img/s" in p.stdout and "the paper profile's CIFAR-10 part" in p.stdout
