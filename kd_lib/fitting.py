@@ -131,16 +131,16 @@ class MonitorNoise(Callback):
 
 def last_gain(values: list, lower: bool, noise: list = None) -> int:
     """The epoch of the last real improvement of a monitored value `values` (one per epoch; `lower`: smaller is
-    better): one that beat the best of the epochs before it by more than that epoch's `noise` (its standard error,
-    `MonitorNoise`; 0 where unknown). A step within the noise is not evidence of progress, so early stopping
-    (`patience` epochs after it) ends a fit whose curve has flattened into its noise, not only one that stopped."""
+    better): one that beat the value of the last real improvement before it (the first epoch's, at first) by more
+    than its own `noise` (its standard error, `MonitorNoise`; 0 where unknown). Measured from that reference, a
+    steady climb of steps each smaller than the noise still counts once it adds up beyond it; a step within the noise
+    is not evidence of progress. Early stopping (`patience` epochs after it) thus ends a fit whose curve has gone
+    flat within its noise, the state `CONVERGENCE_RULE` asks of a converged one."""
     sign = 1 if lower else -1
-    epoch, best = 0, values[0] if values else None
+    epoch, ref = 0, values[0] if values else None
     for i, v in enumerate(values[1:], 1):
-        gain = sign * (best - v)
-        se = noise[i] if noise is not None and i < len(noise) and noise[i] == noise[i] else 0.0
-        if gain > 0 and gain > se: epoch = i
-        if gain > 0: best = v
+        se = noise[i] if noise is not None and i < len(noise) and noise[i] == noise[i] and noise[i] is not None else 0.
+        if sign * (ref - v) > se: epoch, ref = i, v
     return epoch
 
 

@@ -142,4 +142,6 @@ def test_a_real_gain_is_one_beyond_the_noise():
     assert last_gain([0.5, 0.6, 0.9, 0.8, 0.95], lower=False, noise=[0.1] * 5) == 2  # +0.05: within the noise
     assert last_gain([0.5, 0.6, 0.9, 0.8, 1.05], lower=False, noise=[0.1] * 5) == 4  # +0.15: beyond it
     assert last_gain([1.0, 0.5, 0.3, 0.299, 0.298, 0.2975], lower=True, noise=[0.01] * 6) == 2  # creeping within it
+    # steps each within the noise, adding up beyond it: progress (measured against the running best, it never was)
+    assert last_gain([1.0, 0.95, 0.9, 0.85, 0.8], lower=True, noise=[0.08] * 5) == 4
     assert last_gain([1.0, 1.2, 1.1], lower=True) == 0 and last_gain([0.3], lower=False) == 0

@@ -52,10 +52,10 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
              for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 14, "digits": 54, "cifar10": 35, "paper": 75}
+    assert count == {"smoke": 14, "digits": 32, "cifar10": 35, "paper": 75}
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
-    assert students == {"resnet10", "resnet18", "resnet26"}
+    assert students == {"resnet10", "resnet18"}
     full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
     assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise", "teacher_forced",
                     "teacher_forced_finetune"}
