@@ -30,7 +30,8 @@ def train_rate(size: int, bs: int, channels_last=False, compiled=False, steps=ST
     torch.manual_seed(0)
     model = resnet("resnet10", 10).train()
     x, y = torch.randn(bs, 3, size, size), torch.randint(0, 10, (bs,))
-    if channels_last: model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = paper_adam(list(model.parameters()), lr=1e-3)
     fn = torch.compile(model) if compiled else model
     clock = time.perf_counter if wall else time.process_time
@@ -79,7 +80,8 @@ def main(argv=None):
     rows = []
     for size, bs in ((16, 32), (32, 64)):
         plain = train_rate(size, bs)
-        row = {"size": size, "bs": bs, "train": plain["img_s"], "train channels_last": train_rate(size, bs, True)["img_s"]}
+        row = {"size": size, "bs": bs, "train": plain["img_s"],
+               "train channels_last": train_rate(size, bs, True)["img_s"]}
         try:
             comp = train_rate(size, bs, compiled=True)
             row.update({"train compiled": comp["img_s"], "compile s": comp["first_step_s"]})
@@ -92,8 +94,9 @@ def main(argv=None):
     with pd.option_context("display.width", 250, "display.precision", 1):
         print(table.to_string(index=False))
     print(f"{versions()['device']}; images per second (CPU time, 1 thread; threads: wall time)")
-    path = write_json(args.out / "cpu_choices.json", dict(versions=versions(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                          rows=table.to_dict("records")))
+    path = write_json(args.out / "cpu_choices.json",
+                      dict(versions=versions(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           rows=table.to_dict("records")))
     print(f"wrote {path}")
     return table
 

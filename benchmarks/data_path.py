@@ -35,7 +35,7 @@ def measure(dataset: str, size: int, bs: int, resident: bool, epochs: int, per_c
     n = len(dls.train) * bs
     batches = []
     loader_s = sum(_cpu(lambda: batches.extend(list(dls.train))) for _ in range(epochs))
-    batches = [tuple(t.as_subclass(torch.Tensor) for t in b) for b in batches]  # plain tensors, as a Learner's model sees
+    batches = [tuple(t.as_subclass(torch.Tensor) for t in b) for b in batches]  # plain, as a Learner's model sees
     model = resnet("resnet10", dls.c).train()
     opt = paper_adam(list(model.parameters()), lr=1e-3)
     def step():

@@ -1,6 +1,8 @@
 """kd_lib: Stagewise Knowledge Distillation on fastai. One concept per module, in the order the data flows:
 
+* `folders`: the datasets' image trees on disk: the digits written once, downloads, layout and image checks.
 * `data`: the datasets as fastai DataLoaders (train, valid, test) with split metadata.
+* `augment`: the paper's augmentation as one batched transform.
 * `resident`: data held as tensors: images decoded once, batches indexed out of them.
 * `models`: the paper's teacher and student ResNets.
 * `stages`: where a teacher and a student are cut into stages (dotted module paths), presets, adapters.

@@ -31,7 +31,8 @@ def _masked(draw: torch.Tensor, p: float, neutral: float) -> torch.Tensor:
 
 def _perspective(n: int, x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
     "fastai's warp coefficients (8 per image) mapping the corners of [-1, 1]^2 to the warped ones."
-    orig = torch.tensor([[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]], dtype=x_t.dtype, device=x_t.device).expand(n, 4, 2)
+    corners = [[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]]
+    orig = torch.tensor(corners, dtype=x_t.dtype, device=x_t.device).expand(n, 4, 2)
     targ = torch.stack([torch.stack([-1 - y_t, -1 - x_t], 1), torch.stack([-1 + y_t, 1 + x_t], 1),
                         torch.stack([1 + y_t, -1 + x_t], 1), torch.stack([1 - y_t, 1 - x_t], 1)], 1)
     one, zero = torch.ones(n, dtype=x_t.dtype, device=x_t.device), torch.zeros(n, dtype=x_t.dtype, device=x_t.device)

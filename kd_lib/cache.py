@@ -25,7 +25,7 @@ from fastai.data.core import DataLoaders
 from fastcore.basics import store_attr
 from torch import nn
 
-from .data import data_dir
+from .folders import data_dir
 from .distill import frozen
 from .forced import ForcedStages
 from .models import evaluating

@@ -123,7 +123,8 @@ def check_arms(records: pd.DataFrame, arms=BASELINES) -> None:
     s = records[(records["kind"] == "student") & records["method"].isin(arms)]
     for key, g in s.groupby(["dataset", "fraction", "student", "seed"]):
         if len(g) > 1 and len(g[cols].drop_duplicates()) < len(g):
-            raise IdenticalArms(f"{' and '.join(g['method'])} of {dict(zip(['dataset', 'fraction', 'student', 'seed'], key))} "
+            where = dict(zip(["dataset", "fraction", "student", "seed"], key))
+            raise IdenticalArms(f"{' and '.join(g['method'])} of {where} "
                                 f"have identical records ({g['epochs_run'].iloc[0]} epochs, test accuracy "
                                 f"{g['test_accuracy'].iloc[0]}): one of them never ran, so it controls nothing. "
                                 f"Look at {g['record'].iloc[-1]}.")

@@ -23,7 +23,8 @@ from .methods import METHODS, get_method
 from .models import STUDENTS
 from .records import param_conflicts, run_name
 
-__all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "CUSTOM", "Option", "RunConfig", "TeacherConfig", "StudentConfig", "CONFIGS", "parameters_cell"]
+__all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "CUSTOM", "Option", "RunConfig", "TeacherConfig",
+           "StudentConfig", "CONFIGS", "parameters_cell"]
 
 GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds

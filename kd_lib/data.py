@@ -1,14 +1,16 @@
-"""Datasets of the paper as fastai `DataLoaders` (train, valid, test), from ImageNet-style folders.
+"""Datasets of the paper as fastai `DataLoaders` (train, valid, test), from ImageNet-style folders
+(`kd_lib.folders`: the digits written once, downloads, checks), split and loaded the same way (`get_data`):
 
-Every dataset is a tree ``<root>/train/<class>/*`` plus ``<root>/val/<class>/*`` or
-``<root>/test/<class>/*`` (the test set) and goes through the same pipeline (`get_data`):
-
-* ``digits`` (default): scikit-learn's bundled 8x8 digits, written once as such a tree
-  under ``data_dir()/"digits"`` (fixed stratified 80/20 train/test split, seed 0); no download.
+* ``digits`` (default): scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 train/test split; no download.
 * ``imagenette``, ``imagewoof`` (full size; ``-160`` / ``-320`` suffixes for fastai's smaller
   releases, e.g. ``"imagenette-320"``) and ``cifar10``: fastai ``URLs``, downloaded with
   ``untar_data`` into ``data_dir()`` unless already extracted there.
 * ``folder``: any such tree given as ``path``.
+
+The splits: a valid part of the training folder drawn by `split_seed` (a teacher's and its students', so no
+student is judged on an image its teacher trained on: `check_no_leak`), a `fraction` of the rest drawn by `seed`,
+the test folder whole. The loaders: images decoded once and held as one tensor where they fit (`kd_lib.resident`,
+the paper's augmentation on batches, `kd_lib.augment`), else opened per item by fastai's DataBlock.
 
 Random crop: ``Resize(size)`` (fastai's ``ResizeMethod.Crop``) resizes the short side to ``size`` and
 crops a ``size`` square at a random place on the training set and at the centre on valid/test, which
@@ -16,52 +18,30 @@ is what fastai v1's ``rand_crop`` did in the paper; there is no scale augmentati
 (``RandomResizedCrop``), as in the paper.
 """
 import hashlib
-import json
-import math
-import os
-import shutil
-import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import torch
 from fastai.torch_core import default_device
 from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock, IndexSplitter, IntToFloatTensor,
-                               ItemGetter, Normalize, Resize, URLs, aug_transforms, get_image_files, imagenet_stats,
-                               untar_data)
+                               ItemGetter, Normalize, Resize, aug_transforms, imagenet_stats)
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from .augment import PAPER_AUG, PaperAugment
-from .resident import TensorLoader, decode, decoded_bytes, file_key, resident_loader
+from .folders import (URLS, DatasetError, DatasetNotFoundError, DownloadError, data_dir, dataset_root, digits_stats,
+                      read_tree, sample_per_class)
+from .resident import TensorLoader, decode, decoded_bytes, resident_loader
 
-__all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError", "DatasetNotFoundError",
-           "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data", "trained_on", "check_no_leak"]
+__all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError",
+           "DatasetNotFoundError", "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data",
+           "trained_on", "check_no_leak"]
 
-URLS = {
-    "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
-    "imagewoof": URLs.IMAGEWOOF, "imagewoof-160": URLs.IMAGEWOOF_160, "imagewoof-320": URLs.IMAGEWOOF_320,
-    "cifar10": URLs.CIFAR,
-}
 DATASETS = ("digits", *URLS, "folder")
 SELECTIONS = ("valid", "test")
 CIFAR_STATS = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
 _SMALL = ("digits", "cifar10")  # default size 32; every other dataset 224
 RESIDENT_BYTES = 2 * 2**30  # decoded images held in CPU memory at the most (resident=None)
-
-
-class DatasetError(ValueError):
-    """A dataset or an argument of `get_data` is unusable; the message says what to change."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder, or a required part of it, is missing."""
-
-
-class DownloadError(DatasetNotFoundError):
-    """A dataset is not on disk and could not be downloaded (for example, offline)."""
 
 
 class LeakageError(DatasetError):
@@ -85,164 +65,10 @@ class _CenterResize(Resize):
     def before_call(self, b, split_idx): super().before_call(b, split_idx=1)
 
 
-def data_dir() -> Path:
-    """The project's data folder: `$KD_DATA` if set; else the repository's `data/` when kd_lib runs from a checkout
-    (an editable install); else, for a copy installed in site-packages, the user's cache folder
-    (`$XDG_CACHE_HOME/kd_lib`, by default `~/.cache/kd_lib`)."""
-    if env := os.environ.get("KD_DATA"): return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").exists(): return repo / "data"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "kd_lib"
-
-
 def _portable(root: Path) -> str:
     "`root` relative to `data_dir()` when inside it (as a record names it: no machine's folders), else as given."
     try: return Path(root).resolve().relative_to(data_dir().resolve()).as_posix()
     except ValueError: return str(root)
-
-
-def _round(x: float) -> int:
-    "Round half up (the small epsilon absorbs float error such as 0.35*10 = 3.4999...)."
-    return math.floor(x + 0.5 + 1e-9)
-
-
-def _sample(items: list, frac: float, rng: np.random.Generator, n: int = None) -> tuple[list, list]:
-    """Per class, a random `_round(frac*n)` of `(name, class)` `items` (or `n` of them, all when fewer), and the
-    rest; both in `items` order."""
-    groups = defaultdict(list)
-    for o in items: groups[o[1]].append(o)
-    picked = set()
-    for c in sorted(groups):
-        g = groups[c]
-        picked.update(g[i] for i in rng.permutation(len(g))[:_round(frac * len(g)) if n is None else n])
-    return [o for o in items if o in picked], [o for o in items if o not in picked]
-
-
-def _digits() -> tuple[np.ndarray, list, list]:
-    "The digits as uint8 images, and their fixed stratified 80/20 train/test `(index, class)` split."
-    d = load_digits()
-    images = np.round(d.images * 255 / 16).astype(np.uint8)
-    test, train = _sample([(i, str(y)) for i, y in enumerate(d.target)], 0.2, np.random.default_rng(0))
-    return images, train, test
-
-
-def _digits_stats() -> tuple[list, list]:
-    "Mean and std (per channel, grey so all equal) of the digits' train part, in [0, 1]."
-    images, train, _ = _digits()
-    px = images[[i for i, _ in train]] / 255
-    return [float(px.mean())] * 3, [float(px.std())] * 3
-
-
-def _digits_tree(dest: Path) -> Path:
-    "Write the digits once as `dest/{train,test}/<class>/<index>.png`; atomic: built in a temp dir, then renamed."
-    if dest.exists(): return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    images, train, test = _digits()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=dest.parent))
-    try:
-        for split, items in (("train", train), ("test", test)):
-            for i, c in items:
-                f = tmp / split / c / f"{i:04d}.png"
-                f.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i]).save(f)
-        try: tmp.rename(dest)
-        except OSError:
-            if not dest.exists(): raise  # else another process finished it first
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _download(url: str, root: Path) -> Path:
-    "The extracted `url` under `root`, downloaded with fastai's `untar_data` unless already there."
-    dest = root / Path(url).stem.removesuffix(".tar")  # where untar_data extracts it
-    if dest.exists(): return dest
-    try: return untar_data(url, data=root, archive=root / "archive", base=str(root))
-    except (URLError, OSError) as e:
-        raise DownloadError(f"Could not download {url} ({e}). Download and extract it by hand so that "
-                            f"{dest}/train exists (or pass path=<extracted folder>).") from e
-
-
-def _root(name: str, path) -> Path:
-    "The dataset's root folder: `path` as is, else the digits tree or the (downloaded) dataset in `data_dir()`."
-    if path is not None:
-        path = Path(path)
-        if not path.is_dir(): raise DatasetNotFoundError(f"Dataset path {path} does not exist or is not a folder.")
-        return path
-    if name == "folder": raise DatasetError("name='folder' needs path=<folder with train/ and val/ or test/>.")
-    if name == "digits": return _digits_tree(data_dir() / "digits")
-    return _download(URLS[name], data_dir())
-
-
-def _test_folder(root: Path) -> str:
-    "Name of the test folder of `root` (`val` or `test`), checking `train` is there too."
-    if not (root / "train").is_dir():
-        raise DatasetNotFoundError(f"No train folder in {root}: expected {root}/train/<class>/<images>.")
-    found = [s for s in ("val", "test") if (root / s).is_dir()]
-    if not found:
-        raise DatasetNotFoundError(f"No val or test folder in {root}: expected {root}/val/<class>/<images> "
-                                   f"or {root}/test/<class>/<images> (the test set).")
-    if len(found) > 1: raise DatasetError(f"{root} has both val/ and test/: keep only the test set's folder.")
-    return found[0]
-
-
-def _listing(root: Path, split: str) -> tuple[list, list]:
-    "Class folders of `root/split` and its sorted `(relative path, class)` images."
-    folder = root / split
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes: raise DatasetError(f"{folder} has no class folders: expected {folder}/<class>/<images>.")
-    items = [(f.relative_to(root).as_posix(), c) for c in classes for f in get_image_files(folder / c)]
-    return classes, sorted(items)
-
-
-def _unreadable(root: Path, items: list) -> list:
-    """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
-    only when its pixels are read). Decoding every image takes a while on a large dataset, so the answer is
-    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes, times and inodes (`kd_lib.resident.file_key`:
-    a file replaced by another of the same size and modification time is checked again; nothing is kept while a
-    file changed too recently to tell)."""
-    key, trusted = file_key(root, items)
-    memo = data_dir() / "checks" / f"{key}.json"
-    try:
-        if memo.exists(): return list(json.loads(memo.read_text()))
-    except (ValueError, TypeError): pass  # a corrupt memo is only a cache: decode again
-    bad = []
-    for rel, _ in items:
-        try:
-            with Image.open(root / rel) as im: im.load()
-        except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
-    if not trusted: return bad
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(bad))
-    os.replace(tmp, memo)
-    return bad
-
-
-def _check_classes(root: Path, listings: dict):
-    "Every class folder has images, and train and test have the same classes."
-    for split, (classes, items) in listings.items():
-        n = Counter(c for _, c in items)
-        if empty := [c for c in classes if not n[c]]:
-            raise DatasetError(f"Class folder(s) {empty} of {root / split} have no readable images: "
-                               f"add images or remove the folder(s).")
-    (_, (cls_a, _)), (test, (cls_b, _)) = listings.items()
-    if cls_a != cls_b:
-        raise DatasetError(f"{root}: train and {test} have different classes; only in train: "
-                           f"{sorted(set(cls_a) - set(cls_b))}, only in {test}: {sorted(set(cls_b) - set(cls_a))}.")
-
-
-def _read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
-    "Classes, train and test `(relative path, class)` items, test folder name and number of unreadable images left out."
-    test_name = _test_folder(root)
-    listings = {s: _listing(root, s) for s in ("train", test_name)}
-    bad = _unreadable(root, [o for _, items in listings.values() for o in items])
-    if bad and not skip_bad:
-        raise DatasetError(f"{len(bad)} unreadable or corrupt image file(s) in {root}, e.g. {', '.join(bad[:5])}: "
-                           f"remove or replace them, or pass skip_bad=True.")
-    skip = set(bad)
-    listings = {s: (classes, [o for o in items if o[0] not in skip]) for s, (classes, items) in listings.items()}
-    _check_classes(root, listings)
-    return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad)
 
 
 def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int,
@@ -251,10 +77,10 @@ def _splits(train: list, test: list, selection: str, valid_pct: float, fraction:
     every seed; all when None), a stratified valid part of them drawn by `split_seed` (shared by a teacher and
     its students, so no student is judged on images its teacher trained on), then a `fraction` of the rest
     drawn by `seed`."""
-    if per_class: train = _sample(train, 1.0, np.random.default_rng(0), n=per_class)[0]
-    valid, train = _sample(train, valid_pct, np.random.default_rng(split_seed)) if selection == "valid" \
+    if per_class: train = sample_per_class(train, 1.0, np.random.default_rng(0), n=per_class)[0]
+    valid, train = sample_per_class(train, valid_pct, np.random.default_rng(split_seed)) if selection == "valid" \
         else (test, train)
-    train, unused = _sample(train, fraction, np.random.default_rng(seed))
+    train, unused = sample_per_class(train, fraction, np.random.default_rng(seed))
     return dict(train=train, valid=valid, test=test, unused=unused)
 
 
@@ -323,8 +149,9 @@ def _dataloaders(root: Path, splits: dict, vocab: list, size: int, bs: int, augm
                  num_workers: int, resident, device) -> KDDataLoaders:
     "The loaders of `splits`: resident where it fits and `resident` is not False (True: an error where it cannot)."
     why = "" if resident is False else _fits(root, splits, size, augment, device)
-    if resident is True and why: raise DatasetError(f"resident=True cannot hold this data decoded: {why}. Pass "
-                                                    "resident=None (where it fits) or False (an image opened per item).")
+    if resident is True and why:
+        raise DatasetError(f"resident=True cannot hold this data decoded: {why}. Pass resident=None (where it fits) or "
+                           "False (an image opened per item).")
     if resident is not False and not why and num_workers == 0:
         return _resident(root, splits, vocab, size, bs, augment, stats, device)
     return _per_item(root, splits, vocab, size, bs, augment, stats, num_workers)
@@ -369,8 +196,8 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`.
     """
     _check_args(name, fraction, selection, valid_pct, per_class)
-    root = _root(name, path)
-    vocab, train, test, test_name, n_bad = _read_tree(root, skip_bad)
+    root = dataset_root(name, path)
+    vocab, train, test, test_name, n_bad = read_tree(root, skip_bad)
     splits = _splits(train, test, selection, valid_pct, fraction, seed, per_class, split_seed)
     counts = {k: Counter(c for _, c in v) for k, v in splits.items()}
     if empty := [c for c in vocab if not counts["train"][c]]:
@@ -380,7 +207,7 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
         raise DatasetError(f"Only {len(splits['train'])} training images, fewer than bs={bs}: the training loader "
                            f"drops its last partial batch and would be empty; lower bs.")
     size = size or (32 if name in _SMALL else 224)
-    stats = _digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
+    stats = digits_stats() if name == "digits" else CIFAR_STATS if name == "cifar10" else imagenet_stats
     dls = _dataloaders(root, splits, vocab, size, bs, augment, stats, num_workers, resident, device)
     dls.items = splits
     dls.split_info = dict(
@@ -399,10 +226,10 @@ def trained_on(info: dict, root) -> set:
     """The `(relative path, class)` items a run trained on, drawn again from its record's `split_info` (`info`)
     in the tree at `root`, and checked against the record's hash of its train split (a `DatasetError` when they
     differ: other data, or a record of other code)."""
-    _, train, test, _, _ = _read_tree(Path(root), skip_bad=bool(info.get("skipped_bad")))
+    _, train, test, _, _ = read_tree(Path(root), skip_bad=bool(info.get("skipped_bad")))
     seed = info["seed"]
     items = _splits(train, test, info["selection"], info.get("valid_pct") or 0.2, info["fraction"], seed,
-                    info.get("per_class"), info.get("split_seed", seed))["train"]  # before split_seed: the seed drew both
+                    info.get("per_class"), info.get("split_seed", seed))["train"]  # no split_seed: `seed` drew it
     if _hash(items) != info["hashes"]["train"]:
         raise DatasetError(f"Cannot tell which images of {root} the run recorded with train hash "
                            f"{info['hashes']['train']} trained on: drawn again here they hash to {_hash(items)} "

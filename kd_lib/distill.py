@@ -149,7 +149,8 @@ class FeatureLoss(TeacherLoss, HookCallback):
         HookCallback.before_fit(self)  # the hooks registered (HookCallback.after_fit removes them)
 
     def hook(self, m, i, o): return o
-    def teacher_out(self, x): return stage_features(self.teacher, x, self.stages, side="teacher", truncate=self.truncate)
+    def teacher_out(self, x):
+        return stage_features(self.teacher, x, self.stages, side="teacher", truncate=self.truncate)
 
     def extra(self, pred):
         return self.weight * sum(F.mse_loss(_adapted(self.adapters, n, s), t)

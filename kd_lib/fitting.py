@@ -98,9 +98,9 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
 WINDOW = 5  # the fewest last epochs whose trend judges a fit's convergence
 STATE_EVERY_S = 120.0  # a fit's resume state is written at most this often (and after its first and last epochs)
 CONVERGENCE_RULE = ("a fit converged when the least-squares slope of its monitored value over its last k epochs "
-                    f"(k: the larger of {WINDOW} and a tenth of the epochs it ran), carried on for k epochs more, would "
-                    "improve that value by no more than its noise, the standard error of one epoch's value on the "
-                    "valid split (for accuracy, the binomial standard error; for a feature MSE, the standard error "
+                    f"(k: the larger of {WINDOW} and a tenth of the epochs it ran), carried on for k epochs more, "
+                    "would improve that value by no more than its noise, the standard error of one epoch's value on "
+                    "the valid split (for accuracy, the binomial standard error; for a feature MSE, the standard error "
                     f"of the mean of the per-image MSEs); a fit of fewer than {WINDOW} epochs is not judged, nor one "
                     "whose noise was not recorded. Why the fit stopped (early stopping, or its last epoch) plays no "
                     "part")
@@ -271,7 +271,8 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
     noise = MonitorNoise(monitor)
-    ckpt = BestCheckpoint(monitor, name, state_path, state, patience, {f"{monitor}_se": lambda: noise.se, **(extras or {})})
+    extras = {f"{monitor}_se": lambda: noise.se, **(extras or {})}
+    ckpt = BestCheckpoint(monitor, name, state_path, state, patience, extras)
     cbs = [noise, ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else [])
     with ExitStack() as stack:
         if quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())

@@ -50,7 +50,8 @@ class TeacherInputs(TeacherFeatures):
 def forced_loss(preds, *targets, reduction: str = "mean") -> torch.Tensor:
     """The sum of the stages' MSEs: each stage's gradient comes from its own term only (its input is the teacher's).
     `reduction="none"`: per item (fastai's `loss_not_reduced`), each stage's MSE over that item's map."""
-    if reduction == "none": return sum(F.mse_loss(p, t, reduction="none").flatten(1).mean(1) for p, t in zip(preds, targets))
+    if reduction == "none":
+        return sum(F.mse_loss(p, t, reduction="none").flatten(1).mean(1) for p, t in zip(preds, targets))
     return sum(F.mse_loss(p, t) for p, t in zip(preds, targets))
 
 

@@ -187,8 +187,9 @@ def module_table(model: nn.Module, x: torch.Tensor) -> pd.DataFrame:
         with torch.no_grad(), evaluating(model): model(x)
     finally:
         for h in handles: h.remove()
-    return pd.DataFrame([dict(module=n, type=type(named[n]).__name__, params=sum(p.numel() for p in named[n].parameters()),
-                              output=shapes[n]) for n in order]).set_index("module")
+    return pd.DataFrame([dict(module=n, type=type(named[n]).__name__,
+                              params=sum(p.numel() for p in named[n].parameters()), output=shapes[n])
+                         for n in order]).set_index("module")
 
 
 def adapter(stage: str, student: tuple, teacher: tuple) -> nn.Module:

@@ -146,7 +146,7 @@ def load_student(run, model: nn.Module = None) -> nn.Module:
     A student of Table 1 is rebuilt from its name; a model of your own is `model` (of the class the record names)."""
     run = RunFolder(run)
     if (record := run.record()) is None:
-        raise FileNotFoundError(f"No finished student run in {run.path}: train it with kd_lib.train.train_student(...).")
+        raise FileNotFoundError(f"No finished student run in {run.path}: train it with kd_lib.train.train_student.")
     name = record["params"]["student"]
     if model is None:
         if name not in STUDENTS:

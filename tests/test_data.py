@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-import kd_lib.data as kd_data
+import kd_lib.folders as kd_folders
 from kd_lib.data import (CIFAR_STATS, DATASETS, DatasetError, DatasetNotFoundError, DownloadError, data_dir,
                          get_data)
 
@@ -55,7 +55,7 @@ def no_network(monkeypatch, tmp_path):
     "Every test: data dir in tmp, and any download attempt fails as offline."
     monkeypatch.setenv("KD_DATA", str(tmp_path / "kd_data"))
     def offline(url, **kwargs): raise URLError("offline (test)")
-    monkeypatch.setattr(kd_data, "untar_data", offline)
+    monkeypatch.setattr(kd_folders, "untar_data", offline)
 
 
 def load(path, size=16, bs=4, **kwargs):
@@ -214,8 +214,8 @@ def test_download_lands_in_data_dir(monkeypatch, tmp_path):
     "A real `untar_data` run on a local file:// archive: data and archive under KD_DATA, nothing in HOME."
     make_tree(tmp_path / "src" / "mini", test_name="test")
     with tarfile.open(tmp_path / "mini.tgz", "w:gz") as t: t.add(tmp_path / "src" / "mini", arcname="mini")
-    monkeypatch.setitem(kd_data.URLS, "cifar10", (tmp_path / "mini.tgz").as_uri())
-    monkeypatch.setattr(kd_data, "untar_data", untar_data)
+    monkeypatch.setitem(kd_folders.URLS, "cifar10", (tmp_path / "mini.tgz").as_uri())
+    monkeypatch.setattr(kd_folders, "untar_data", untar_data)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     info = get_data("cifar10", size=16, bs=4).split_info
     assert info["path"] == "mini" and info["sizes"]["test"] == sum(TEST.values())  # under KD_DATA, named relative to it

@@ -177,7 +177,8 @@ def test_valid_cache_validates_without_the_teacher_and_changes_nothing(tiny, tea
         set_seed(0)
         student, calls[:] = resnet("resnet10"), []
         with FeatureCache(dls, student, tchr, "float32", train=False) if cached else nullcontext() as cache:
-            learn = step_learner(Features("layer1", ("layer1",), target="layer1"), StudentConfig(lr=1e-3), student, tchr, dls,
+            step = Features("layer1", ("layer1",), target="layer1")
+            learn = step_learner(step, StudentConfig(lr=1e-3), student, tchr, dls,
                                  cache=cache)
             seed_everything(0, learn.dls)
             n_cache = len(calls)
@@ -243,7 +244,8 @@ def test_a_steps_cache_is_freed_before_the_next_one_is_built(tmp_path, tiny, tea
     def spy(self, first, target):
         out = real(self, first, target)  # the step before's inputs, mapped to this step's, are given back to the store
         gc.collect()
-        alive.append(sum(r() is not None for r in refs if all(r() is not t for t in out[0])))  # ... and nothing holds them
+        gone = [r for r in refs if all(r() is not t for t in out[0])]  # ... and nothing else holds them
+        alive.append(sum(r() is not None for r in gone))
         refs[:] = [weakref.ref(t) for t in out[0]]  # this step's inputs, one per cached loader
         return out
     monkeypatch.setattr(cache.FeatureCache, "_step", spy)

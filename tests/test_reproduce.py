@@ -263,7 +263,7 @@ def test_a_key_given_twice_and_a_billion_laughs_are_refused(tmp_path):
     path.write_text(f"name: tiny\nout_dir: {tmp_path / 'runs'}\njobs: 1\njobs: 2\ndatasets: [{{dataset: digits, "
                     "students: [{}]}]\n")
     with pytest.raises(rp.ProfileError, match="the key 'jobs' is given twice"): rp.load_profile(path)
-    laughs = "\n".join([f"a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+    laughs = "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\nname: *a8\ndatasets: []\n"
     path.write_text(laughs)
     with pytest.raises(rp.ProfileError, match="more than 20 aliases"): rp.load_profile(path)
@@ -272,3 +272,16 @@ def test_a_key_given_twice_and_a_billion_laughs_are_refused(tmp_path):
 def test_jobs_below_one_is_refused(capsys):
     with pytest.raises(SystemExit): main(["--profile", "smoke", "--dry-run", "--jobs", "0"])
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_a_teacher_runs_alone_on_every_core_of_a_machine_without_gpus(tmp_path):
+    "Its students wait for it; a core left to the few runs without a teacher once idled most of its time."
+    jobs = rp.plan(rp.expand(tiny(tmp_path)))
+    seen = []
+    def execute(job, threads=None, gpu=None):
+        seen.append((job.name, threads))
+        return rp.Outcome("done")
+    ex = rp.LocalExecutor(2, gpus=[], threads=1, workers=False)
+    ex.lone_threads = lambda: 2  # as on a machine of two cores
+    rp.run_jobs(jobs, stream=io.StringIO(), execute=execute, executor=ex)
+    assert seen[0] == ("digits/teacher", 2) and all(t == 1 for _, t in seen[1:])

@@ -52,7 +52,8 @@ def _tree(root, size=(20, 12)):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
             for i in range(8):
-                Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                pixels = rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     return root
 
 

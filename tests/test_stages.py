@@ -10,7 +10,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from kd_lib.config import StudentConfig
 from kd_lib.data import get_data
 from kd_lib.methods import METHODS
-from kd_lib.models import BLOCKS, resnet, teacher
+from kd_lib.models import resnet, teacher
 from kd_lib.stages import Stage, StageMismatch, Stages, module_table, outputs
 from kd_lib.steps import Features, Setting
 from kd_lib.train import load_student, train_student

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torchvision.models import _api as tv_api
 
-import kd_lib.train as kt
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from kd_lib.models import PretrainedUnavailable, resnet, teacher

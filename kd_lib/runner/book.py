@@ -3,9 +3,11 @@ teacher and one student run), then Jupyter Book's build of the whole book, faili
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..claims import MARGIN
+from .executors import cores
 from .jobs import run_notebook
 from .kept import kept_profiles
 from .profiles import ROOT, example, shown
@@ -15,34 +17,46 @@ __all__ = ["GENERATED", "write_book_notebooks", "build_book"]
 GENERATED = ROOT / "book" / "generated"
 
 
-def write_book_notebooks(prof: dict, jobs: list, stream=None) -> None:
+def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -> None:
     """Write `book/generated/`: Table 1 and the method diagram (run now), the figures of the profile's records
     (run now), the page on models of one's own (run now, with the profile's `own_models` parameters, its runs in
     `<out_dir>-own_models`), the executed notebooks of the example teacher and student runs (copied; executed again
     first when missing or older than `notebooks/<kind>.ipynb`, which only reads the complete run's record),
-    and the chapter of each profile whose records are kept in the repository (`kept_profiles`), from them."""
+    and the chapter of each profile whose records are kept in the repository (`kept_profiles`), from them.
+    `n_jobs` notebooks run at once (the page on one's own models, which trains, beside the others)."""
     stream = stream or sys.stderr
     GENERATED.mkdir(parents=True, exist_ok=True)
     out = jobs[0].out_dir
     teacher, student = example(prof, jobs)
-    for j in (teacher, student):
+    kept = {p["name"]: p["keep"] for p in kept_profiles()}
+    steps = [("own_models", dict(out_dir=shown(out.with_name(f"{out.name}-own_models")),
+                                 **(prof.get("own_models") or {}))),  # the longest first
+             ("table1", dict(size=224, n_classes=10)),
+             ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
+                             dataset=teacher.config.dataset)),
+             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None,
+                              margin=prof.get("margin", MARGIN))),
+             *((name, dict(records_dir=folder)) for name, folder in kept.items())]
+
+    def example_run(j):
         if not j.output.exists() or j.output.stat().st_mtime < j.notebook.stat().st_mtime:
             print(f"executing {j.kind}.ipynb again for {j.name}: its run is complete (nothing is trained again) but "
                   "its executed notebook is missing or older than the notebook", file=stream, flush=True)
-            run_notebook(j.kind, j.output, **j.params)
+            run_notebook(j.kind, j.output, threads=threads, **j.params)
         shutil.copyfile(j.output, GENERATED / f"{j.kind}.ipynb")
-    kept = {p["name"]: p["keep"] for p in kept_profiles()}
-    steps = [("table1", dict(size=224, n_classes=10)),
-             ("method", dict(student=student.config.student, size=224, run_size=teacher.config.size,
-                             dataset=teacher.config.dataset)),
-             ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None, margin=prof.get("margin", MARGIN))),
-             ("own_models", dict(out_dir=shown(out.with_name(f"{out.name}-own_models")),
-                                 **(prof.get("own_models") or {}))),
-             *((name, dict(records_dir=folder)) for name, folder in kept.items())]
-    for name, params in steps:
+
+    def page(name, params):
         print(f"writing book/generated/{name}.ipynb" + (f" from the records kept in {kept[name]}, made before (make "
               f"book PROFILE={name} makes them again)" if name in kept else ""), file=stream, flush=True)
-        run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", **params)
+        run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", threads=threads,
+                     **params)
+
+    threads = max(1, cores() // max(1, n_jobs))
+    with ThreadPoolExecutor(max(1, n_jobs)) as pool:
+        done = [pool.submit(page, name, params) for name, params in steps[:1]]
+        done += [pool.submit(example_run, j) for j in (teacher, student)]
+        done += [pool.submit(page, name, params) for name, params in steps[1:]]
+        for f in done: f.result()  # the first failure, with its notebook and log named
 
 
 def build_book() -> None:

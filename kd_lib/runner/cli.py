@@ -45,7 +45,8 @@ def main(argv=None) -> None:
               "Move them away, or give the profile another out_dir, to show the profile's runs only.",
               file=sys.stderr)
     if args.dry_run:
-        for j in jobs: print(f"{j.status:9} {j.name}  {j.config.changed()}" + (f"\n          {j.error}" if j.error else ""))
+        for j in jobs:
+            print(f"{j.status:9} {j.name}  {j.config.changed()}" + (f"\n          {j.error}" if j.error else ""))
         todo = [j for j in jobs if j.status == "todo"]
         print(f"{len(jobs)} runs, {len(todo)} to run", file=sys.stderr)
         return
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
         run_jobs(jobs, executor=executor, execute=run_job if args.notebooks else train_job)
         if prof.get("keep"): print(f"records kept in {keep_records(prof, jobs)}", file=sys.stderr)
         if args.runs_only: return
-        write_book_notebooks(prof, jobs)
+        write_book_notebooks(prof, jobs, n_jobs=executor.slots if not args.scheduler else 1)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     finally:

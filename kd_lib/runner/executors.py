@@ -81,15 +81,21 @@ class LocalExecutor:
                                                   initargs=(os.getpid(), self.threads, gpu))
         return self.workers[k]
 
-    def _in_slot(self, fn, job):
+    def lone_threads(self) -> int:
+        "The torch threads of a run that runs alone: every core, on a machine without GPUs (else its slot's)."
+        return self.threads if self.gpus else cores()
+
+    def _in_slot(self, fn, job, threads):
         k = self._free.get()
         gpu = self.gpus[k % len(self.gpus)] if self.gpus else None
         try:
-            if self.workers is None: return fn(job, threads=self.threads, gpu=gpu)
-            return self._worker(k, gpu).submit(fn, job, threads=self.threads, gpu=gpu).result()
+            if self.workers is None: return fn(job, threads=threads, gpu=gpu)
+            return self._worker(k, gpu).submit(fn, job, threads=threads, gpu=gpu).result()
         finally: self._free.put(k)
 
-    def submit(self, fn, job): return self._pool.submit(self._in_slot, fn, job)
+    def submit(self, fn, job, threads: int = None):
+        "Run `fn(job, threads=, gpu=)` in a free slot (`threads`: torch threads of this run, default the slot's)."
+        return self._pool.submit(self._in_slot, fn, job, threads or self.threads)
 
     def shutdown(self):
         self._pool.shutdown(wait=True)
@@ -107,7 +113,7 @@ def host_slots() -> int:
 
 
 def _on_worker(fn, job, threads):
-    "A run on a Dask worker, with `threads` torch threads (default: the host's cores / the task threads of its workers)."
+    "A run on a Dask worker, with `threads` torch threads (default: the host's cores / its workers' task threads)."
     return fn(job, threads=threads or max(1, cores() // host_slots()))
 
 

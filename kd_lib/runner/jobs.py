@@ -198,10 +198,11 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
     """Run the `todo` jobs on `executor` (default: a `LocalExecutor` of `n_jobs` runs at once), in order,
     except that a job is submitted only once the jobs it waits for (`Job.after`: a distilling student's teacher, a
     budget control's twin) are complete (no_teacher runs and other datasets need not wait), and that a run folder
-    another process is training (its lock held) is passed over, checked every `poll_s` seconds, and not trained again if that process
-    completed it. `execute(job, threads=, gpu=)` runs one job where the executor puts it and returns an
-    `Outcome` (default: `train_job`, in the executor's worker processes; `run_job`: papermill executes each run's
-    notebook). A job whose run fails, or whose worker is lost for good, is
+    another process is training (its lock held) is passed over, checked every `poll_s` seconds, and not trained
+    again if that process completed it. On a machine without GPUs, a teacher runs alone, with every core (its
+    students wait for it, and a core left to the few runs that need no teacher would soon idle). `execute(job, threads=, gpu=)` runs one job where the executor puts it and
+    returns an `Outcome` (default: `train_job`, in the executor's worker processes; `run_job`: papermill executes
+    each run's notebook). A job whose run fails, or whose worker is lost for good, is
     reported failed with its cause, and the students of a failed teacher as not started. Progress goes to
     `stream` (stderr) as the futures complete. Returns the jobs; raises `RuntimeError` listing the failures."""
     own = executor is None
@@ -219,8 +220,16 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
         status[j.name] = j.status
         progress.finish(j, outcome.host)
 
+    def teachers_alone() -> bool:
+        "While a teacher is to run (every student waits for some teacher or could), it runs alone, on every core."
+        lone = getattr(executor, "lone_threads", None)
+        return bool(lone and lone() > executor.threads and any(
+            j.kind == "teacher" and status[j.name] in ("todo", "running") for j in jobs))
+
     def submit_ready() -> None:
+        alone = teachers_alone()
         for j in list(pending):
+            if alone and (j.kind != "teacher" or running): continue
             after = [status.get(a, "done") for a in j.after]  # one not in `jobs` is taken as done
             if failed := [a for a, st in zip(j.after, after) if st == "failed"]:
                 pending.remove(j)
@@ -239,8 +248,9 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
                     settle(j, Outcome("complete"))
                     continue
                 j.status, j.log = "running", j.output.with_suffix(".log")
+                status[j.name] = j.status
                 progress.start(j)
-                future = executor.submit(execute, j)
+                future = executor.submit(execute, j, **({"threads": executor.lone_threads()} if alone else {}))
                 running[future] = j
                 future.add_done_callback(finished.put)
 

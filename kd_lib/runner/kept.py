@@ -45,8 +45,8 @@ def _dest(prof: dict) -> Path:
     "The profile's keep folder, which must be a folder of its own inside the repository's `results/`."
     dest, root = (ROOT / prof["keep"]).resolve(), (ROOT / KEPT_ROOT).resolve()
     if root not in dest.parents:
-        raise ProfileError(f"keep={prof['keep']!r}: kept records go to a folder of their own inside {KEPT_ROOT}/ of the "
-                           "repository, nowhere else.")
+        raise ProfileError(f"keep={prof['keep']!r}: kept records go to a folder of their own inside {KEPT_ROOT}/ of "
+                           "the repository, nowhere else.")
     return dest
 
 
@@ -102,7 +102,8 @@ def _record_problem(p: Path) -> str:
     if not commit: return f"{p}: names no commit of the code that made it"
     if code.get("dirty"): return f"{p}: made from code with changes not committed in {commit[:8]}"
     if git("merge-base", "--is-ancestor", commit, "HEAD") is None:
-        return f"{p}: commit {commit[:8]} is not in this repository's history (a shallow clone? `git fetch --unshallow`)"
+        return (f"{p}: commit {commit[:8]} is not in this repository's history (a shallow clone? "
+                "`git fetch --unshallow`)")
     return None
 
 

@@ -13,7 +13,8 @@ from ..methods import get_method
 from ..models import STUDENTS
 from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
 
-__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "ProfileError", "RunConflict", "Job", "profiles",
+__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "ProfileError", "RunConflict",
+           "Job", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "shown"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,7 +208,8 @@ def expand(prof: dict, out_dir=None) -> list:
 
     def job(config):
         return Job(config, f"{config.dataset}/{config.run_name}", out / config.dataset / config.run_name,
-                   out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out, tuple(prof.get("imports") or ()))
+                   out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out,
+                   tuple(prof.get("imports") or ()))
     for d in prof["datasets"]:
         ds, where = d["dataset"], f"{prof['path']}, dataset {d['dataset']}"
         base = dict(dataset=ds, data_path=d.get("data_path"), **(d.get("common") or {}))
@@ -253,7 +255,8 @@ def plan(jobs: list) -> list:
         try:
             params = recorded_params(j.run)
             if params is not None and (c := j.config.conflicts(params)):
-                bad.append(f"{j.run}: {', '.join(f'{k} was {a!r}, the profile wants {b!r}' for k, (a, b) in c.items())}")
+                what = ", ".join(f"{k} was {a!r}, the profile wants {b!r}" for k, (a, b) in c.items())
+                bad.append(f"{j.run}: {what}")
                 continue
             j.status = "complete" if complete_record(j.run) is not None else "todo"
         except CorruptFile as e:  # reported as this run's failure; the others go on

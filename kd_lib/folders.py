@@ -1,0 +1,198 @@
+"""Image folders: the datasets' trees on disk, and what is checked of them.
+
+Every dataset is a tree ``<root>/train/<class>/*`` plus ``<root>/val/<class>/*`` or ``<root>/test/<class>/*``
+(the test set). The digits are written once as such a tree under ``data_dir()/"digits"`` from scikit-learn's
+bundled images; the paper's datasets are downloaded with fastai's `untar_data` into `data_dir()` unless already
+extracted there (`URLS`); a folder of one's own is used as it is. `read_tree` lists a tree, checks its layout and
+classes, and finds the images PIL cannot decode (the answer kept for the next run). `kd_lib.data` makes the
+splits and loaders of what it lists.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+from fastai.vision.all import URLs, get_image_files, untar_data
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from .resident import file_key
+
+__all__ = ["URLS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir", "sample_per_class",
+           "digits_images", "digits_stats", "digits_tree", "dataset_root", "read_tree"]
+
+URLS = {
+    "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
+    "imagewoof": URLs.IMAGEWOOF, "imagewoof-160": URLs.IMAGEWOOF_160, "imagewoof-320": URLs.IMAGEWOOF_320,
+    "cifar10": URLs.CIFAR,
+}
+
+class DatasetError(ValueError):
+    """A dataset or an argument of `get_data` is unusable; the message says what to change."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder, or a required part of it, is missing."""
+
+
+class DownloadError(DatasetNotFoundError):
+    """A dataset is not on disk and could not be downloaded (for example, offline)."""
+
+
+def data_dir() -> Path:
+    """The project's data folder: `$KD_DATA` if set; else the repository's `data/` when kd_lib runs from a checkout
+    (an editable install); else, for a copy installed in site-packages, the user's cache folder
+    (`$XDG_CACHE_HOME/kd_lib`, by default `~/.cache/kd_lib`)."""
+    if env := os.environ.get("KD_DATA"): return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists(): return repo / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "kd_lib"
+
+
+def _round(x: float) -> int:
+    "Round half up (the small epsilon absorbs float error such as 0.35*10 = 3.4999...)."
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def sample_per_class(items: list, frac: float, rng: np.random.Generator, n: int = None) -> tuple[list, list]:
+    """Per class, a random `_round(frac*n)` of `(name, class)` `items` (or `n` of them, all when fewer), and the
+    rest; both in `items` order."""
+    groups = defaultdict(list)
+    for o in items: groups[o[1]].append(o)
+    picked = set()
+    for c in sorted(groups):
+        g = groups[c]
+        picked.update(g[i] for i in rng.permutation(len(g))[:_round(frac * len(g)) if n is None else n])
+    return [o for o in items if o in picked], [o for o in items if o not in picked]
+
+
+def digits_images() -> tuple[np.ndarray, list, list]:
+    "The digits as uint8 images, and their fixed stratified 80/20 train/test `(index, class)` split."
+    d = load_digits()
+    images = np.round(d.images * 255 / 16).astype(np.uint8)
+    test, train = sample_per_class([(i, str(y)) for i, y in enumerate(d.target)], 0.2, np.random.default_rng(0))
+    return images, train, test
+
+
+def digits_stats() -> tuple[list, list]:
+    "Mean and std (per channel, grey so all equal) of the digits' train part, in [0, 1]."
+    images, train, _ = digits_images()
+    px = images[[i for i, _ in train]] / 255
+    return [float(px.mean())] * 3, [float(px.std())] * 3
+
+
+def digits_tree(dest: Path) -> Path:
+    "Write the digits once as `dest/{train,test}/<class>/<index>.png`; atomic: built in a temp dir, then renamed."
+    if dest.exists(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    images, train, test = digits_images()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=dest.parent))
+    try:
+        for split, items in (("train", train), ("test", test)):
+            for i, c in items:
+                f = tmp / split / c / f"{i:04d}.png"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(f)
+        try: tmp.rename(dest)
+        except OSError:
+            if not dest.exists(): raise  # else another process finished it first
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def download(url: str, root: Path) -> Path:
+    "The extracted `url` under `root`, downloaded with fastai's `untar_data` unless already there."
+    dest = root / Path(url).stem.removesuffix(".tar")  # where untar_data extracts it
+    if dest.exists(): return dest
+    try: return untar_data(url, data=root, archive=root / "archive", base=str(root))
+    except (URLError, OSError) as e:
+        raise DownloadError(f"Could not download {url} ({e}). Download and extract it by hand so that "
+                            f"{dest}/train exists (or pass path=<extracted folder>).") from e
+
+
+def dataset_root(name: str, path) -> Path:
+    "The dataset's root folder: `path` as is, else the digits tree or the (downloaded) dataset in `data_dir()`."
+    if path is not None:
+        path = Path(path)
+        if not path.is_dir(): raise DatasetNotFoundError(f"Dataset path {path} does not exist or is not a folder.")
+        return path
+    if name == "folder": raise DatasetError("name='folder' needs path=<folder with train/ and val/ or test/>.")
+    if name == "digits": return digits_tree(data_dir() / "digits")
+    return download(URLS[name], data_dir())
+
+
+def _test_folder(root: Path) -> str:
+    "Name of the test folder of `root` (`val` or `test`), checking `train` is there too."
+    if not (root / "train").is_dir():
+        raise DatasetNotFoundError(f"No train folder in {root}: expected {root}/train/<class>/<images>.")
+    found = [s for s in ("val", "test") if (root / s).is_dir()]
+    if not found:
+        raise DatasetNotFoundError(f"No val or test folder in {root}: expected {root}/val/<class>/<images> "
+                                   f"or {root}/test/<class>/<images> (the test set).")
+    if len(found) > 1: raise DatasetError(f"{root} has both val/ and test/: keep only the test set's folder.")
+    return found[0]
+
+
+def _listing(root: Path, split: str) -> tuple[list, list]:
+    "Class folders of `root/split` and its sorted `(relative path, class)` images."
+    folder = root / split
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes: raise DatasetError(f"{folder} has no class folders: expected {folder}/<class>/<images>.")
+    items = [(f.relative_to(root).as_posix(), c) for c in classes for f in get_image_files(folder / c)]
+    return classes, sorted(items)
+
+
+def _unreadable(root: Path, items: list) -> list:
+    """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
+    only when its pixels are read). Decoding every image takes a while on a large dataset, so the answer is
+    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes, times and inodes (`kd_lib.resident.file_key`:
+    a file replaced by another of the same size and modification time is checked again; nothing is kept while a
+    file changed too recently to tell)."""
+    key, trusted = file_key(root, items)
+    memo = data_dir() / "checks" / f"{key}.json"
+    try:
+        if memo.exists(): return list(json.loads(memo.read_text()))
+    except (ValueError, TypeError): pass  # a corrupt memo is only a cache: decode again
+    bad = []
+    for rel, _ in items:
+        try:
+            with Image.open(root / rel) as im: im.load()
+        except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
+    if not trusted: return bad
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(bad))
+    os.replace(tmp, memo)
+    return bad
+
+
+def _check_classes(root: Path, listings: dict):
+    "Every class folder has images, and train and test have the same classes."
+    for split, (classes, items) in listings.items():
+        n = Counter(c for _, c in items)
+        if empty := [c for c in classes if not n[c]]:
+            raise DatasetError(f"Class folder(s) {empty} of {root / split} have no readable images: "
+                               f"add images or remove the folder(s).")
+    (_, (cls_a, _)), (test, (cls_b, _)) = listings.items()
+    if cls_a != cls_b:
+        raise DatasetError(f"{root}: train and {test} have different classes; only in train: "
+                           f"{sorted(set(cls_a) - set(cls_b))}, only in {test}: {sorted(set(cls_b) - set(cls_a))}.")
+
+
+def read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
+    "Classes, train and test `(relative path, class)` items, test folder name and number of unreadable images left out."
+    test_name = _test_folder(root)
+    listings = {s: _listing(root, s) for s in ("train", test_name)}
+    bad = _unreadable(root, [o for _, items in listings.values() for o in items])
+    if bad and not skip_bad:
+        raise DatasetError(f"{len(bad)} unreadable or corrupt image file(s) in {root}, e.g. {', '.join(bad[:5])}: "
+                           f"remove or replace them, or pass skip_bad=True.")
+    skip = set(bad)
+    listings = {s: (classes, [o for o in items if o[0] not in skip]) for s, (classes, items) in listings.items()}
+    _check_classes(root, listings)
+    return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad)
