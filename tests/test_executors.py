@@ -51,6 +51,14 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert rp.visible_gpus() == ["0", "1", "2"]
 
 
+def test_a_teacher_runs_on_every_core_unless_threads_were_given(monkeypatch):
+    "A run's weights depend on its torch threads: a count given holds for the teacher too (the Dask runs' count)."
+    monkeypatch.setattr(rp.executors, "cores", lambda: 8)
+    assert rp.LocalExecutor(2, gpus=[], workers=False).lone_threads() == 8
+    assert rp.LocalExecutor(2, gpus=[], threads=1, workers=False).lone_threads() == 1
+    assert rp.LocalExecutor(2, gpus=["0", "1"], workers=False).lone_threads() == 4
+
+
 def _foreign_lock(run: Path, age_s: float) -> dict:
     "A lock of a process of another machine whose last heartbeat was `age_s` seconds ago."
     run.mkdir(parents=True)

@@ -3,10 +3,11 @@ import argparse
 import sys
 
 from .. import runner
+from ..claims import MARGIN
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_job, run_jobs, train_job
-from .kept import keep_records
+from .kept import claim_verdicts, keep_records
 from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
 
 
@@ -57,7 +58,10 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     try:
         run_jobs(jobs, executor=executor, execute=run_job if args.notebooks else train_job)
-        if prof.get("keep"): print(f"records kept in {keep_records(prof, jobs)}", file=sys.stderr)
+        if prof.get("keep"):
+            margin = prof.get("margin", MARGIN)
+            kept = keep_records(prof, jobs, verdicts=lambda folder: claim_verdicts(folder, margin))
+            print(f"records kept in {kept}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs, n_jobs=executor.slots if not args.scheduler else 1)
     except RuntimeError as e:

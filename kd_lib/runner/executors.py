@@ -62,7 +62,7 @@ class LocalExecutor:
     def __init__(self, n_jobs: int = 1, gpus: list = None, threads: int = None, workers: bool = True):
         self.slots = max(1, n_jobs)
         self.gpus = visible_gpus() if gpus is None else list(gpus)
-        self.threads = threads or max(1, cores() // self.slots)
+        self.threads, self.threads_given = threads or max(1, cores() // self.slots), bool(threads)
         self.workers = {} if workers else None  # slot -> its worker process (a pool of one)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="kd-run")
         self._free = queue.SimpleQueue()  # slot numbers: slot k runs on GPU k mod len(gpus)
@@ -82,8 +82,9 @@ class LocalExecutor:
         return self.workers[k]
 
     def lone_threads(self) -> int:
-        "The torch threads of a run that runs alone: every core, on a machine without GPUs (else its slot's)."
-        return self.threads if self.gpus else cores()
+        """The torch threads of a run that runs alone: every core, on a machine without GPUs, unless `threads` was
+        given (torch's sums depend on the thread count, so a run's weights do too; a given count holds for all)."""
+        return self.threads if self.gpus or self.threads_given else cores()
 
     def _in_slot(self, fn, job, threads):
         k = self._free.get()

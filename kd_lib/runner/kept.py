@@ -12,10 +12,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..records import RECORD, CorruptFile, complete_record, git, read_json, write_json
+from ..claims import MARGIN, IdenticalArms, claims, verdicts
+from ..records import RECORD, CorruptFile, collect, complete_record, git, read_json, write_json
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "keep_records", "seal", "kept_records", "check_kept"]
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal", "kept_records",
+           "check_kept"]
 
 MANIFEST = "MANIFEST.json"  # a kept folder's seal: each file's sha256, the profile's settings hash, the commits
 LOG = "record_sets.json"  # every record set kept in the folder, with the verdicts it gave
@@ -48,6 +50,13 @@ def _dest(prof: dict) -> Path:
         raise ProfileError(f"keep={prof['keep']!r}: kept records go to a folder of their own inside {KEPT_ROOT}/ of "
                            "the repository, nowhere else.")
     return dest
+
+
+def claim_verdicts(folder, margin: float = MARGIN) -> dict:
+    "Claim id -> its verdicts on the records under `folder` (claim 2's equivalence `margin`), for a `LOG` entry."
+    try: table = claims(collect(folder), margin=margin)
+    except IdenticalArms as e: return {"all": f"none: {e}"}
+    return {k.removeprefix("verdict_"): v for k, v in verdicts(table).items()}
 
 
 def keep_records(prof: dict, jobs: list, verdicts=None) -> Path:
