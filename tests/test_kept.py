@@ -169,12 +169,30 @@ def test_a_forged_or_lost_record_fails_the_check_and_the_chapter_refuses_it(tmp_
     assert f"{forged}: changed since the records were kept" in problems
     assert f"{lost}: missing (the manifest lists it)" in problems
     assert f"{copy / 'extra.json'}: not in the manifest (added after the records were kept)" in problems
-    out = run_notebook("cifar10", tmp_path / "chapter.ipynb", threads=1, records_dir=str(copy))
-    texts = {o["metadata"]["scrapbook"]["name"]: o["data"].get("application/papermill.record/text/plain", "")
-             for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs
-             if "scrapbook" in o.get("metadata", {})}
+    texts, shown = _chapter(copy, tmp_path / "forged.ipynb")
     assert "refused: the kept records fail their check" in texts["kept_check"] and "99.9" not in str(texts)
-    assert texts["verdict_1"].strip("'\"").startswith("refused")
+    assert texts["verdict_1"].strip("'\"").startswith("none: the kept records fail their check")
+    logged = json.loads((copy / LOG).read_text())["sets"][0]["commits"][0][:8]
+    assert logged not in shown, "the log of a folder whose seal fails is shown"
+
+
+def test_records_sealed_for_other_settings_are_refused_and_their_log_shown(tmp_path):
+    "A set kept for settings the profile no longer has is not drawn from, but its (sealed) log tells its history."
+    copy = Path(shutil.copytree(ROOT / "results" / "cifar10", tmp_path / "kept"))
+    seal(copy, "settings of another profile")
+    assert check_kept(copy) == []
+    texts, shown = _chapter(copy, tmp_path / "stale.ipynb")
+    assert "kept for other run settings than the profile's now" in texts["kept_check"]
+    assert json.loads((copy / LOG).read_text())["sets"][0]["commits"][0][:8] in shown
+
+
+def _chapter(records: Path, out: Path) -> tuple:
+    "The CIFAR-10 chapter drawn from `records`: its glued texts, and the text of all its outputs."
+    nb = nbformat.read(run_notebook("cifar10", out, threads=1, records_dir=str(records)), as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    texts = {o["metadata"]["scrapbook"]["name"]: o["data"].get("application/papermill.record/text/plain", "")
+             for o in outputs if "scrapbook" in o.get("metadata", {})}
+    return texts, json.dumps(outputs)
 
 
 def test_a_record_names_the_commit_of_the_code_that_made_it():
