@@ -86,6 +86,13 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
     assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table"} <= glued
 
 
+def test_a_notebook_logs_into_a_folder_not_made_yet(tmp_path):
+    "The book's first page once started before any run had made runs/<profile>/notebooks/, and failed to log."
+    log = tmp_path / "runs" / "notebooks" / "table1.log"
+    out = run_notebook("table1", tmp_path / "table1.ipynb", threads=1, log=log, size=32, n_classes=10)
+    assert out.exists() and log.exists()
+
+
 def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     import pandas as pd
     from kd_lib import claims, figures, results

@@ -76,6 +76,7 @@ def run_notebook(name: str, out: Path, threads: int = None, log: Path = None, gp
     for stale in out.parent.glob(f".{out.name}.*.tmp"): stale.unlink(missing_ok=True)  # left by a killed run
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     log = Path(log) if log else out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)  # the book's pages log into a folder no run may have made yet
     cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS / f"{name}.ipynb"), str(tmp), "--cwd", str(ROOT),
            "-k", "python3", "--no-progress-bar", "--log-level", "WARNING", "-y", yaml.safe_dump(parameters)]
     env = kernel_env(threads or _cores(), gpu)
