@@ -61,7 +61,7 @@ def test_the_chapter_builds_from_the_kept_records(prof, tmp_path):
     nb = nbformat.read(out, as_version=4)
     glued = {o["metadata"]["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
              if "scrapbook" in o.get("metadata", {})}
-    assert {"verdict_1", "verdict_3", "commits", "kept_check", "cifar_figure3", "cifar_figure4"} <= glued
+    assert {"verdict_1", "verdict_3", "verdicts", "commits", "kept_check", "cifar_figure3", "cifar_figure4"} <= glued
     kept = next(o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.get("metadata", {}).get("scrapbook", {}).get("name") == "kept_check")
     assert "in this repository's history" in kept["data"]["application/papermill.record/text/plain"]
@@ -172,6 +172,7 @@ def test_a_forged_or_lost_record_fails_the_check_and_the_chapter_refuses_it(tmp_
     texts, shown = _chapter(copy, tmp_path / "forged.ipynb")
     assert "refused: the kept records fail their check" in texts["kept_check"] and "99.9" not in str(texts)
     assert texts["verdict_1"].strip("'\"").startswith("none: the kept records fail their check")
+    assert texts["verdicts"].strip("'\"").startswith("none: the kept records fail their check")
     logged = json.loads((copy / LOG).read_text())["sets"][0]["commits"][0][:8]
     assert logged not in shown, "the log of a folder whose seal fails is shown"
 
