@@ -139,7 +139,7 @@ def last_gain(values: list, lower: bool, noise: list = None) -> int:
     sign = 1 if lower else -1
     epoch, ref = 0, values[0] if values else None
     for i, v in enumerate(values[1:], 1):
-        se = noise[i] if noise is not None and i < len(noise) and noise[i] == noise[i] and noise[i] is not None else 0.
+        se = noise[i] if noise is not None and i < len(noise) and noise[i] is not None and noise[i] == noise[i] else 0.
         if sign * (ref - v) > se: epoch, ref = i, v
     return epoch
 

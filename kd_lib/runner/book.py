@@ -29,6 +29,7 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -
     out = jobs[0].out_dir
     teacher, student = example(prof, jobs)
     kept = {p["name"]: p["keep"] for p in kept_profiles()}
+    threads = max(1, cores() // max(1, n_jobs))
     steps = [("own_models", dict(out_dir=shown(out.with_name(f"{out.name}-own_models")),
                                  **(prof.get("own_models") or {}))),  # the longest first
              ("table1", dict(size=224, n_classes=10)),
@@ -51,7 +52,6 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -
         run_notebook(name, GENERATED / f"{name}.ipynb", log=out / "notebooks" / f"{name}.log", threads=threads,
                      **params)
 
-    threads = max(1, cores() // max(1, n_jobs))
     with ThreadPoolExecutor(max(1, n_jobs)) as pool:
         done = [pool.submit(page, name, params) for name, params in steps[:1]]
         done += [pool.submit(example_run, j) for j in (teacher, student)]

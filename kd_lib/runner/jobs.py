@@ -1,5 +1,6 @@
-"""Jobs: each run of a profile is one papermill execution of a notebook in a kernel of its own (`run_notebook`);
-`run_jobs` runs them a few at a time, teachers before the students that distil them, with progress on stderr."""
+"""Jobs: each run of a profile is its recipe run in an executor's worker (`train_job`), or its notebook executed by
+papermill in a kernel of its own (`run_job`, `run_notebook`); `run_jobs` runs them a few at a time, teachers before
+the students that distil them, with progress on stderr."""
 import importlib
 import json
 import os
@@ -49,7 +50,8 @@ def kernel_env(threads: int, gpu: str = None) -> dict:
 
 
 def _die_with_parent() -> None:
-    "In a child before it starts: be killed when the thread that started it dies (Linux), so no kernel outlives a killed runner."
+    """In a child before it starts: be killed when the thread that started it dies (Linux), so no kernel outlives a
+    killed runner."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -201,10 +203,11 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
     budget control's twin) are complete (no_teacher runs and other datasets need not wait), and that a run folder
     another process is training (its lock held) is passed over, checked every `poll_s` seconds, and not trained
     again if that process completed it. On a machine without GPUs, a teacher runs alone, with every core (its
-    students wait for it, and a core left to the few runs that need no teacher would soon idle). `execute(job, threads=, gpu=)` runs one job where the executor puts it and
-    returns an `Outcome` (default: `train_job`, in the executor's worker processes; `run_job`: papermill executes
-    each run's notebook). A job whose run fails, or whose worker is lost for good, is
-    reported failed with its cause, and the students of a failed teacher as not started. Progress goes to
+    students wait for it, and a core left to the few runs that need no teacher would soon idle).
+    `execute(job, threads=, gpu=)` runs one job where the executor puts it and returns an `Outcome` (default:
+    `train_job`, in the executor's worker processes; `run_job`: papermill executes each run's notebook). A job
+    whose run fails, or whose worker is lost for good, is reported failed with its cause, and the students of a
+    failed teacher as not started. Progress goes to
     `stream` (stderr) as the futures complete. Returns the jobs; raises `RuntimeError` listing the failures."""
     own = executor is None
     executor = executor or LocalExecutor(n_jobs, workers=execute is None)  # a given `execute` runs in a thread

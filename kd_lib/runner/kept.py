@@ -16,8 +16,8 @@ from ..claims import MARGIN, IdenticalArms, claims, verdicts
 from ..records import RECORD, CorruptFile, collect, complete_record, git, read_json, write_json
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal", "kept_records",
-           "check_kept"]
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal",
+           "kept_records", "check_kept"]
 
 MANIFEST = "MANIFEST.json"  # a kept folder's seal: each file's sha256, the profile's settings hash, the commits
 LOG = "record_sets.json"  # every record set kept in the folder, with the verdicts it gave
