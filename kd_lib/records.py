@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 __all__ = ["DiskFull", "CorruptFile", "atomic_write", "save_weights", "write_json", "read_json", "versions", "git",
-           "code_version", "collect", "run_name",
+           "code_version", "complete_records", "collect", "run_name",
            "param_conflicts", "RunFolder", "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
@@ -162,6 +162,17 @@ def _curve(record: dict) -> str:
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:12]
 
 
+def complete_records(folder):
+    """(path, record) of each complete run record under `folder` (searched recursively), sorted by path; one that
+    cannot be read is left out with a warning that names it."""
+    for p in sorted(Path(folder).rglob(RECORD)):
+        try: r = complete_record(p.parent)
+        except CorruptFile as e:
+            warnings.warn(f"left out of the results: {e}")
+            continue
+        if r is not None: yield p, r
+
+
 def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
     (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
@@ -170,12 +181,7 @@ def collect(folder) -> pd.DataFrame:
     curves (`curve`: two runs that trained alike have the same), device and torch threads, the commit of the code,
     the record's path, and for a distilled student its feature maps' MSE to the teacher's per stage (`mse_<stage>`)."""
     rows = []
-    for p in sorted(Path(folder).rglob(RECORD)):
-        try: r = complete_record(p.parent)
-        except CorruptFile as e:
-            warnings.warn(f"left out of the results: {e}")
-            continue
-        if r is None: continue
+    for p, r in complete_records(folder):
         label_steps = [s for s in r.get("stages", []) if s.get("target", "labels") == "labels"]
         tested = [h["test_accuracy"] for h in (label_steps[-1]["history"] if label_steps else [])
                   if "test_accuracy" in h]

@@ -83,7 +83,8 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
-    assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table"} <= glued
+    assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table",
+            "step_table", "stagewise_curves"} <= glued
 
 
 def test_a_notebook_logs_into_a_folder_not_made_yet(tmp_path):

@@ -1,0 +1,107 @@
+"""Every fit behind the runs' `converged` flags, so a reader can look at the curves instead of trusting a flag.
+
+A run converged when each of its fits did, by `kd_lib.fitting.CONVERGENCE_RULE` (a stagewise run has six fits, one
+per step; the other methods one). These show which steps did not, and how they ended:
+
+* `fit_table`: one row per fit of the complete records under a folder: the run's settings, the step, its epoch cap,
+  the epochs it ran, whether early stopping ended it, its convergence (the projected gain against the noise) and its
+  curve (the monitored value per epoch).
+* `step_convergence`: per group (dataset, fraction, method) and step: fits, how many converged, how many ran to their
+  cap and how many early stopping ended, the median epochs run, the median projected gain in units of the noise.
+* `fit_curves`: a figure, a panel per step of one group, a line per seed; an unconverged fit dashed, the cap dotted.
+"""
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+
+from .figures import Figure
+from .records import complete_records
+from .results import _ranks, fraction_label
+
+__all__ = ["fit_table", "step_convergence", "fit_curves"]
+
+FIT_COLUMNS = ["dataset", "fraction", "method", "student", "seed", "step", "target", "monitor", "cap", "epochs_run",
+               "stopped_early", "ran_to_cap", "converged", "projected", "noise", "values"]
+
+
+def fit_table(folder) -> pd.DataFrame:
+    """One row per fit of each complete record under `folder` (`FIT_COLUMNS`): a teacher's fit has method
+    'teacher'; `target` is 'labels' or the teacher's stage a feature step matches; `cap` is the fit's epoch limit,
+    `ran_to_cap` whether it used them all, `projected` and `noise` come from its `convergence`, `values` is its
+    monitored value per epoch."""
+    rows = []
+    for _, r in complete_records(folder):
+        p = r["params"]
+        who = dict(dataset=p.get("dataset"), fraction=float(p.get("fraction") or 1.0),
+                   method=p.get("method") if r["kind"] == "student" else "teacher",
+                   student=p.get("student", "teacher"), seed=p.get("seed"))
+        for s in r.get("stages", []):
+            c, n = s.get("convergence") or {}, s.get("epochs_run", 0)
+            rows.append(dict(who, step=s["name"], target=s.get("target") or "labels", monitor=s["monitor"], cap=s.get("epochs"), epochs_run=n,
+                             stopped_early=bool(s.get("stopped_early")),
+                             ran_to_cap=bool(s.get("epochs") is not None and n >= s["epochs"]),
+                             converged=s.get("converged"), projected=c.get("projected"), noise=c.get("noise"),
+                             values=[h.get(s["monitor"]) for h in s.get("history", [])]))
+    return pd.DataFrame(rows, columns=FIT_COLUMNS)
+
+
+def step_convergence(fits: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, fraction, method and step (steps in the order the runs took them), from `fit_table`: `fits`,
+    how many could be `judged` and `converged`, how many ran to their cap (`at_cap`) and how many early stopping
+    ended (`stopped`), the median epochs run and the median `gain/noise` (the gain one more window of the last
+    slope projects, over the noise: the rule calls a fit converged when it is at most 1)."""
+    cols = ["dataset", "fraction", "method", "step", "fits", "judged", "converged", "at_cap", "stopped",
+            "epochs_run", "gain/noise"]
+    if fits is None or fits.empty: return pd.DataFrame(columns=cols)
+    f = fits.assign(ratio=pd.to_numeric(fits["projected"], errors="coerce")
+                    / pd.to_numeric(fits["noise"], errors="coerce"),
+                    order=fits.groupby(["dataset", "fraction", "method", "student", "seed"]).cumcount())
+    g = f.groupby(["dataset", "fraction", "method", "step"], sort=False)
+    out = g.agg(fits=("step", "size"), judged=("converged", "count"),
+                converged=("converged", lambda v: int((v == True).sum())),  # noqa: E712
+                at_cap=("ran_to_cap", "sum"), stopped=("stopped_early", "sum"),
+                epochs_run=("epochs_run", "median"), ratio=("ratio", "median"), order=("order", "min")).reset_index()
+    out = out.rename(columns={"ratio": "gain/noise"}).assign(rank=lambda o: o["method"].map(_ranks(o["method"])))
+    out = out.sort_values(["dataset", "fraction", "rank", "order"], ascending=[True, False, True, True])
+    return out[cols].reset_index(drop=True)
+
+
+def fit_curves(fits: pd.DataFrame, dataset: str, method: str, fraction: float = 1.0, student: str = None) -> Figure:
+    """The monitored value per epoch of every fit of one group (`dataset`, `method`, `fraction`, and `student` when
+    given, else every student's), a panel per step and a line per seed: solid when the fit converged, dashed when not, thin when it could not be judged; the dotted
+    vertical line is the step's epoch cap. Feature steps (an MSE to the teacher) are drawn on a log scale."""
+    f = fits[(fits["dataset"] == dataset) & (fits["method"] == method) & np.isclose(fits["fraction"], fraction)
+             & ((fits["student"] == student) if student else True)]
+    who = f"{student} by {method}" if student else method
+    if f.empty: raise ValueError(f"No fits of {who} on {dataset} at {fraction_label(fraction)} in these records.")
+    steps = list(dict.fromkeys(f["step"]))
+    ncols = min(len(steps), 3)
+    nrows = -(-len(steps) // ncols)
+    fig = Figure(figsize=(max(3.6 * ncols, 7.0), 2.7 * nrows + 0.6), layout="constrained")
+    axes = np.array(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    seeds = sorted(set(f["seed"].dropna()))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
+    for ax, step in zip(axes, steps):
+        rows = f[f["step"] == step]
+        accuracy = rows["monitor"].iloc[0] == "accuracy"
+        for _, r in rows.iterrows():
+            y = np.asarray([np.nan if v is None else v for v in r["values"]], dtype=float) * (100 if accuracy else 1)
+            style = dict(ls="-", lw=1.4) if r["converged"] is True else \
+                dict(ls="--", lw=1.4) if r["converged"] is False else dict(ls="-", lw=0.6)
+            ax.plot(np.arange(1, len(y) + 1), y, color=colors.get(r["seed"], "C0"), **style)
+        if rows["cap"].notna().any(): ax.axvline(rows["cap"].max(), color="gray", ls=":", lw=1)
+        if not accuracy and (np.concatenate([np.asarray(v, dtype=float) for v in rows["values"]]) > 0).all():
+            ax.set_yscale("log")
+        n_conv = int((rows["converged"] == True).sum())  # noqa: E712
+        ax.set_title(f"{step}: {n_conv} of {len(rows)} converged, {int(rows['ran_to_cap'].sum())} at the cap",
+                     fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("valid accuracy (%)" if accuracy else "valid MSE to the teacher"
+                      if rows["target"].iloc[0] != "labels" else f"valid {rows['monitor'].iloc[0]}")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(steps):]: ax.set_axis_off()
+    fig.legend([Line2D([], [], color=c) for c in colors.values()], [f"seed {s}" for s in colors],
+               loc="outside lower center", ncols=min(len(colors), 5), fontsize=8, frameon=False)
+    fig.suptitle(f"{who} on {dataset}, {fraction_label(fraction)}\nmonitored value per epoch (dashed: not "
+                 "converged by the rule; dotted: the epoch cap)", fontsize=10)
+    return fig
