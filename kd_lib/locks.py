@@ -10,8 +10,9 @@ cannot be checked from here), when its heartbeat is older than `STALE_S` seconds
 relies on atomic hard links and on clocks that agree to within a minute. A live owner's lock is refused with
 `RunLocked`, which names the owner.
 
-The runner takes a run's lock before it starts the run's kernel and hands it down: a `RunLock` of a
-process whose environment holds the lock's token (`INHERIT`) uses the lock it finds instead of taking one.
+The runner takes a run's lock before it starts the run and hands it down: a `RunLock` uses the lock it finds
+instead of taking one when the lock's token is the one its thread was handed (`handed_down`, for a run trained in
+the runner's own worker) or the one in its process's environment (`INHERIT`, for a kernel the runner started).
 """
 import json
 import os
@@ -20,16 +21,18 @@ import threading
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .records import CorruptFile, read_json
 
-__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "RunLocked", "RunLock", "lock_holder"]
+__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "RunLocked", "RunLock", "handed_down", "lock_holder"]
 
 LOCK = ".lock"  # the lock's file name in a run folder
 INHERIT = "KD_RUN_LOCK"  # the environment variable through which a lock's owner hands it to its child process
 HEARTBEAT_S = 30.0  # how often a held lock's file is touched
 STALE_S = 600.0  # a lock of another host untouched for this long is stale: its owner is gone
+_handed = threading.local()  # the token of the lock this thread's caller holds for it (`handed_down`)
 
 
 class RunLocked(RuntimeError):
@@ -80,6 +83,16 @@ def lock_holder(run) -> dict:
     return owner if _age(path) < STALE_S else None
 
 
+@contextmanager
+def handed_down(token: str):
+    """Within the block, a `RunLock` this thread takes uses the lock of `token`, which its caller holds, where the
+    lock file has that token: a run trained in the thread that locked it. Per thread, so the workers of one process
+    (a Dask worker's threads) never use each other's locks, as a process-wide environment variable would."""
+    before, _handed.token = getattr(_handed, "token", None), token
+    try: yield
+    finally: _handed.token = before
+
+
 class RunLock:
     """Hold `run`'s lock for a `with` block: created on entry (or `RunLocked` raised), kept fresh by a
     heartbeat, removed on exit. A lock handed down by this process's parent (`INHERIT`) is used as it is."""
@@ -93,7 +106,8 @@ class RunLock:
     def token(self) -> str: return self.me["token"]
 
     def __enter__(self):
-        if (handed := os.environ.get(INHERIT)) and (_read(self.path) or {}).get("token") == handed:
+        held = (_read(self.path) or {}).get("token")
+        if held and held in (getattr(_handed, "token", None), os.environ.get(INHERIT)):
             self.inherited = True
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)

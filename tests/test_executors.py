@@ -18,7 +18,7 @@ import torch
 
 from kd_lib import locks
 from kd_lib import runner as rp
-from kd_lib.locks import INHERIT, LOCK, RunLock, lock_holder
+from kd_lib.locks import INHERIT, LOCK, RunLock, RunLocked, handed_down, lock_holder
 from kd_lib.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,28 @@ def test_the_lock_is_handed_to_the_child_that_trains_and_stays_its_holders(tmp_p
                                   env=os.environ | {INHERIT: "another token"})
         assert "RunLocked" in stranger.stderr
     assert not (tmp_path / LOCK).exists()
+
+
+def test_threads_of_one_process_each_use_the_lock_handed_to_them(tmp_path):
+    """Two runs trained at once in one process (a Dask worker's two threads): each recipe's RunLock uses its own
+    thread's lock. Handed down through the process's environment, the second thread's token replaced the first's,
+    and the first run refused its own lock."""
+    barrier, seen = threading.Barrier(2), {}
+
+    def train(run):
+        with RunLock(run) as outer, handed_down(outer.token):
+            barrier.wait()  # both have handed their lock down before either recipe takes one
+            try:
+                with RunLock(run) as inner: seen[run.name] = inner.inherited
+            except RunLocked as e: seen[run.name] = e
+
+    threads = [threading.Thread(target=train, args=(tmp_path / n,)) for n in ("a", "b")]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert seen == {"a": True, "b": True}
+    assert not (tmp_path / "a" / LOCK).exists() and not (tmp_path / "b" / LOCK).exists()
+    with RunLock(tmp_path / "a") as lock, handed_down("another token"), pytest.raises(RunLocked):
+        RunLock(tmp_path / "a").__enter__()  # a token of no lock here hands down nothing
 
 
 STUDENT_ONLY = """

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..locks import INHERIT, RunLock, RunLocked, lock_holder
+from ..locks import INHERIT, RunLock, RunLocked, handed_down, lock_holder
 from ..records import complete_record
 from .executors import LocalExecutor, cores as _cores
 from .profiles import NOTEBOOKS, ROOT, Job
@@ -182,9 +182,7 @@ def train_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.
         for m in job.imports: importlib.import_module(m)
         if threads: torch.set_num_threads(threads)
         recipe = train_teacher if job.kind == "teacher" else train_student
-        os.environ[INHERIT] = token  # the recipe's RunLock uses the lock held here
-        try: recipe(job.config, out_dir=job.out_dir, progress=False)
-        finally: os.environ.pop(INHERIT, None)
+        with handed_down(token): recipe(job.config, out_dir=job.out_dir, progress=False)
     return _locked_run(job, work, poll_s)
 
 
