@@ -84,7 +84,7 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
     assert not [o for o in outputs if o.output_type == "error"]
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
     assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table",
-            "step_table", "stagewise_curves"} <= glued
+            "step_table", "stagewise_curves", "flat_calls", "flat_fit", "flat_run"} <= glued
 
 
 def test_a_notebook_logs_into_a_folder_not_made_yet(tmp_path):
