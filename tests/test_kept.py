@@ -95,6 +95,7 @@ def _runs(tmp_path, names=("a/teacher", "a/s1"), **fields) -> list:
         run = tmp_path / "runs" / name
         run.mkdir(parents=True, exist_ok=True)
         (run / RECORD).write_text(json.dumps(dict(status="complete", kind="student", params=dict(seed=0), **fields,
+                                                  finished=f"2026-11-{29 + len(runs)}T10:00:00+0000",
                                                   versions=dict(code=dict(commit=head, dirty=False)))))
         (run / "teacher.pth").write_bytes(b"weights")
         runs.append(SimpleNamespace(name=name, run=run, config=SimpleNamespace(params=lambda: {})))
@@ -113,12 +114,15 @@ def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
     unfinished = tmp_path / "runs" / "a" / "s2"
     unfinished.mkdir()
     runs.append(SimpleNamespace(name="a/s2", run=unfinished, config=SimpleNamespace(params=lambda: {})))
-    dest = keep_records(dict(keep="results/x"), runs, verdicts=lambda folder: {"1": "reproduced"})
+    dest = keep_records(dict(keep="results/x"), runs, verdicts=lambda folder: {"1": "reproduced"},
+                        note="two cores, stopped and resumed twice")
     assert dest == repo / "results" / "x"
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
         [MANIFEST, "a/s1/record.json", "a/teacher/record.json", LOG]
     assert check_kept(dest) == []
-    assert json.loads((dest / LOG).read_text())["sets"][-1]["verdicts"] == {"1": "reproduced"}
+    logged = json.loads((dest / LOG).read_text())["sets"][-1]
+    assert logged["verdicts"] == {"1": "reproduced"} and logged["note"] == "two cores, stopped and resumed twice"
+    assert logged["made"] == "2026-11-29T10:00:00+0000 to 2026-11-30T10:00:00+0000"  # when its runs finished
 
 
 def test_a_kept_set_is_logged_with_the_verdicts_of_its_records(monkeypatch):
@@ -226,3 +230,9 @@ def test_the_kept_controls_ran_and_no_split_leaked(prof):
         assert [h["accuracy"] for h in fit["history"]] != [h["accuracy"] for h in baseline["stages"][0]["history"]]
     assert all(r["data"]["hashes"]["valid"] == teacher["data"]["hashes"]["valid"] for r in records.values())
     assert teacher["converged"] is True
+
+
+def test_a_note_needs_a_profile_that_keeps_its_records():
+    from kd_lib.runner.cli import main
+    with pytest.raises(SystemExit, match="--note goes into the log of kept records"):
+        main(["--profile", "smoke", "--note", "made on a laptop", "--dry-run"])

@@ -25,6 +25,9 @@ def main(argv=None) -> None:
     p.add_argument("--book-only", action="store_true", help="build the book from notebooks already run")
     p.add_argument("--runs-only", action="store_true", help="run the profile's notebooks, build no book")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is complete; run nothing")
+    p.add_argument("--note", default=None, metavar="TEXT",
+                   help="for a profile that keeps its records: how this set was made (machines, threads, stops), "
+                        "written with it into the log of kept sets")
     p.add_argument("--notebooks", action="store_true",
                    help="execute each run's notebook with papermill (kept in <out_dir>/notebooks/; a kernel per run, "
                         "slower) instead of its recipe in a worker process")
@@ -40,6 +43,9 @@ def main(argv=None) -> None:
         example(prof, jobs)
     except (ProfileError, RunConflict) as e:
         sys.exit(f"error: {e}")
+    if args.note and not prof.get("keep"):
+        sys.exit(f"error: --note goes into the log of kept records, and the profile {prof['name']!r} keeps none "
+                 "(no `keep` folder).")
     if stray := strays(jobs):
         print(f"note: {len(stray)} record(s) under {stray[0].parents[2]} are not runs of the profile "
               f"{prof['name']!r} (for example {stray[0].parent.name}); the figures include every record there. "
@@ -60,7 +66,7 @@ def main(argv=None) -> None:
         run_jobs(jobs, executor=executor, execute=run_job if args.notebooks else train_job)
         if prof.get("keep"):
             margin = prof.get("margin", MARGIN)
-            kept = keep_records(prof, jobs, verdicts=lambda folder: claim_verdicts(folder, margin))
+            kept = keep_records(prof, jobs, verdicts=lambda folder: claim_verdicts(folder, margin), note=args.note)
             print(f"records kept in {kept}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs, n_jobs=executor.slots if not args.scheduler else 1)

@@ -59,11 +59,12 @@ def claim_verdicts(folder, margin: float = MARGIN) -> dict:
     return {k.removeprefix("verdict_"): v for k, v in verdicts(table).items()}
 
 
-def keep_records(prof: dict, jobs: list, verdicts=None) -> Path:
+def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None) -> Path:
     """Copy the record of each complete job of `prof` into its `keep` folder as `<dataset>/<run>/record.json`
     (nothing else of the run folder: weights and notebooks stay out of git), remove the records kept there before
     for runs the profile no longer has (those its manifest lists: nothing it did not write is touched), add the
-    set to `LOG` with `verdicts(folder)` (a dict of claim -> verdict, when given), and seal the folder (`MANIFEST`)."""
+    set to `LOG` (when its runs finished, their commits and seeds, `verdicts(folder)`: a dict of claim -> verdict,
+    when given, and the `note` of whoever keeps it: how the set was made), and seal the folder (`MANIFEST`)."""
     dest = _dest(prof)
     old = (read_json(dest / MANIFEST, fix="restore it from git (git checkout -- it)") or {}).get("files", {})
     new = {}
@@ -78,10 +79,12 @@ def keep_records(prof: dict, jobs: list, verdicts=None) -> Path:
         if name.endswith(RECORD) and name not in new: (dest / name).unlink(missing_ok=True)
     records = [read_json(dest / n) for n in new]
     sets = (read_json(dest / LOG) or {}).get("sets", [])
+    finished = sorted(r["finished"] for r in records if r.get("finished"))
     sets.append(dict(kept=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), runs=len(records),
+                     made=f"{finished[0]} to {finished[-1]}" if finished else None,
                      commits=sorted({r["versions"]["code"]["commit"] for r in records}),
                      seeds=sorted({r["params"]["seed"] for r in records if r["kind"] == "student"}),
-                     verdicts=verdicts(dest) if verdicts else {}))
+                     verdicts=verdicts(dest) if verdicts else {}, **({"note": note} if note else {})))
     write_json(dest / LOG, dict(sets=sets))
     seal(dest, settings_hash(jobs))
     return dest
