@@ -230,8 +230,9 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
     """The paper's claims checked against `records`, a row per claim and dataset: our mean difference with its
     interval and the pairs, the share of the student runs involved that converged, whether the teacher converged,
     the same statistic from the paper's own numbers (their range over the paper's datasets when it did not run ours),
-    the verdict and what of the rule is the claim's own (`SHARED_RULE` is the rest). `margin`: claim 2's
-    equivalence margin, stated in the profile before the runs. Raises `IdenticalArms` when a control never ran."""
+    the verdict, what the interval alone would say were every run converged (`interval_alone`: not a verdict, it
+    tells an inconclusive verdict's two causes apart) and what of the rule is the claim's own (`SHARED_RULE` is the
+    rest). `margin`: claim 2's equivalence margin, stated in the profile before the runs. Raises `IdenticalArms` when a control never ran."""
     check_arms(records)
     rows = []
     pr = paper_as_records(paper) if paper is not None and len(paper) else pd.DataFrame(columns=["kind"])
@@ -247,8 +248,9 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
             if res is None: continue
             level = 1 - 2 * (1 - LEVEL) if threshold is None else LEVEL  # 90% for the equivalence test
             mean, low, high, n = interval(res["d"], level, res.get("extra_se", 0.0))
-            verdict_ = equivalence(low, high, margin, res["share"], teacher_conv) if threshold is None else \
-                verdict(low, high, threshold, above, res["share"], teacher_conv)
+            verdict_, alone = (equivalence(low, high, margin, *gate) if threshold is None else
+                               verdict(low, high, threshold, above, *gate)
+                               for gate in ((res["share"], teacher_conv), (1.0, True)))
             conv = "unknown" if not np.isfinite(res["share"]) else f"{res['share']:.0%}"
             tconv = {True: "converged", False: "not converged", None: "convergence unknown"}[teacher_conv]
             rows.append(dict(id=cid, claim=name if small is None or fn not in (_claim_3, _claim_3_share)
@@ -256,9 +258,10 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
                              ours=f"{_fmt(mean, low, high, n)}{' (90%)' if threshold is None else ''}: {res['note']}",
                              paper=_paper_cell(fn, pr, ds, metric), converged=res["share"],
                              runs=f"students {conv} converged; teacher {tconv}", verdict=verdict_,
+                             interval_alone=alone,
                              rule=rule.replace("the margin", f"the margin ({margin:g} points)")))
     return pd.DataFrame(rows, columns=["id", "claim", "dataset", "ours", "paper", "runs", "converged", "verdict",
-                                       "rule"])
+                                       "interval_alone", "rule"])
 
 
 def _paper_cell(fn, pr: pd.DataFrame, ds: str, metric: str) -> str:

@@ -75,6 +75,9 @@ def test_a_clear_gain_is_reproduced_and_no_gain_is_not():
 def test_unconverged_runs_or_teacher_make_a_verdict_inconclusive():
     table = claims(runs(dict(no_teacher=80, stagewise=90), converged=False))
     assert row(table, 1)["verdict"] == "inconclusive" and "students 0% converged" in row(table, 1)["runs"]
+    assert row(table, 1)["interval_alone"] == "reproduced"  # the gate, not the interval, made it inconclusive
+    tie = claims(tied(runs(dict(no_teacher=80, stagewise=80)), "no_teacher"))
+    assert row(tie, 1)["interval_alone"] == "inconclusive"
     r = runs(dict(no_teacher=80, stagewise=90))
     r.loc[r["kind"] == "teacher", "converged"] = False
     assert row(claims(r), 1)["verdict"] == "inconclusive" and "teacher not converged" in row(claims(r), 1)["runs"]
