@@ -232,7 +232,8 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
     the same statistic from the paper's own numbers (their range over the paper's datasets when it did not run ours),
     the verdict, what the interval alone would say were every run converged (`interval_alone`: not a verdict, it
     tells an inconclusive verdict's two causes apart) and what of the rule is the claim's own (`SHARED_RULE` is the
-    rest). `margin`: claim 2's equivalence margin, stated in the profile before the runs. Raises `IdenticalArms` when a control never ran."""
+    rest). `margin`: claim 2's equivalence margin, stated in the profile before the runs. Raises `IdenticalArms`
+    when a control never ran."""
     check_arms(records)
     rows = []
     pr = paper_as_records(paper) if paper is not None and len(paper) else pd.DataFrame(columns=["kind"])
@@ -248,9 +249,10 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
             if res is None: continue
             level = 1 - 2 * (1 - LEVEL) if threshold is None else LEVEL  # 90% for the equivalence test
             mean, low, high, n = interval(res["d"], level, res.get("extra_se", 0.0))
-            verdict_, alone = (equivalence(low, high, margin, *gate) if threshold is None else
-                               verdict(low, high, threshold, above, *gate)
-                               for gate in ((res["share"], teacher_conv), (1.0, True)))
+            def judge(share, teacher_ok):
+                return equivalence(low, high, margin, share, teacher_ok) if threshold is None else \
+                    verdict(low, high, threshold, above, share, teacher_ok)
+            verdict_, alone = judge(res["share"], teacher_conv), judge(1.0, True)  # gated, and the interval alone
             conv = "unknown" if not np.isfinite(res["share"]) else f"{res['share']:.0%}"
             tconv = {True: "converged", False: "not converged", None: "convergence unknown"}[teacher_conv]
             rows.append(dict(id=cid, claim=name if small is None or fn not in (_claim_3, _claim_3_share)

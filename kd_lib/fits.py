@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from .figures import Figure
+from .figures import Figure, _grid
 from .fitting import convergence
 from .records import complete_records
 from .results import _ranks, fraction_label
@@ -94,10 +94,7 @@ def fit_curves(fits: pd.DataFrame, dataset: str, method: str, fraction: float = 
     who = f"{student} by {method}" if student else method
     if f.empty: raise ValueError(f"No fits of {who} on {dataset} at {fraction_label(fraction)} in these records.")
     steps = list(dict.fromkeys(f["step"]))
-    ncols = min(len(steps), 3)
-    nrows = -(-len(steps) // ncols)
-    fig = Figure(figsize=(max(3.6 * ncols, 7.0), 2.7 * nrows + 0.6), layout="constrained")
-    axes = np.array(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _grid(len(steps), width=3.6 if len(steps) > 1 else 7.0, height=2.7)  # one panel: room for the title
     seeds = sorted(set(f["seed"].dropna()))
     colors = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
     for ax, step in zip(axes, steps):
@@ -118,7 +115,6 @@ def fit_curves(fits: pd.DataFrame, dataset: str, method: str, fraction: float = 
         ax.set_ylabel("valid accuracy (%)" if accuracy else "valid MSE to the teacher"
                       if rows["target"].iloc[0] != "labels" else f"valid {rows['monitor'].iloc[0]}")
         ax.grid(alpha=0.3)
-    for ax in axes[len(steps):]: ax.set_axis_off()
     fig.legend([Line2D([], [], color=c) for c in colors.values()], [f"seed {s}" for s in colors],
                loc="outside lower center", ncols=min(len(colors), 5), fontsize=8, frameon=False)
     fig.suptitle(f"{who} on {dataset}, {fraction_label(fraction)}\nmonitored value per epoch (dashed: not "
