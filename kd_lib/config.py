@@ -24,12 +24,14 @@ from .models import STUDENTS
 from .records import param_conflicts, run_name
 
 __all__ = ["GROUPS", "SCHEDULES", "MAX_SEED", "MAX_SIZE", "CUSTOM", "Option", "RunConfig", "TeacherConfig",
-           "StudentConfig", "CONFIGS", "parameters_cell"]
+           "StudentConfig", "CONFIGS", "MAX_BUDGET", "LONG_BUDGET", "parameters_cell"]
 
 GROUPS = ("model", "method", "data", "optimisation", "evaluation", "speed")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
 CUSTOM = "custom"  # the dataset of a run given data loaders of its own (train_student(dls=...))
 MAX_SIZE = 2048  # the largest image side a run takes
+MAX_BUDGET = 8  # the largest budget multiplier
+LONG_BUDGET = 2  # a long twin's: every budget of its arm's run doubled (kd_lib.saturation)
 SCHEDULES = ("constant", "one_cycle")
 
 
@@ -91,6 +93,9 @@ class RunConfig:
     resident: typing.Optional[bool] = option(None, "speed", "images decoded once and held as one tensor (on the GPU "
                                                             "under CUDA), batch transforms there: None where it fits, "
                                                             "True always, False an image opened per item")
+    budget: int = option(1, "optimisation", "budget multiplier: 2 makes a run's long twin, every epoch cap, patience "
+                                            "and fixed schedule doubled (a budget control: twice its twin's epochs), "
+                                            "which says whether the budget was enough (kd_lib.saturation)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -128,6 +133,12 @@ class RunConfig:
         _need(self.num_workers >= 0, f"num_workers={self.num_workers}: 0 (load in the main process) or more.")
         _need(self.epochs >= 1, f"epochs={self.epochs}: train at least 1 epoch per step.")
         _need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: the learning rate must be positive.")
+        _need(1 <= self.budget <= MAX_BUDGET, f"budget={self.budget}: a multiplier of the run's epochs from 1 (the "
+                                              f"run as set) to {MAX_BUDGET} (2: its long twin).")
+
+    def scaled(self, epochs):
+        "`epochs` (an epoch cap or a patience; None stays None) times the `budget` multiplier."
+        return None if epochs is None else epochs * self.budget
 
     @classmethod
     def options(cls, group: str = None) -> list:

@@ -5,7 +5,7 @@
 * `BestCheckpoint`: keep the best epoch by a monitored value, and save all a killed run needs, every epoch.
 * `MonitorNoise`: the standard error of the monitored value on the valid split, each epoch.
 * `fit`: a fit with those, resumed from its state file when one is there, stopped early with `patience`;
-  `convergence` says whether it converged by `CONVERGENCE_RULE`, judged from its curve and its noise;
+  `convergence` says whether it converged by `CONVERGENCE_RULE`, judged from its curve's own scatter;
   `forget_fit` deletes its resume state once what it produced is written.
 * `evaluate`: valid and test accuracy; `accuracy_of`: a model's accuracy on any loader, random states untouched.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.callback.tracker import TrackerCallback
@@ -31,7 +32,7 @@ from .models import evaluating
 from .records import save_weights
 
 __all__ = ["paper_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW", "STATE_EVERY_S",
-           "CONVERGENCE_RULE",
+           "CONVERGENCE_ERROR", "CONVERGENCE_RULE",
            "MonitorNoise", "last_gain", "convergence", "BestCheckpoint", "one_cycle", "fit", "forget_fit", "evaluate",
            "quiet"]
 
@@ -97,13 +98,14 @@ def accuracy_of(model: torch.nn.Module, dl) -> float:
 
 WINDOW = 5  # the fewest last epochs whose trend judges a fit's convergence
 STATE_EVERY_S = 120.0  # a fit's resume state is written at most this often (and after its first and last epochs)
-CONVERGENCE_RULE = ("a fit converged when the least-squares slope of its monitored value over its last k epochs "
-                    f"(k: the larger of {WINDOW} and a tenth of the epochs it ran), carried on for k epochs more, "
-                    "would improve that value by no more than its noise, the standard error of one epoch's value on "
-                    "the valid split (for accuracy, the binomial standard error; for a feature MSE, the standard error "
-                    f"of the mean of the per-image MSEs); a fit of fewer than {WINDOW} epochs is not judged, nor one "
-                    "whose noise was not recorded. Why the fit stopped (early stopping, or its last epoch) plays no "
-                    "part")
+CONVERGENCE_ERROR = 0.025  # the share of truly flat fits (white noise about a level) the rule calls unconverged
+CONVERGENCE_RULE = ("a fit converged unless the least-squares slope of its monitored value over its last k epochs "
+                    f"(k: the larger of {WINDOW} and a tenth of the epochs it ran) still improves beyond the curve's "
+                    "own epoch-to-epoch noise: its residual scatter about that line (a one-sided t-test of the slope, "
+                    f"k - 2 degrees of freedom, at {CONVERGENCE_ERROR:.1%}, the share of truly flat fits called "
+                    "unconverged). The projected gain is the slope carried on for k epochs more. A fit of fewer than "
+                    f"{WINDOW} epochs is not judged. Why the fit stopped (early stopping, or its last epoch) plays no "
+                    "part. A diagnostic: the verdicts rest on the doubling check (kd_lib.saturation), not on it")
 
 
 class MonitorNoise(Callback):
@@ -144,22 +146,23 @@ def last_gain(values: list, lower: bool, noise: list = None) -> int:
     return epoch
 
 
-def convergence(values: list, noise: list, lower: bool) -> dict:
-    """Whether a fit whose monitored value was `values` (one per epoch; `lower`: smaller is better), with standard
-    errors `noise`, converged by `CONVERGENCE_RULE`: the `window` of last epochs, the `slope` per epoch in the
-    improving direction, the gain it `projects` over one more window, the `noise` (mean standard error over the
-    window) and `converged` (None when it cannot be judged: too few epochs, or no noise recorded)."""
+def convergence(values: list, lower: bool) -> dict:
+    """Whether a fit whose monitored value was `values` (one per epoch; `lower`: smaller is better) converged by
+    `CONVERGENCE_RULE`: the `window` of last epochs, the `slope` per epoch in the improving direction, the gain it
+    `projects` over one more window, the `noise` (the window's residual scatter about its line), the slope's `t`
+    statistic and `converged` (None when it cannot be judged: too few epochs, or values missing)."""
     n = len(values)
-    k = max(WINDOW, math.ceil(n / 10))
-    out = dict(window=k, slope=None, projected=None, noise=None, converged=None)
-    if n < WINDOW: return out
-    k = min(k, n)
-    y = np.asarray(values[-k:], dtype=float)
-    slope = float(np.polyfit(np.arange(k), y, 1)[0]) * (-1 if lower else 1)
-    se = [x for x in (noise or [])[-k:] if x is not None and x == x]
-    sigma = float(np.mean(se)) if len(se) == k else None
-    return dict(window=k, slope=slope, projected=slope * k, noise=sigma,
-                converged=None if sigma is None else bool(slope * k <= sigma))
+    k = min(max(WINDOW, math.ceil(n / 10)), n)
+    out = dict(window=k, slope=None, projected=None, noise=None, t=None, converged=None)
+    y = np.asarray([np.nan if v is None else v for v in values[-k:]], dtype=float)
+    if n < WINDOW or not np.isfinite(y).all(): return out
+    x = np.arange(k) - (k - 1) / 2
+    slope = float(np.sum(x * (y - y.mean())) / np.sum(x * x))
+    scatter = float(np.sqrt(np.sum((y - y.mean() - slope * x) ** 2) / (k - 2)))
+    gain = slope * (-1 if lower else 1)
+    t = gain / (scatter / math.sqrt(np.sum(x * x))) if scatter > 0 else math.copysign(math.inf, gain) if gain else 0.0
+    return dict(window=k, slope=gain, projected=gain * k, noise=scatter, t=t,
+                converged=bool(t <= stats.t.ppf(1 - CONVERGENCE_ERROR, k - 2)))
 
 
 def _plain(o):
@@ -278,8 +281,7 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
         if quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
         learn.fit(0 if state and state.get("stopped_early") else epochs - done, lr, cbs=cbs)
     best = ckpt.history[ckpt.best_epoch] if ckpt.best_epoch is not None else {}
-    judged = convergence([h[monitor] for h in ckpt.history], [h.get(f"{monitor}_se") for h in ckpt.history],
-                         lower=ckpt.comp == np.less)
+    judged = convergence([h[monitor] for h in ckpt.history], lower=ckpt.comp == np.less)
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
                 epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early, converged=judged["converged"],
                 convergence=judged, time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, resumed_after=done, history=ckpt.history)

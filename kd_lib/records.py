@@ -206,9 +206,11 @@ def collect(folder) -> pd.DataFrame:
 
 def run_name(params: dict) -> str:
     """The name of a run's folder under `<out_dir>/<dataset>/`, from its parameters (a record's `params`):
-    'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.train.train_student` names it."""
-    if params.get("kind") == "teacher" or "student" not in params: return "teacher"
-    return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}"
+    'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.train.train_student` names it; a long twin
+    (`budget` 2) adds '-x2'."""
+    twin = f"-x{params['budget']}" if params.get("budget", 1) != 1 else ""
+    if params.get("kind") == "teacher" or "student" not in params: return f"teacher{twin}"
+    return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}{twin}"
 
 
 def param_conflicts(recorded: dict, wanted: dict, ignore=(), defaults: dict = None) -> dict:

@@ -86,7 +86,7 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     `KD_PROGRESS=0`, which the runner sets) turns fastai's progress bars and epoch tables off.
     """
     c = _config(TeacherConfig, config, changes)
-    run = RunFolder(run_dir(out_dir, c.dataset, "teacher"))
+    run = RunFolder(run_dir(out_dir, c.dataset, c.run_name))
     with RunLock(run.path):  # one process trains a run folder at a time
         if (done := _start(run, c, force)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
@@ -102,7 +102,8 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
             imagenet, model = False, teacher(dls.c, pretrained=False)
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run.path,
                         model_dir="models", cbs=StopOnNaN())
-        summary = fit(learn, "teacher", c.epochs, c.lr, "accuracy", run.path, one_cycle_lr=True, progress=progress)
+        summary = fit(learn, "teacher", c.scaled(c.epochs), c.lr, "accuracy", run.path, one_cycle_lr=True,
+                      progress=progress)
         save_weights(run.teacher_file, model.state_dict())
         return run.finish(dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
                                weights=run.teacher_file.name, imagenet_weights=imagenet,
@@ -183,14 +184,15 @@ def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tupl
 
 def _budget(c: StudentConfig, out_dir) -> dict:
     """For a budget control (`Method.budget_of`), its twin (the run of that method with the same dataset, student,
-    fraction and seed) and the `epochs` the twin used in all, read from its complete record; None otherwise."""
+    fraction and seed, at budget 1) and the `epochs` the twin used in all times the control's `budget` (a long twin
+    gets twice them), read from its complete record; None otherwise."""
     of = get_method(c.method).budget_of
     if not of: return None
-    twin = run_name(dict(c.params(), method=of))
+    twin = run_name(dict(c.params(), method=of, budget=1))
     if (record := RunFolder(run_dir(out_dir, c.dataset, twin)).record()) is None:
         raise FileNotFoundError(f"{c.method} trains for as many epochs as its {of} twin used: train "
                                 f"{run_dir(out_dir, c.dataset, twin)} first (the runner does, in that order).")
-    return dict(twin=twin, epochs=sum(s["epochs_run"] for s in record["stages"]))
+    return dict(twin=twin, epochs=c.scaled(sum(s["epochs_run"] for s in record["stages"])))
 
 
 def _converged(fits: list):
@@ -222,9 +224,9 @@ def _train_steps(s: Setting, run: RunFolder, progress, budget: dict = None) -> l
             test = getattr(s.dls, "test", None)
             tested = dict(test_accuracy=partial(accuracy_of, model, test)) if c.test_each_epoch and labels and test \
                 else None
-            summary = fit(learn, step.name, budget["epochs"] if budget else getattr(c, step.epochs), c.lr,
+            summary = fit(learn, step.name, budget["epochs"] if budget else c.scaled(getattr(c, step.epochs)), c.lr,
                           step.monitor, run.path, one_cycle_lr=c.schedule == "one_cycle", progress=progress,
-                          patience=c.patience, extras=tested)
+                          patience=c.scaled(c.patience), extras=tested)
             steps.append({"parts": step.parts, "target": getattr(step, "target", None) or
                           ("labels" if labels else "forced"), **summary, **cached})
             save_weights(run.stage_file(step.name), model.state_dict())
@@ -266,9 +268,16 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
         made = stages.check(model, tchr, torch.zeros(1, 3, size, size), adapters)
         if c.channels_last: tchr.to(memory_format=torch.channels_last)
     info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
-                path=str(tpath) if tpath else None, name="resnet34" if tpath else trecord.get("name")) \
+                path=_relative(tpath, out_dir), name="resnet34" if tpath else trecord.get("name")) \
         if tchr is not None else dict(path=None)
     return Setting(c, get_method(c.method), model, tchr, stages, made, dls, teacher_info=info)
+
+
+def _relative(path, out_dir):
+    "`path` as a record keeps it: relative to `out_dir` when inside it (no machine's folders in a record), else as is."
+    if path is None: return None
+    try: return Path(path).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+    except ValueError: return str(path)
 
 
 def _guess_stages(model: nn.Module) -> Stages:

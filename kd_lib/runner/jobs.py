@@ -222,16 +222,18 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
         status[j.name] = j.status
         progress.finish(j, outcome.host)
 
+    awaited = {a for j in jobs for a in j.after}  # the teachers students distil (not a long twin, which none does)
+
     def teachers_alone() -> bool:
-        "While a teacher is to run (every student waits for some teacher or could), it runs alone, on every core."
+        "While a teacher students wait for is to run, it runs alone, on every core."
         lone = getattr(executor, "lone_threads", None)
         return bool(lone and lone() > executor.threads and any(
-            j.kind == "teacher" and status[j.name] in ("todo", "running") for j in jobs))
+            j.kind == "teacher" and j.name in awaited and status[j.name] in ("todo", "running") for j in jobs))
 
     def submit_ready() -> None:
         alone = teachers_alone()
         for j in list(pending):
-            if alone and (j.kind != "teacher" or running): continue
+            if alone and (j.kind != "teacher" or j.name not in awaited or running): continue
             after = [status.get(a, "done") for a in j.after]  # one not in `jobs` is taken as done
             if failed := [a for a, st in zip(j.after, after) if st == "failed"]:
                 pending.remove(j)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import StudentConfig, TeacherConfig
+from ..config import LONG_BUDGET, StudentConfig, TeacherConfig
 from ..methods import get_method
 from ..models import STUDENTS
 from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
@@ -22,7 +22,7 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
 _TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep", "margin", "imports",
-        "own_models"}  # the keys of a profile
+        "own_models", "long_twins"}  # the keys of a profile
 KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one of the repository
 MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
@@ -71,7 +71,7 @@ class Job:
         if self.kind == "teacher": return []
         c, of = self.config, get_method(self.config.method).budget_of
         return ([f"{c.dataset}/teacher"] if self.needs_teacher else []) + \
-            ([f"{c.dataset}/{run_name(dict(c.params(), method=of))}"] if of else [])
+            ([f"{c.dataset}/{run_name(dict(c.params(), method=of, budget=1))}"] if of else [])
 
     @property
     def needs_teacher(self) -> bool:
@@ -83,10 +83,10 @@ class Job:
     def cost(self) -> float:
         "A rough relative cost (for the time estimate): epochs x steps x data, from the configuration."
         c = self.config
-        if self.kind == "teacher": return _START_COST + 3.3 * c.epochs
+        if self.kind == "teacher": return _START_COST + 3.3 * c.scaled(c.epochs)
         depth = 1 + 0.1 * (int(c.student.removeprefix("resnet")) - 10)  # resnet26 ~ 2.6 x resnet10
         valid = 0.35 if self.needs_teacher else 0.1  # the validation share, which no fraction shrinks
-        return _START_COST + c.epochs * get_method(c.method).epoch_cost(c.cache is True) * depth \
+        return _START_COST + c.scaled(c.epochs) * get_method(c.method).epoch_cost(c.cache is True) * depth \
             * (c.fraction + valid) / (1 + valid)
 
 
@@ -126,11 +126,12 @@ def _typed(where: str, prof: dict) -> None:
                  "{dataset: digits, student: resnet10, method: stagewise, fraction: 1.0, seed: 0}"),
                  jobs=(int, "a whole number of runs at once, 1 or more"),
                  margin=((int, float), "a number of accuracy points, more than 0"),
+                 long_twins=(bool, "true (every arm and the teacher get a long twin) or false"),
                  own_models=(dict, "a mapping of notebooks/own_models.ipynb's parameters, e.g. {epochs: 1}"))
     for key, (t, what) in wants.items():
         v = prof.get(key)
         if v is None: continue
-        if not isinstance(v, t) or isinstance(v, bool) or (key in ("jobs", "margin") and v <= 0):
+        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool) or (key in ("jobs", "margin") and v <= 0):
             raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
     imports = prof.get("imports") or []
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
@@ -232,12 +233,27 @@ def expand(prof: dict, out_dir=None) -> list:
                                        f"{j.name} twice (a value repeated in a list).")
                 seen[j.name] = i + 1
                 students.append(j)
+    if prof.get("long_twins"): teachers, students = _with_long_twins(teachers, job), _with_long_twins(students, job)
     names = {j.name for j in teachers + students}
     for j in students:
         if missing := [a for a in j.after if a not in names and not a.endswith("/teacher")]:
             raise ProfileError(f"{prof['path']}: {j.name} spends the budget of {missing[0]}, which the profile does "
                                "not run: add that run, or remove this one.")
     return teachers + students
+
+
+def _with_long_twins(jobs: list, job) -> list:
+    """`jobs`, each arm's first run (an arm: a dataset's teacher, or its student, method and fraction) followed by its
+    long twin: the same settings at `LONG_BUDGET` (every epoch cap, patience and fixed schedule doubled)."""
+    out, arms = [], set()
+    for j in jobs:
+        out.append(j)
+        c = j.config
+        arm = (c.dataset, c.kind) + ((c.student, c.method, c.fraction) if c.kind == "student" else ())
+        if arm not in arms:
+            arms.add(arm)
+            out.append(job(c.replace(budget=LONG_BUDGET)))
+    return out
 
 
 def shown(path: Path) -> str:
