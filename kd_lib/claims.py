@@ -4,10 +4,11 @@ Runs are paired when they share dataset, student and seed (so the same split and
 pair holds one run of each method, never two runs of other settings averaged. Each claim is a mean over pairs of
 a difference of test accuracies, with a 95% t-interval over the pairs (`SHARED_RULE`). A verdict is `reproduced`
 when the interval lies on the claim's side of its threshold, `not reproduced` when it lies on the other side, and
-`inconclusive` when it touches or crosses it, when there are fewer than two pairs, when fewer than
-`MIN_CONVERGED` of the student runs involved converged or their convergence is unknown, or when the teacher they
-distil did not converge (an unconverged run is not evidence). Claim 2's second part is an equivalence test: the
-90% interval of simultaneous minus no teacher within the profile's `margin` (two one-sided tests at 5%).
+`inconclusive` when it touches or crosses it, when there are fewer than two pairs, or when an arm it rests on (or
+the teacher) was not shown saturated by its long twin (`kd_lib.saturation`: twice the budget added a point or more,
+or no twin ran): a run that more budget would still improve is not evidence. Claim 2's second part is an
+equivalence test: the 90% interval of simultaneous minus no teacher within the profile's `margin` (two one-sided
+tests at 5%). Long twins take part in no pair.
 
 "No teacher" is the stronger of the two no-teacher baselines present at each dataset and fraction: `no_teacher`
 (the paper's, early-stopped) and `no_teacher_budget` (trained for as many epochs as its stagewise twin used). Two
@@ -21,21 +22,21 @@ import pandas as pd
 from scipy import stats
 
 from .results import PAPER_DATASETS, fraction_label, paper_as_records
+from .saturation import SATURATED_BELOW, normal_runs, saturation, unsaturated
 
-__all__ = ["BASELINES", "MIN_CONVERGED", "LEVEL", "MARGIN", "SHARED_RULE", "IdenticalArms", "paired", "interval",
+__all__ = ["BASELINES", "LEVEL", "MARGIN", "SHARED_RULE", "IdenticalArms", "paired", "interval",
            "verdict", "equivalence", "stronger_baseline", "check_arms", "claims", "verdicts"]
 
 BASELINES = ("no_teacher", "no_teacher_budget")
-MIN_CONVERGED = 0.9  # the least share of converged student runs a verdict other than inconclusive needs
 LEVEL = 0.95
 MARGIN = 2.0  # claim 2's equivalence margin (points) where a profile states none
 PAIR = ["dataset", "student", "seed"]
 SHARED_RULE = ("Runs are paired by student and seed (same split, same sampled fraction), one run of each method per "
                "pair. Each claim is a mean difference of test accuracies over the pairs, with its 95% t-interval. "
                "Reproduced: the interval lies wholly on the claim's side of its threshold; not reproduced: wholly on "
-               "the other side; inconclusive: it touches or crosses the threshold, or fewer than 2 pairs, or fewer "
-               f"than {MIN_CONVERGED:.0%} of the student runs converged (or their convergence is unknown), or the "
-               "teacher did not converge. Verdicts are not corrected for multiplicity.")
+               "the other side; inconclusive: it touches or crosses the threshold, or fewer than 2 pairs, or an arm "
+               f"the claim rests on, or the teacher, gained {SATURATED_BELOW:g} point or more from twice its budget "
+               "(or has no long twin to tell). Verdicts are not corrected for multiplicity.")
 
 
 class IdenticalArms(ValueError):
@@ -44,28 +45,25 @@ class IdenticalArms(ValueError):
 
 def _students(records: pd.DataFrame, dataset: str, fraction: float) -> pd.DataFrame:
     if records is None or records.empty or "kind" not in records: return pd.DataFrame(columns=PAIR + ["method"])
-    s = records[(records["kind"] == "student") & (records["dataset"] == dataset)]
+    s = normal_runs(records)  # long twins take part in no pair
+    s = s[(s["kind"] == "student") & (s["dataset"] == dataset)]
     return s[np.isclose(s["fraction"].astype(float), fraction)]
 
 
 def paired(records: pd.DataFrame, dataset: str, fraction: float, methods: list,
            metric: str = "test_accuracy") -> pd.DataFrame:
     """One row per student and seed that every one of `methods` ran at `dataset` and `fraction`: a column of
-    `metric` per method, and `converged`, the number of those runs that converged (NaN when any is unknown). A
-    method run twice for one pair (two records of other settings) is a ValueError: pairs are never averaged."""
+    `metric` per method. A method run twice for one pair (two records of other settings) is a ValueError: pairs are
+    never averaged."""
     s = _students(records, dataset, fraction)
     s = s[s["method"].isin(methods)]
-    if s.empty: return pd.DataFrame(columns=PAIR + list(methods) + ["converged"])
+    if s.empty: return pd.DataFrame(columns=PAIR + list(methods))
     if (twice := s.groupby(PAIR + ["method"]).size()).max() > 1:
         key = twice[twice > 1].index[0]
         raise ValueError(f"{key[3]} ran {twice.max()} times for {dict(zip(PAIR, key[:3]))} at fraction {fraction} "
                          "(records of other settings in one folder?): a pair holds one run of each method. Keep one "
                          "profile's records per folder.")
-    wide = s.pivot(index=PAIR, columns="method", values=metric).reindex(columns=list(methods)).dropna()
-    conv = s.assign(c=s["converged"].map(lambda v: np.nan if v is None or v != v else float(bool(v)))
-                    if "converged" in s else np.nan).pivot(index=PAIR, columns="method", values="c")
-    wide["converged"] = conv.reindex(index=wide.index, columns=list(methods)).sum(axis=1, min_count=len(methods))
-    return wide.reset_index()
+    return s.pivot(index=PAIR, columns="method", values=metric).reindex(columns=list(methods)).dropna().reset_index()
 
 
 def interval(d, level: float = LEVEL, extra_se: float = 0.0) -> tuple:
@@ -79,30 +77,19 @@ def interval(d, level: float = LEVEL, extra_se: float = 0.0) -> tuple:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), n
 
 
-def _gated(converged: float, teacher_converged) -> bool:
-    "Whether the runs behind a verdict may give one: enough student runs converged, and the teacher did."
-    return bool(np.isfinite(converged) and converged >= MIN_CONVERGED and teacher_converged is True)
-
-
-def verdict(low: float, high: float, threshold: float = 0.0, above: bool = True, converged: float = 1.0,
-            teacher_converged=True) -> str:
+def verdict(low: float, high: float, threshold: float = 0.0, above: bool = True) -> str:
     """'reproduced' when the interval [low, high] is above `threshold` (below it when not `above`), 'not
-    reproduced' when on the other side, else 'inconclusive' (touching the threshold included); always
-    'inconclusive' when the `converged` share is under `MIN_CONVERGED` or unknown (NaN), or when the teacher's
-    convergence is not True."""
-    if not np.isfinite(low) or not np.isfinite(high) or not _gated(converged, teacher_converged):
-        return "inconclusive"
+    reproduced' when on the other side, else 'inconclusive' (touching the threshold included)."""
+    if not np.isfinite(low) or not np.isfinite(high): return "inconclusive"
     if (low > threshold) if above else (high < threshold): return "reproduced"
     if (high < threshold) if above else (low > threshold): return "not reproduced"
     return "inconclusive"
 
 
-def equivalence(low: float, high: float, margin: float, converged: float = 1.0, teacher_converged=True) -> str:
+def equivalence(low: float, high: float, margin: float) -> str:
     """An equivalence verdict on a 90% interval [low, high] (two one-sided tests at 5%): 'reproduced' when it lies
-    within (-`margin`, `margin`), 'not reproduced' when it lies wholly beyond one of them, else 'inconclusive'
-    (also under the same convergence gate as `verdict`)."""
-    if not np.isfinite(low) or not np.isfinite(high) or not _gated(converged, teacher_converged):
-        return "inconclusive"
+    within (-`margin`, `margin`), 'not reproduced' when it lies wholly beyond one of them, else 'inconclusive'."""
+    if not np.isfinite(low) or not np.isfinite(high): return "inconclusive"
     if -margin < low and high < margin: return "reproduced"
     if low >= margin or high <= -margin: return "not reproduced"
     return "inconclusive"
@@ -130,22 +117,14 @@ def check_arms(records: pd.DataFrame, arms=BASELINES) -> None:
                                 f"Look at {g['record'].iloc[-1]}.")
 
 
-def _share(pairs: pd.DataFrame, runs_per_pair: int) -> float:
-    "The share of the runs of `pairs` that converged (NaN when any run's convergence is unknown)."
-    c = pairs["converged"].astype(float)
-    return float(c.sum() / (runs_per_pair * len(pairs))) if len(pairs) and c.notna().all() else np.nan
-
-
 def _teacher(r: pd.DataFrame, ds: str, metric: str) -> tuple:
-    "The teacher's `metric`, its binomial standard error (points) and whether it converged; (None, 0, None) if none."
+    "The teacher's `metric` and its binomial standard error (points); (None, 0) if there is none."
     t = r[(r["kind"] == "teacher") & (r["dataset"] == ds)] if len(r) and "kind" in r else pd.DataFrame()
-    if t.empty: return None, 0.0, None
+    if t.empty: return None, 0.0
     acc = float(t[metric].mean())
     n = float(t["n_test"].iloc[0]) if "n_test" in t and pd.notna(t["n_test"].iloc[0]) else np.nan
     se = 100 * np.sqrt(acc / 100 * (1 - acc / 100) / n) / np.sqrt(len(t)) if np.isfinite(n) else 0.0
-    conv = t["converged"] if "converged" in t else pd.Series([None])
-    return acc, float(se), (True if conv.map(lambda v: v is True or v == 1.0).all() else
-                            False if conv.map(lambda v: v is False or v == 0.0).any() else None)
+    return acc, float(se)
 
 
 def _fmt(mean, low, high, n) -> str:
@@ -155,26 +134,34 @@ def _fmt(mean, low, high, n) -> str:
 
 
 # Each claim's statistic: `fn(records, dataset, metric, small)` (`small`: the smallest fraction) gives a dict of the
-# paired differences `d`, the share of their student runs that converged, a `note` for the table, and `extra_se`
-# (a standard error all pairs share), or None without runs.
+# paired differences `d`, the `arms` it rests on ((student, method, fraction) each), a `note` for the table, and
+# `extra_se` (a standard error all pairs share), or None without runs.
+def _arms(pairs: pd.DataFrame, methods: list, fraction: float) -> list:
+    "The arms behind `pairs`: each student of theirs by each of `methods` at `fraction`."
+    return [(st, m, fraction) for st in sorted(set(pairs["student"])) for m in methods]
+
+
 def _claim_1(r, ds, metric, small=None):
     base = stronger_baseline(r, ds, 1.0, metric)
     p = paired(r, ds, 1.0, ["stagewise", base], metric) if base else pd.DataFrame()
     if p.empty: return None
-    return dict(d=p["stagewise"] - p[base], share=_share(p, 2), note=f"stagewise minus {base}, the stronger baseline")
+    return dict(d=p["stagewise"] - p[base], arms=_arms(p, ["stagewise", base], 1.0),
+                note=f"stagewise minus {base}, the stronger baseline")
 
 
 def _claim_2(r, ds, metric, small=None):
     p = paired(r, ds, 1.0, ["stagewise", "simultaneous"], metric)
     if p.empty: return None
-    return dict(d=p["stagewise"] - p["simultaneous"], share=_share(p, 2), note="stagewise minus simultaneous")
+    return dict(d=p["stagewise"] - p["simultaneous"], arms=_arms(p, ["stagewise", "simultaneous"], 1.0),
+                note="stagewise minus simultaneous")
 
 
 def _claim_2_equivalence(r, ds, metric, small=None):
     base = stronger_baseline(r, ds, 1.0, metric)
     p = paired(r, ds, 1.0, ["simultaneous", base], metric) if base else pd.DataFrame()
     if p.empty: return None
-    return dict(d=p["simultaneous"] - p[base], share=_share(p, 2), note=f"simultaneous minus {base}")
+    return dict(d=p["simultaneous"] - p[base], arms=_arms(p, ["simultaneous", base], 1.0),
+                note=f"simultaneous minus {base}")
 
 
 def _gains(r, ds, metric, small, share_of_gap: bool):
@@ -182,7 +169,7 @@ def _gains(r, ds, metric, small, share_of_gap: bool):
     bases = [stronger_baseline(r, ds, f, metric) for f in (small, 1.0)]
     if None in bases: return None
     lo, hi = (paired(r, ds, f, ["stagewise", b], metric).set_index(PAIR)
-              .rename(columns={"stagewise": f"sw_{k}", b: f"base_{k}", "converged": f"conv_{k}"})
+              .rename(columns={"stagewise": f"sw_{k}", b: f"base_{k}"})
               for f, b, k in zip((small, 1.0), bases, ("small", "full")))
     both = lo.join(hi, how="inner")
     if both.empty: return None
@@ -191,10 +178,10 @@ def _gains(r, ds, metric, small, share_of_gap: bool):
     def gain(k): return both[f"sw_{k}"] - both[f"base_{k}"]
     d = gain("small") - gain("full") if not share_of_gap else \
         gain("small") / (teacher - both["base_small"]) - gain("full") / (teacher - both["base_full"])
-    conv = both[["conv_small", "conv_full"]].astype(float)
-    share = float(conv.sum().sum() / (4 * len(both))) if conv.notna().all().all() else np.nan
+    pairs = both.reset_index()
+    arms = _arms(pairs, ["stagewise", bases[0]], small) + _arms(pairs, ["stagewise", bases[1]], 1.0)
     what = "share of the teacher's gap over the baseline closed by stagewise" if share_of_gap else "stagewise gain"
-    return dict(d=d, share=share, note=f"{what} at {fraction_label(small)} minus at full data (baselines: "
+    return dict(d=d, arms=arms, note=f"{what} at {fraction_label(small)} minus at full data (baselines: "
                                        f"{bases[0]} at {fraction_label(small)}, {bases[1]} at full data)")
 
 
@@ -203,10 +190,10 @@ def _claim_3_share(r, ds, metric, small): return _gains(r, ds, metric, small, sh
 
 
 def _claim_4(r, ds, metric, small=None):
-    teacher, se, _ = _teacher(r, ds, metric)
+    teacher, se = _teacher(r, ds, metric)
     p = paired(r, ds, 1.0, ["stagewise"], metric)
     if teacher is None or p.empty: return None
-    return dict(d=teacher - p["stagewise"], share=_share(p, 1), extra_se=se,
+    return dict(d=teacher - p["stagewise"], arms=_arms(p, ["stagewise"], 1.0), extra_se=se,
                 note=f"teacher minus stagewise, the teacher's standard error ({se:.2f}) added")
 
 
@@ -227,13 +214,15 @@ CLAIMS = [
 
 def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "test_accuracy",
            margin: float = MARGIN) -> pd.DataFrame:
-    """The paper's claims checked against `records`, a row per claim and dataset: our mean difference with its
-    interval and the pairs, the share of the student runs involved that converged, whether the teacher converged,
-    the same statistic from the paper's own numbers (their range over the paper's datasets when it did not run ours),
-    the verdict, what the interval alone would say were every run converged (`interval_alone`: not a verdict, it
-    tells an inconclusive verdict's two causes apart) and what of the rule is the claim's own (`SHARED_RULE` is the
-    rest). `margin`: claim 2's equivalence margin, stated in the profile before the runs. Raises `IdenticalArms`
-    when a control never ran."""
+    """The paper's claims checked against `records` (a `collect` table, long twins included), a row per claim and
+    dataset: our mean difference with its interval and the pairs, the doubling check of the arms it rests on
+    (`saturation`), the same statistic from the paper's own numbers (their range over the paper's datasets when it
+    did not run ours), the verdict ('inconclusive: <why>' when an arm is not shown saturated), what the interval
+    alone would say were every arm saturated (`interval_alone`: not a verdict, it tells an inconclusive verdict's two
+    causes apart) and what of the rule is the claim's own (`SHARED_RULE` is the rest). `margin`: claim 2's
+    equivalence margin, stated in the profile before the runs. Raises `IdenticalArms` when a control never ran."""
+    sat = saturation(records, metric)
+    records = normal_runs(records)
     check_arms(records)
     rows = []
     pr = paper_as_records(paper) if paper is not None and len(paper) else pd.DataFrame(columns=["kind"])
@@ -242,27 +231,22 @@ def claims(records: pd.DataFrame, paper: pd.DataFrame = None, metric: str = "tes
     for ds in sorted(set(s["dataset"])):
         fractions = sorted({float(f) for f in s.loc[s["dataset"] == ds, "fraction"]})
         small = fractions[0] if fractions and fractions[0] < 1 else None
-        teacher_conv = _teacher(records, ds, metric)[2]
         for cid, name, fn, threshold, above, rule in CLAIMS:
             if fn in (_claim_3, _claim_3_share) and small is None: continue
             res = fn(records, ds, metric, small)
             if res is None: continue
             level = 1 - 2 * (1 - LEVEL) if threshold is None else LEVEL  # 90% for the equivalence test
             mean, low, high, n = interval(res["d"], level, res.get("extra_se", 0.0))
-            def judge(share, teacher_ok):
-                return equivalence(low, high, margin, share, teacher_ok) if threshold is None else \
-                    verdict(low, high, threshold, above, share, teacher_ok)
-            verdict_, alone = judge(res["share"], teacher_conv), judge(1.0, True)  # gated, and the interval alone
-            conv = "unknown" if not np.isfinite(res["share"]) else f"{res['share']:.0%}"
-            tconv = {True: "converged", False: "not converged", None: "convergence unknown"}[teacher_conv]
+            alone = equivalence(low, high, margin) if threshold is None else verdict(low, high, threshold, above)
+            ok, n_arms, why = unsaturated(sat, ds, res["arms"])
             rows.append(dict(id=cid, claim=name if small is None or fn not in (_claim_3, _claim_3_share)
                              else f"{name} ({fraction_label(small)})", dataset=ds,
                              ours=f"{_fmt(mean, low, high, n)}{' (90%)' if threshold is None else ''}: {res['note']}",
-                             paper=_paper_cell(fn, pr, ds, metric), converged=res["share"],
-                             runs=f"students {conv} converged; teacher {tconv}", verdict=verdict_,
-                             interval_alone=alone,
+                             paper=_paper_cell(fn, pr, ds, metric),
+                             budget=f"{ok} of {n_arms} arms saturated (the teacher one of them)",
+                             verdict=f"inconclusive: {why}" if why else alone, interval_alone=alone,
                              rule=rule.replace("the margin", f"the margin ({margin:g} points)")))
-    return pd.DataFrame(rows, columns=["id", "claim", "dataset", "ours", "paper", "runs", "converged", "verdict",
+    return pd.DataFrame(rows, columns=["id", "claim", "dataset", "ours", "paper", "budget", "verdict",
                                        "interval_alone", "rule"])
 
 

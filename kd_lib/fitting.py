@@ -159,6 +159,7 @@ def convergence(values: list, lower: bool) -> dict:
     x = np.arange(k) - (k - 1) / 2
     slope = float(np.sum(x * (y - y.mean())) / np.sum(x * x))
     scatter = float(np.sqrt(np.sum((y - y.mean() - slope * x) ** 2) / (k - 2)))
+    if scatter <= 1e-9 * np.abs(y).max(): scatter = 0.0  # a straight line, but for float rounding
     gain = slope * (-1 if lower else 1)
     t = gain / (scatter / math.sqrt(np.sum(x * x))) if scatter > 0 else math.copysign(math.inf, gain) if gain else 0.0
     return dict(window=k, slope=gain, projected=gain * k, noise=scatter, t=t,

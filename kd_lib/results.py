@@ -14,7 +14,7 @@ The paper's claims, with their rules and uncertainty, are `kd_lib.claims`.
 import numpy as np
 import pandas as pd
 
-from .methods import METHODS
+from .methods import METHODS, get_method
 from .stages import Stages
 
 __all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
@@ -117,8 +117,9 @@ def provenance(records: pd.DataFrame) -> dict:
                     threads=[], commits=[], schedules=[], patience=[], hours=0.0)
     st, te = records[records["kind"] == "student"], records[records["kind"] == "teacher"]
     epochs = {"teacher": sorted({int(e) for e in te["epochs"]})} if len(te) else {}
-    for m in method_order(st.get("method", [])):
-        epochs[m] = sorted({int(e) for e in st.loc[st["method"] == m, "epochs"]})
+    for m in method_order(st.get("method", [])):  # a budget control's epochs are those it ran, its twin's
+        col = "epochs_run" if get_method(m).budget_of and "epochs_run" in st else "epochs"
+        epochs[m] = sorted({int(e) for e in st.loc[st["method"] == m, col]})
     lr = {}
     if len(te): lr["teacher"] = sorted(set(te["lr"]))
     if len(st): lr["student"] = sorted(set(st["lr"]))

@@ -2,10 +2,12 @@
 training images into a student's valid or test split, and convergence judged from the curve, apart from stopping."""
 import shutil
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from kd_lib.data import LeakageError, get_data
-from kd_lib.fitting import convergence
+from kd_lib.fitting import CONVERGENCE_ERROR, convergence
 from kd_lib.records import write_json
 from kd_lib.train import train_student
 
@@ -59,23 +61,30 @@ def test_the_budget_control_trains_every_epoch_its_stagewise_twin_used(tmp_path,
         train_student(**args, method="no_teacher_budget")  # constant lr: it would not spend a schedule
 
 
-def test_convergence_is_judged_from_the_curve_against_its_noise_not_from_the_stop():
-    "A fit that stopped early while still rising faster than its noise did not converge, whatever stopped it."
-    rising = [50, 55, 58, 60, 59.5, 61, 62, 61.5, 63, 64]  # +0.8 a point an epoch over the last 5, noise 0.5
-    judged = convergence(rising, [0.5] * len(rising), lower=False)
+def test_convergence_is_judged_from_the_curve_against_its_own_scatter_not_from_the_stop():
+    "A fit that stopped early while still rising beyond its own scatter did not converge, whatever stopped it."
+    rising = [50, 55, 58, 60, 59.5, 61, 62, 61.5, 63, 64]  # +0.75 a point an epoch over the last 5, scatter 0.32
+    judged = convergence(rising, lower=False)
     assert judged["window"] == 5 and judged["converged"] is False and judged["projected"] > judged["noise"]
     flat = [50, 55, 58, 60, 61, 60.5, 61.2, 60.8, 61.1, 60.9]
-    assert convergence(flat, [0.5] * len(flat), lower=False)["converged"] is True
-    falling_loss = [1.0, 0.8, 0.6, 0.5, 0.45, 0.41, 0.38, 0.35]  # a feature MSE still falling by more than its noise
-    assert convergence(falling_loss, [0.005] * 8, lower=True)["converged"] is False
-    assert convergence(falling_loss, [0.5] * 8, lower=True)["converged"] is True  # within a noise that large
-    assert convergence(rising[:4], [0.5] * 4, lower=False)["converged"] is None  # too few epochs to judge
-    assert convergence(rising, [None] * len(rising), lower=False)["converged"] is None  # no noise recorded
+    assert convergence(flat, lower=False)["converged"] is True
+    falling_loss = [1.0, 0.8, 0.6, 0.5, 0.45, 0.41, 0.38, 0.35]  # a feature MSE still falling smoothly
+    assert convergence(falling_loss, lower=True)["converged"] is False
+    assert convergence(falling_loss, lower=False)["converged"] is True  # read the other way: no gain at all
+    assert convergence(rising[:4], lower=False)["converged"] is None  # too few epochs to judge
+    assert convergence(rising[:-1] + [None], lower=False)["converged"] is None  # a value missing
     long = [60.0 + 0.01 * i for i in range(60)]  # k = a tenth of 60 epochs
-    assert convergence(long, [1.0] * 60, lower=False)["window"] == 6
+    assert convergence(long, lower=False)["window"] == 6
 
 
-def test_at_the_threshold_a_slope_within_the_noise_converges():
-    curve = [0.0, 1.0, 2.0, 3.0, 4.0]  # slope 1: projected 5 over a window of 5
-    assert convergence(curve, [5.0] * 5, lower=False)["converged"] is True
-    assert convergence(curve, [4.999] * 5, lower=False)["converged"] is False
+def test_at_the_threshold_the_slopes_t_statistic_decides():
+    "Unconverged when the slope's t statistic over the window exceeds the one-sided 97.5 % point of t with k - 2 df."
+    crit = stats.t.ppf(1 - CONVERGENCE_ERROR, 3)
+    x = np.arange(5) - 2
+    wiggle = np.array([1.0, -2.0, 0.0, 2.0, -1.0])  # orthogonal to the line, so the scatter is known
+    wiggle /= np.sqrt((wiggle ** 2).sum() / 3)  # residual scatter exactly 1
+    for t in (crit * 0.999, crit * 1.001):
+        curve = list(t / np.sqrt(10) * x + wiggle)  # a slope's standard error: 1 / sqrt(sum(x^2)) = 1 / sqrt(10)
+        judged = convergence(curve, lower=False)
+        assert judged["t"] == pytest.approx(t) and judged["noise"] == pytest.approx(1.0)
+        assert judged["converged"] is bool(t <= crit)

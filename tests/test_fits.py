@@ -1,18 +1,23 @@
-"""The fits behind `converged`: one row per fit of the complete records, a table per step, and their curves."""
+"""The fits behind `converged`: one row per fit of the complete records (judged again by the rule of now), a table per
+step, their curves, and the rule's calibration."""
 import json
 
 import numpy as np
 import pytest
 
-from scipy import stats
+from kd_lib.fits import calibration, fit_curves, fit_table, step_convergence
+from kd_lib.fitting import CONVERGENCE_ERROR, convergence
 
-from kd_lib.fits import fit_curves, fit_table, flat_fit_calls, step_convergence
 
-
-def fit(name, values, cap, converged, stopped=False, target="labels", monitor="accuracy", projected=0.5, noise=1.0):
+def fit(name, values, cap, stopped=False, target="labels", monitor="accuracy"):
+    "A fit as a record holds it, with a `converged` flag of an older rule that `fit_table` must not trust."
     return dict(name=name, target=target, monitor=monitor, epochs=cap, epochs_run=len(values), stopped_early=stopped,
-                converged=converged, convergence=dict(window=5, projected=projected, noise=noise),
+                converged=True, convergence=dict(window=5, projected=0.0, noise=1.0),
                 history=[{"epoch": i, monitor: v} for i, v in enumerate(values)])
+
+
+FALLING = list(np.geomspace(1.0, 0.1, 10))  # a feature MSE still falling smoothly: far beyond its own scatter
+HEADS = {0: [0.5, 0.6, 0.7, 0.5, 0.7, 0.5], 1: [0.5, 0.55, 0.6, 0.65, 0.7, 0.75]}  # flat and noisy; a straight rise
 
 
 def write(folder, name, kind, stages, status="complete", **params):
@@ -23,17 +28,15 @@ def write(folder, name, kind, stages, status="complete", **params):
 
 @pytest.fixture
 def records(tmp_path):
-    falling = list(np.geomspace(1.0, 0.1, 10))
     for seed in (0, 1):
         write(tmp_path, f"sw{seed}", "student", student="resnet10", method="stagewise", fraction=0.5, seed=seed,
-              stages=[fit("layer1", falling, 10, False, target="layer1", monitor="valid_loss", projected=3.0),
-                      fit("head", [0.5, 0.6, 0.7, 0.5, 0.7, 0.5], 10, seed == 0, stopped=True, projected=-0.5,
-                          noise=0.1)])
+              stages=[fit("layer1", FALLING, 10, target="layer1", monitor="valid_loss"),
+                      fit("head", HEADS[seed], 10, stopped=True)])
     write(tmp_path, "nt0", "student", student="resnet10", method="no_teacher", fraction=0.5, seed=0,
-          stages=[fit("all", [0.4, 0.5, 0.55, 0.6, 0.6], 5, None)])
-    write(tmp_path, "teacher", "teacher", seed=0, stages=[fit("teacher", [0.5] * 8, 8, True)])
+          stages=[fit("all", [0.4, 0.5, 0.55, 0.6], 4)])  # too few epochs to judge
+    write(tmp_path, "teacher", "teacher", seed=0, stages=[fit("teacher", [0.5] * 8, 8)])
     write(tmp_path, "unfinished", "student", status=None, student="resnet10", method="no_teacher", fraction=0.5,
-          seed=1, stages=[fit("all", [0.1] * 5, 5, True)])
+          seed=1, stages=[fit("all", [0.1] * 5, 5)])
     return tmp_path
 
 
@@ -45,7 +48,8 @@ def test_one_row_per_fit_of_the_complete_records(records):
     assert sw.loc[(0, "layer1"), "ran_to_cap"] and not sw.loc[(0, "head"), "ran_to_cap"]  # head stopped early
     assert sw.loc[(1, "layer1"), "target"] == "layer1" and sw.loc[(1, "head"), "target"] == "labels"
     assert sw.loc[(1, "layer1"), "values"][-1] == pytest.approx(0.1)
-    assert f.loc[f["method"] == "no_teacher", "ran_to_cap"].item()  # all 5 epochs of its cap
+    assert f.loc[f["method"] == "no_teacher", "ran_to_cap"].item()  # all 4 epochs of its cap
+    assert sw.loc[(0, "head"), "converged"] and not sw.loc[(1, "head"), "converged"]  # judged again, not the flag
 
 
 def test_the_step_table_counts_each_step_in_the_order_runs_took_them(records):
@@ -55,9 +59,11 @@ def test_the_step_table_counts_each_step_in_the_order_runs_took_them(records):
     layer1, head = sw.iloc[0], sw.iloc[1]
     assert (layer1["fits"], layer1["converged"], layer1["at_cap"], layer1["stopped"]) == (2, 0, 2, 0)
     assert (head["fits"], head["converged"], head["at_cap"], head["stopped"]) == (2, 1, 0, 2)
-    assert layer1["gain/noise"] == pytest.approx(3.0) and head["gain/noise"] == pytest.approx(-5.0)
-    # the head's last 5 values scatter about their line by sqrt(0.036 / 3): 1.1 times its noise of 0.1
-    assert head["scatter/noise"] == pytest.approx(np.sqrt(0.036 / 3) / 0.1)
+    c = convergence(FALLING, lower=True)
+    assert c["converged"] is False and layer1["gain/noise"] == pytest.approx(c["projected"] / c["noise"])
+    # seed 0's head: slope -0.02 over its last 5 epochs, scatter sqrt(0.036 / 3) about it; seed 1's straight rise has
+    # no scatter (its ratio is not a number), so the median is seed 0's
+    assert head["gain/noise"] == pytest.approx(-0.1 / np.sqrt(0.036 / 3))
     nt = t[t["method"] == "no_teacher"].iloc[0]
     assert (nt["judged"], nt["converged"]) == (0, 0)  # a fit that could not be judged is not counted converged
     assert t.loc[t["method"] == "teacher", "fits"].item() == 1
@@ -71,17 +77,20 @@ def test_the_curves_draw_a_panel_per_step_and_a_line_per_seed(records):
     assert len(curves) == 2 and all(ln.get_linestyle() == "--" for ln in curves)  # neither converged
     assert sorted(ln.get_linestyle() for ln in head.lines if len(ln.get_xdata()) > 2) == ["-", "--"]
     assert layer1.get_yscale() == "log" and head.get_yscale() == "linear"  # an MSE spans decades
-    assert max(ln.get_ydata().max() for ln in head.lines if len(ln.get_xdata()) > 2) == pytest.approx(70)  # in %
+    assert max(ln.get_ydata().max() for ln in head.lines if len(ln.get_xdata()) > 2) == pytest.approx(75)  # in %
     with pytest.raises(ValueError, match="No fits of resnet18 by stagewise"):
         fit_curves(fit_table(records), "d", "stagewise", 0.5, student="resnet18")
 
 
-def test_how_often_the_rule_calls_a_flat_curve_converged():
-    """The rule projects the last 5 epochs' slope over 5 more: for a flat curve of scatter s that gain has a standard
-    deviation of s * 5 * sqrt(12 / (5 * 24)), so it is called converged (gain at most the noise) with probability
-    Phi(noise / that): 0.74 when the scatter equals the noise; a run of six such fits, 0.74 ** 6."""
-    t = flat_fit_calls(noise_ratios=(1.0, 0.01), epochs=(10,), n=6000).set_index("noise/SE")
-    p = stats.norm.cdf(1 / (5 * np.sqrt(12 / 120)))
-    assert t.loc[1.0, "fits called converged"] == pytest.approx(p, abs=0.02)
-    assert t.loc[1.0, "runs of 6 fits called converged"] == pytest.approx(p ** 6, abs=0.03)
-    assert t.loc[0.01, "fits called converged"] == 1.0  # a flat curve with next to no scatter always
+def test_the_rule_calls_flat_curves_converged_at_its_stated_rate_whatever_their_scatter():
+    """The calibration the issue asks for: flat curves (white noise about a level) are called converged at least 95 %
+    of the time per fit, by design 1 - CONVERGENCE_ERROR = 97.5 %, at any scatter (the test uses the curve's own);
+    curves still rising by two noise units a window are caught only sometimes (the power, which the book states)."""
+    t = calibration(epochs=(10, 60), n=3000).set_index("epochs")
+    flat, rising = t["flat fits called converged"], t["fits rising 2 noise units a window called unconverged"]
+    assert (flat >= 0.95).all() and np.allclose(flat, 1 - CONVERGENCE_ERROR, atol=0.015)
+    assert (rising > 1 - flat).all() and (rising < 0.5).all()  # more than the error rate: some power, not much
+    rng = np.random.default_rng(1)
+    for scale in (1e-3, 1e3):  # the noise's size does not matter: the rule measures the curve's own
+        calls = [convergence(list(scale * rng.standard_normal(20)), lower=False)["converged"] for _ in range(2000)]
+        assert np.mean(calls) == pytest.approx(1 - CONVERGENCE_ERROR, abs=0.015)

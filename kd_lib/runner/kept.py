@@ -16,7 +16,7 @@ from ..claims import MARGIN, IdenticalArms, claims, verdicts
 from ..records import RECORD, CorruptFile, collect, complete_record, git, read_json, write_json
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal",
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal", "reseal",
            "kept_records", "check_kept"]
 
 MANIFEST = "MANIFEST.json"  # a kept folder's seal: each file's sha256, the profile's settings hash, the commits
@@ -38,8 +38,10 @@ def _sha256(path: Path) -> str: return hashlib.sha256(path.read_bytes()).hexdige
 
 
 def settings_hash(jobs: list) -> str:
-    "The sha256 of the run settings of `jobs` (a profile's, expanded): it changes when the profile's runs change."
-    return hashlib.sha256(json.dumps(sorted([j.name, j.config.params()] for j in jobs), sort_keys=True).encode()
+    """The sha256 of the run settings of `jobs` (a profile's, expanded), settings at their defaults left out (a
+    setting added later, at the default that keeps what runs did before it, changes nothing): it changes when the
+    profile's runs change."""
+    return hashlib.sha256(json.dumps(sorted([j.name, j.config.changed()] for j in jobs), sort_keys=True).encode()
                           ).hexdigest()
 
 
@@ -78,14 +80,15 @@ def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None) -> Pat
     for name in old:
         if name.endswith(RECORD) and name not in new: (dest / name).unlink(missing_ok=True)
     records = [read_json(dest / n) for n in new]
-    sets = (read_json(dest / LOG) or {}).get("sets", [])
+    log = read_json(dest / LOG) or {}
+    sets = log.get("sets", [])
     finished = sorted(r["finished"] for r in records if r.get("finished"))
     sets.append(dict(kept=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), runs=len(records),
                      made=f"{finished[0]} to {finished[-1]}" if finished else None,
                      commits=sorted({r["versions"]["code"]["commit"] for r in records}),
                      seeds=sorted({r["params"]["seed"] for r in records if r["kind"] == "student"}),
                      verdicts=verdicts(dest) if verdicts else {}, **({"note": note} if note else {})))
-    write_json(dest / LOG, dict(sets=sets))
+    write_json(dest / LOG, dict(log, sets=sets))
     seal(dest, settings_hash(jobs))
     return dest
 
@@ -97,6 +100,18 @@ def seal(folder: Path, settings: str) -> Path:
     commits = sorted({(read_json(folder / n).get("versions", {}).get("code") or {}).get("commit") or "none"
                       for n in files if n.endswith(RECORD)})
     return write_json(folder / MANIFEST, dict(settings_sha256=settings, commits=commits, files=files))
+
+
+def reseal(folder, jobs: list, why: str) -> Path:
+    """Seal `folder` again for the run settings of `jobs` after its files were changed on purpose (records rewritten,
+    the profile's settings grown), and log it in `LOG` with `why` and the commit of the code: a re-seal is never
+    silent."""
+    folder = Path(folder)
+    log = read_json(folder / LOG) or {}
+    log.setdefault("reseals", []).append(dict(resealed=datetime.datetime.now().astimezone().isoformat(
+        timespec="seconds"), commit=git("rev-parse", "HEAD"), why=why))
+    write_json(folder / LOG, log)
+    return seal(folder, settings_hash(jobs))
 
 
 def kept_records(folder) -> list:

@@ -1,0 +1,88 @@
+"""Was each arm's budget enough? Its long twin says: the arm's first seed run again with every budget doubled
+(`kd_lib.config.LONG_BUDGET`: every epoch cap and patience, a fixed schedule's epochs, a budget control's twin
+epochs; a profile's `long_twins`). What doubling adds to its test accuracy (same seed) is the arm's `gain`; an arm
+is saturated when that gain is below `SATURATED_BELOW` points (a loss counts as saturated). The claims give a
+verdict only where every arm they rest on, and the teacher, is saturated (`kd_lib.claims`).
+
+* `normal_runs`, `long_twins`: a `collect` table's runs at budget 1 and its long twins.
+* `saturation`: a row per arm with a long twin: normal and long accuracy, the gain, saturated or not.
+* `unsaturated`: why a claim resting on some arms cannot be answered, or None when it can.
+"""
+import numpy as np
+import pandas as pd
+
+from .config import LONG_BUDGET
+from .results import fraction_label
+
+__all__ = ["SATURATED_BELOW", "SATURATION_RULE", "ARM", "normal_runs", "long_twins", "saturation", "arm_label",
+           "unsaturated"]
+
+SATURATED_BELOW = 1.0  # points of test accuracy: half the claims' 2-point margin
+SATURATION_RULE = (f"Each arm (a student, method and data fraction; and the teacher) has a long twin: its first seed "
+                   f"with every budget multiplied by {LONG_BUDGET} (epoch caps and patience, fixed schedules, a budget "
+                   "control's epochs), everything else equal. The arm is saturated when the twin's test accuracy "
+                   f"exceeds the normal run's (same seed) by less than {SATURATED_BELOW:g} point; a claim gets a "
+                   "verdict only when every arm it rests on, and the teacher, is saturated.")
+ARM = ["dataset", "student", "method", "fraction"]
+TEACHER = ("resnet34", "teacher", 1.0)  # the teacher as an arm: (student, method, fraction)
+
+
+def _budget(records: pd.DataFrame) -> pd.Series:
+    "Each run's budget multiplier (1 for records made before runs had one)."
+    if "budget" not in records: return pd.Series(1, index=records.index)
+    return records["budget"].fillna(1).astype(int)
+
+
+def normal_runs(records: pd.DataFrame) -> pd.DataFrame:
+    "The runs of `records` (a `collect` table) at their set budget: what every table, figure and claim is made of."
+    return records if records is None or records.empty else records[_budget(records) == 1]
+
+
+def long_twins(records: pd.DataFrame) -> pd.DataFrame:
+    "The long twins in `records` (a `collect` table): runs at `LONG_BUDGET`."
+    return records.iloc[0:0] if records is None or records.empty else records[_budget(records) == LONG_BUDGET]
+
+
+def _arms(records: pd.DataFrame) -> pd.DataFrame:
+    "`records` with the teacher's row as an arm of its own (student resnet34, method teacher, full data)."
+    r = records.copy()
+    teacher = r["kind"] == "teacher"
+    for col, value in zip(ARM[1:], TEACHER): r[col] = r[col].astype(object).where(~teacher, value)
+    r["fraction"] = r["fraction"].astype(float)
+    return r
+
+
+def saturation(records: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
+    """A row per arm of `records` (a `collect` table, long twins included) that has a long twin: its `seed`, the
+    `normal` run's and the `long` twin's `metric`, the `gain` doubling gave and whether the arm is `saturated`."""
+    cols = ARM + ["seed", "normal", "long", "gain", "saturated"]
+    if records is None or records.empty or "kind" not in records: return pd.DataFrame(columns=cols)
+    r = _arms(records)
+    key = ARM + ["seed"]
+    twins = long_twins(r)[key + [metric]].rename(columns={metric: "long"})
+    normal = normal_runs(r)[key + [metric]].rename(columns={metric: "normal"})
+    out = twins.merge(normal, on=key, how="left")
+    out["gain"] = out["long"] - out["normal"]
+    out["saturated"] = out["gain"] < SATURATED_BELOW
+    return out[cols].sort_values(ARM).reset_index(drop=True)
+
+
+def arm_label(student: str, method: str, fraction: float) -> str:
+    "'resnet10 stagewise at full data', or 'the teacher'."
+    return "the teacher" if method == "teacher" else f"{student} {method} at {fraction_label(fraction)}"
+
+
+def unsaturated(sat: pd.DataFrame, dataset: str, arms: list) -> tuple:
+    """Whether a claim on `dataset` resting on `arms` ((student, method, fraction) each; the teacher is added) may
+    have a verdict: (how many of its arms are saturated, of how many, and why not: the arms whose long twin gained
+    `SATURATED_BELOW` points or more, and those with no twin; None when every one is saturated)."""
+    gained, missing, arms = [], [], list(dict.fromkeys([TEACHER, *arms]))
+    for student, method, fraction in arms:
+        hit = sat[(sat["dataset"] == dataset) & (sat["student"] == student) & (sat["method"] == method)
+                  & np.isclose(sat["fraction"].astype(float), fraction)] if len(sat) else sat
+        name = arm_label(student, method, fraction)
+        if hit.empty or not np.isfinite(hit["gain"].iloc[0]): missing.append(name)
+        elif not hit["saturated"].iloc[0]:
+            gained.append(f"{name} gained {hit['gain'].iloc[0]:+.1f} points from twice the budget")
+    why = "; ".join(gained + ([f"no long twin for {', '.join(missing)}"] if missing else [])) or None
+    return len(arms) - len(gained) - len(missing), len(arms), why
