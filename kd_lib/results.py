@@ -4,7 +4,7 @@ types in a result (`kd_lib.figures` draws them).
 
 * `summary`, `teachers`: our runs grouped over seeds; `gaps`: one method minus another, student by student.
 * `comparison`: every number of the figures, ours beside the paper's; `provenance`: what produced the records.
-* `convergence`: how many runs converged; `selection`: what picking epochs on the test set adds, and the
+* `selection`: what picking epochs on the test set adds, and the
   accuracy on the unused part of the training set (the paper's other description of "less data").
 * `teacher_forcing`: sequential stagewise against teacher-forced stages: accuracy, time and drift.
 * `provenance_text`, `headline`: what the book's text quotes of these, as strings to glue.
@@ -18,7 +18,7 @@ from .methods import METHODS, get_method
 from .stages import Stages
 
 __all__ = ["PAPER_DATASETS", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
-           "provenance", "provenance_text", "paper_as_records", "convergence", "selection", "teacher_forcing",
+           "provenance", "provenance_text", "paper_as_records", "selection", "teacher_forcing",
            "headline"]
 
 PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]
@@ -177,26 +177,6 @@ def _in_order(df: pd.DataFrame, cols: list) -> pd.DataFrame:
     ranks = _ranks(df["method"])
     return df.sort_values(["dataset", "fraction", "method"], ascending=[True, False, True],
                           key=lambda c: c.map(ranks) if c.name == "method" else c)[cols].reset_index(drop=True)
-
-
-def convergence(records: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset, fraction and method (teachers as method 'teacher'): runs, how many could be judged (records
-    made before the rule, or fits of too few epochs, could not), how many converged by
-    `kd_lib.fitting.CONVERGENCE_RULE` (every fit of a run), the share of the judged ones, and the same for the fits
-    (a stagewise run has six)."""
-    cols = ["dataset", "fraction", "method", "runs", "judged", "converged", "share", "fits", "fits_converged"]
-    if records is None or records.empty or "converged" not in records: return pd.DataFrame(columns=cols)
-    r = records.assign(method=records["method"].where(records["kind"] == "student", "teacher") if "method" in records
-                       else "teacher", fraction=records["fraction"].fillna(1.0) if "fraction" in records else 1.0,
-                       fits=records["fits"] if "fits" in records else np.nan,
-                       fits_converged=records["fits_converged"] if "fits_converged" in records else np.nan)
-    g = r.groupby(["dataset", "fraction", "method"], sort=False)
-    out = g["converged"].agg(runs="size", judged="count",
-                             converged=lambda v: int((v == True).sum())).reset_index()  # noqa: E712
-    out["share"] = (out["converged"] / out["judged"]).where(out["judged"] > 0)  # NaN: none could be judged
-    fits = g[["fits", "fits_converged"]].sum(min_count=1).reset_index(drop=True)
-    out[["fits", "fits_converged"]] = fits.to_numpy()
-    return _in_order(out, cols)
 
 
 def selection(records: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from kd_lib.claims import IdenticalArms, claims, equivalence, interval, paired, stronger_baseline, verdict
-from kd_lib.results import convergence, selection
+from kd_lib.results import selection
 from kd_lib.saturation import saturation
 
 STUDENTS = ["resnet10", "resnet14", "resnet18"]
@@ -146,23 +146,8 @@ def test_claim_4_counts_the_teachers_own_uncertainty():
     assert row(claims(r.assign(n_test=10**7)), 4)["verdict"] == "reproduced"
 
 
-def test_convergence_and_selection_tables():
+def test_the_selection_table():
     r = runs(dict(no_teacher=80, stagewise=90), doubling=None)
-    r.loc[r["method"] == "no_teacher", "converged"] = [True] * 8 + [False]
-    c = convergence(r).set_index("method")
-    assert c.loc["no_teacher", "converged"] == 8 and c.loc["stagewise", "share"] == 1.0
-    assert c.loc["teacher", "runs"] == 1
     r["best_test_accuracy"], r["unused_accuracy"] = r["test_accuracy"] + 1.5, np.nan
     s = selection(r).set_index("method")
     assert np.isclose(s.loc["stagewise", "added"], 1.5) and s.loc["stagewise", "runs"] == 9
-
-
-def test_a_real_gain_is_one_beyond_the_noise():
-    from kd_lib.fitting import last_gain
-    assert last_gain([0.5, 0.6, 0.9, 0.8, 0.85], lower=False) == 2  # accuracy: no better epoch after the third
-    assert last_gain([0.5, 0.6, 0.9, 0.8, 0.95], lower=False, noise=[0.1] * 5) == 2  # +0.05: within the noise
-    assert last_gain([0.5, 0.6, 0.9, 0.8, 1.05], lower=False, noise=[0.1] * 5) == 4  # +0.15: beyond it
-    assert last_gain([1.0, 0.5, 0.3, 0.299, 0.298, 0.2975], lower=True, noise=[0.01] * 6) == 2  # creeping within it
-    # steps each within the noise, adding up beyond it: progress (measured against the running best, it never was)
-    assert last_gain([1.0, 0.95, 0.9, 0.85, 0.8], lower=True, noise=[0.08] * 5) == 4
-    assert last_gain([1.0, 1.2, 1.1], lower=True) == 0 and last_gain([0.3], lower=False) == 0

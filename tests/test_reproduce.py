@@ -52,7 +52,7 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
              for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 14, "digits": 32, "cifar10": 35, "paper": 75}
+    assert count == {"smoke": 28, "digits": 48, "cifar10": 42, "paper": 150}  # each with its arms' long twins
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
     assert students == {"resnet10", "resnet18"}
@@ -195,7 +195,7 @@ def test_cost_orders_runs_sensibly(tmp_path):
 def test_dry_run_lists_runs(tmp_path, capsys):
     main(["--profile", "smoke", "--dry-run", "--out-dir", str(tmp_path)])
     out = capsys.readouterr()
-    assert out.out.count("todo") == 15 and "15 runs, 15 to run" in out.err
+    assert out.out.count("todo") == 30 and "30 runs, 30 to run" in out.err
 
 
 def test_unknown_profile_exits_with_a_message():
