@@ -158,9 +158,9 @@ def _typed(where: str, prof: dict) -> None:
 
 
 def kept_folder(keep: str, root: Path = ROOT, where: str = None) -> Path:
-    """`root / keep` (normalised, not resolved), when `keep` names a folder of its own directly inside
-    `root`/{KEPT_ROOT}/ (never the folder itself, a folder outside it or one nested in another's); else a
-    `ProfileError`."""
+    """`root / keep` (normalised, not resolved), when `keep` names a folder of its own directly inside the
+    `KEPT_ROOT` folder of `root` (not that folder itself, nor one outside it or nested in another); else a
+    `ProfileError` (`where`: the profile file, for the message)."""
     folder = Path(os.path.normpath(root / keep))
     if Path(keep).is_absolute() or folder.parent != root / KEPT_ROOT:
         raise ProfileError(f"{where + ': ' if where else ''}keep={keep!r}: kept records go to a folder of their "
