@@ -107,8 +107,9 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
             with torch.no_grad(), evaluating(model): check_classes(model(_dry_batch(dls)), dls.c, "teacher")
         run.begin(dict(c.params(), **extra))
         seed_everything(c.seed, dls)
-        imagenet = None if model is not None else c.pretrained is not False
+        imagenet = None  # a teacher of your own comes with the weights it has
         if model is None:
+            imagenet = c.pretrained is not False
             try: model = teacher(dls.c, pretrained=imagenet)
             except PretrainedUnavailable as e:
                 if c.pretrained: raise
