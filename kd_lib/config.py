@@ -159,10 +159,11 @@ class RunConfig:
         "The fields whose values do not change a run's numbers (a run resumes with other values of them)."
         return {f.name for f in dataclasses.fields(cls) if f.metadata["same_result"]}
 
-    def conflicts(self, recorded: dict) -> dict:
-        """Where a run's `recorded` params differ from this configuration's, as `kd_lib.records.param_conflicts`
-        says (settings that do not change results ignored, settings added since the run at their defaults)."""
-        return param_conflicts(recorded, self.params(), self.same_result(), self.defaults())
+    def conflicts(self, recorded: dict, extra: dict = None) -> dict:
+        """Where a run's `recorded` params differ from this configuration's (and `extra`, params beyond its fields:
+        a teacher of one's own's `model`), as `kd_lib.records.param_conflicts` says (settings that do not change
+        results ignored, settings added since the run at their defaults)."""
+        return param_conflicts(recorded, dict(self.params(), **(extra or {})), self.same_result(), self.defaults())
 
     @classmethod
     def from_mapping(cls, mapping: dict, strict: bool = False):

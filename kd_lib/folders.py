@@ -1,11 +1,11 @@
 """Image folders: the datasets' trees on disk, and what is checked of them.
 
-Every dataset is a tree ``<root>/train/<class>/*`` plus ``<root>/val/<class>/*`` or ``<root>/test/<class>/*``
-(the test set). The digits are written once as such a tree under ``data_dir()/"digits"`` from scikit-learn's
-bundled images; the paper's datasets are downloaded with fastai's `untar_data` into `data_dir()` unless already
-extracted there (`URLS`); a folder of one's own is used as it is. `read_tree` lists a tree, checks its layout and
-classes, and finds the images PIL cannot decode (the answer kept for the next run). `kd_lib.data` makes the
-splits and loaders of what it lists.
+Every dataset is a tree ``<root>/train/<class>/*`` plus one test folder, ``<root>/val/<class>/*``,
+``<root>/valid/<class>/*`` or ``<root>/test/<class>/*`` (`TEST_FOLDERS`: the test set). The digits are written
+once as such a tree under ``data_dir()/"digits"`` from scikit-learn's bundled images; the paper's datasets are
+downloaded with fastai's `untar_data` into `data_dir()` unless already extracted there (`URLS`); a folder of one's
+own is used as it is. `read_tree` lists a tree, checks its layout and classes, and finds the images PIL cannot
+decode (the answer kept for the next run). `kd_lib.data` makes the splits and loaders of what it lists.
 """
 import json
 import math
@@ -21,10 +21,11 @@ from fastai.vision.all import URLs, get_image_files, untar_data
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from .records import DiskFull, disk_full_said
 from .resident import file_key
 
-__all__ = ["URLS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir", "sample_per_class",
-           "digits_images", "digits_stats", "digits_tree", "dataset_root", "read_tree"]
+__all__ = ["URLS", "TEST_FOLDERS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir",
+           "sample_per_class", "digits_images", "digits_stats", "digits_tree", "dataset_root", "read_tree"]
 
 URLS = {
     "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
@@ -42,6 +43,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DownloadError(DatasetNotFoundError):
     """A dataset is not on disk and could not be downloaded (for example, offline)."""
+
+
+TEST_FOLDERS = ("val", "valid", "test")  # the names a dataset's test folder may have, beside its train/
+_ROOM = "Free some space there, or set KD_DATA to a folder on a disk with room (data_dir())."
 
 
 def data_dir() -> Path:
@@ -87,8 +92,13 @@ def digits_stats() -> tuple[list, list]:
 
 
 def digits_tree(dest: Path) -> Path:
-    "Write the digits once as `dest/{train,test}/<class>/<index>.png`; atomic: built in a temp dir, then renamed."
+    """Write the digits once as `dest/{train,test}/<class>/<index>.png`; atomic: built in a temp dir, then renamed
+    (a full disk is a `DiskFull` naming `dest`)."""
     if dest.exists(): return dest
+    with disk_full_said(dest, _ROOM): return _write_digits(dest)
+
+
+def _write_digits(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     images, train, test = digits_images()
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-digits-", dir=dest.parent))
@@ -109,7 +119,9 @@ def download(url: str, root: Path) -> Path:
     "The extracted `url` under `root`, downloaded with fastai's `untar_data` unless already there."
     dest = root / Path(url).stem.removesuffix(".tar")  # where untar_data extracts it
     if dest.exists(): return dest
-    try: return untar_data(url, data=root, archive=root / "archive", base=str(root))
+    try:
+        with disk_full_said(dest, _ROOM): return untar_data(url, data=root, archive=root / "archive", base=str(root))
+    except DiskFull: raise
     except (URLError, OSError) as e:
         raise DownloadError(f"Could not download {url} ({e}). Download and extract it by hand so that "
                             f"{dest}/train exists (or pass path=<extracted folder>).") from e
@@ -121,20 +133,21 @@ def dataset_root(name: str, path) -> Path:
         path = Path(path)
         if not path.is_dir(): raise DatasetNotFoundError(f"Dataset path {path} does not exist or is not a folder.")
         return path
-    if name == "folder": raise DatasetError("name='folder' needs path=<folder with train/ and val/ or test/>.")
+    if name == "folder": raise DatasetError("name='folder' needs path=<folder with train/ and val/, valid/ or test/>.")
     if name == "digits": return digits_tree(data_dir() / "digits")
     return download(URLS[name], data_dir())
 
 
 def _test_folder(root: Path) -> str:
-    "Name of the test folder of `root` (`val` or `test`), checking `train` is there too."
+    "Name of the test folder of `root` (one of `TEST_FOLDERS`), checking `train` is there too."
     if not (root / "train").is_dir():
         raise DatasetNotFoundError(f"No train folder in {root}: expected {root}/train/<class>/<images>.")
-    found = [s for s in ("val", "test") if (root / s).is_dir()]
+    found = [s for s in TEST_FOLDERS if (root / s).is_dir()]
     if not found:
-        raise DatasetNotFoundError(f"No val or test folder in {root}: expected {root}/val/<class>/<images> "
-                                   f"or {root}/test/<class>/<images> (the test set).")
-    if len(found) > 1: raise DatasetError(f"{root} has both val/ and test/: keep only the test set's folder.")
+        raise DatasetNotFoundError(f"No test folder ({', '.join(f + '/' for f in TEST_FOLDERS)}) in {root}: expected "
+                                   f"{root}/<{'|'.join(TEST_FOLDERS)}>/<class>/<images> (the test set).")
+    if len(found) > 1: raise DatasetError(f"{root} has {' and '.join(f + '/' for f in found)}: keep only the test "
+                                          "set's folder.")
     return found[0]
 
 
@@ -164,10 +177,12 @@ def _unreadable(root: Path, items: list) -> list:
             with Image.open(root / rel) as im: im.load()
         except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
     if not trusted: return bad
-    memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(bad))
-    os.replace(tmp, memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(bad))
+        os.replace(tmp, memo)
+    except OSError: tmp.unlink(missing_ok=True)  # only a cache (a full disk?): checked again next time
     return bad
 
 

@@ -24,14 +24,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .records import CorruptFile, read_json
+from .records import CorruptFile, disk_full_said, read_json
 
-__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "RunLocked", "RunLock", "handed_down", "lock_holder"]
+__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "MAX_PID", "RunLocked", "RunLock", "handed_down", "lock_holder"]
 
 LOCK = ".lock"  # the lock's file name in a run folder
 INHERIT = "KD_RUN_LOCK"  # the environment variable through which a lock's owner hands it to its child process
 HEARTBEAT_S = 30.0  # how often a held lock's file is touched
 STALE_S = 600.0  # a lock of another host untouched for this long is stale: its owner is gone
+MAX_PID = 2**22  # the largest pid Linux gives (pid_max's ceiling): a lock naming another is not one this module wrote
 _handed = threading.local()  # the token of the lock this thread's caller holds for it (`handed_down`)
 
 
@@ -56,11 +57,12 @@ def _alive(owner: dict) -> bool:
 
 def _read(path: Path):
     """The lock file's owner ({host, pid, ...}), or None when there is none; a lock file this module did not write
-    (not a JSON object with a host and an integer pid) is stale: removed, with a warning."""
+    (not a JSON object with a host and a pid from 1 to `MAX_PID`) is stale: removed, with a warning."""
     try: owner = read_json(path)
     except CorruptFile: owner = []
     if owner is None: return None
-    if isinstance(owner, dict) and isinstance(owner.get("host"), str) and type(owner.get("pid")) is int: return owner
+    if isinstance(owner, dict) and isinstance(owner.get("host"), str) and type(owner.get("pid")) is int \
+            and 0 < owner["pid"] <= MAX_PID: return owner
     warnings.warn(f"{path} is not a lock this library wrote ({path.read_text()[:80]!r}): taken as stale.")
     try: path.unlink()
     except FileNotFoundError: pass
@@ -95,12 +97,13 @@ def handed_down(token: str):
 
 class RunLock:
     """Hold `run`'s lock for a `with` block: created on entry (or `RunLocked` raised), kept fresh by a
-    heartbeat, removed on exit. A lock handed down by this process's parent (`INHERIT`) is used as it is."""
+    heartbeat, removed on exit, with the folders it made when they are still empty (a refused run leaves none).
+    A lock handed down by this process's parent (`INHERIT`) is used as it is."""
     def __init__(self, run):
         self.path = Path(run) / LOCK
         self.me = dict(host=socket.gethostname(), pid=os.getpid(), proc_start=_started(os.getpid()),
                        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), token=uuid.uuid4().hex)
-        self.inherited, self._stop = False, threading.Event()
+        self.inherited, self.made, self._stop = False, [], threading.Event()
 
     @property
     def token(self) -> str: return self.me["token"]
@@ -110,20 +113,25 @@ class RunLock:
         if held and held in (getattr(_handed, "token", None), os.environ.get(INHERIT)):
             self.inherited = True
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         tmp = self.path.with_name(f"{LOCK}.{self.token}")
-        tmp.write_text(json.dumps(self.me))
         try:
+            with disk_full_said(tmp, "Free some space there and start the run again."):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(self.me))
             for _ in range(3):
-                try:
-                    os.link(tmp, self.path)
-                    threading.Thread(target=self._heartbeat, daemon=True, name=f"heartbeat {self.path}").start()
-                    return self
+                try: os.link(tmp, self.path)
                 except FileExistsError:
                     self._take_over_if_stale()
+                    continue
+                tmp.unlink()
+                threading.Thread(target=self._heartbeat, daemon=True, name=f"heartbeat {self.path}").start()
+                return self
             raise RunLocked(f"Could not lock {self.path.parent}: its lock keeps changing hands.")
-        finally:
+        except BaseException:  # refused: nothing of the lock is left, nor the folders it made
             tmp.unlink(missing_ok=True)
+            self._tidy()
+            raise
 
     def _mine(self) -> bool: return (_read(self.path) or {}).get("token") == self.token
 
@@ -154,3 +162,10 @@ class RunLock:
     def __exit__(self, *exc):
         self._stop.set()
         if not self.inherited and self._mine(): self.path.unlink(missing_ok=True)
+        self._tidy()
+
+    def _tidy(self) -> None:
+        "Remove the folders the lock made, deepest first, while they are empty: a refused run leaves no folder."
+        for folder in self.made:
+            try: folder.rmdir()
+            except OSError: return  # it holds the run (or another run's files)

@@ -10,15 +10,16 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-__all__ = ["DiskFull", "CorruptFile", "atomic_write", "save_weights", "write_json", "read_json", "versions", "git",
-           "code_version", "complete_records", "collect", "run_name",
-           "param_conflicts", "RunFolder", "complete_record", "recorded_params", "RECORD"]
+__all__ = ["DiskFull", "CorruptFile", "disk_full_said", "atomic_write", "save_weights", "write_json", "read_json",
+           "versions", "git", "code_version", "complete_records", "collect", "run_name",
+           "param_conflicts", "RunFolder", "checked_record", "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
 
@@ -61,31 +62,46 @@ def _umask() -> int:
         return mask
 
 
+_FREE_AND_RESUME = ("Nothing half-written was kept; free some space (old runs, data/cache) and start the run again: "
+                    "it resumes.")
+
+
+def _free_mb(path: Path) -> float:
+    "The free space (MB) on the disk of `path`, or of its nearest existing parent."
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent: path = path.parent
+    return shutil.disk_usage(path).free / 2**20
+
+
+@contextmanager
+def disk_full_said(path, fix: str = _FREE_AND_RESUME):
+    """Within the block, an error that means a full disk (by its errno, or torch's serializer failing part-way) is
+    a `DiskFull` naming `path`, the space free there and `fix`, what to do."""
+    try: yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if isinstance(e, DiskFull) or not _disk_full(e): raise
+        full = DiskFull(f"The disk is full: could not write {path} ({_free_mb(path):.0f} MB free there). {fix}")
+        full.errno = errno.ENOSPC
+        raise full from e
+
+
 def atomic_write(path, write) -> Path:
     """Call `write(tmp_path)`, flush it to the disk, then rename it onto `path` (and flush the folder), so a reader,
     a killed run or a power loss never leaves a half file. The file gets the permissions the umask gives new
     files; a full disk (by its errno, or by torch's serializer failing part-way) is a `DiskFull` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() makes a new file, not mkstemp's 0600: a group may share runs
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent, directory=True)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        if _disk_full(e):
-            free = shutil.disk_usage(path.parent).free / 2**20
-            full = DiskFull(f"The disk is full: could not write {path} ({free:.0f} MB free there). Nothing "
-                            "half-written was kept; free some space (old runs, data/cache) and start the run again: "
-                            "it resumes.")
-            full.errno = errno.ENOSPC
-            raise full from e
-        raise
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    with disk_full_said(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # as open() makes a new file, not mkstemp's 0600: a group may share runs
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent, directory=True)
+        finally:
+            if os.path.exists(tmp): os.remove(tmp)
     return path
 
 
@@ -122,9 +138,31 @@ def read_json(path, fix: str = None):
         else:
             if isinstance(obj, dict): return obj
             problem = f"holds a JSON {type(obj).__name__}, not the object it should"
-    fix = fix or (f"delete the run folder {path.parent} and run it again (a run resumes from what is left, or "
-                  "starts afresh)")
-    raise CorruptFile(f"{path} {problem}: {fix}.")
+    raise CorruptFile(f"{path} {problem}: {fix or _rerun(path)}.")
+
+
+def _rerun(path: Path) -> str:
+    "What to do about a corrupt file of a run folder: run it again."
+    return f"delete the run folder {path.parent} and run it again (a run resumes from what is left, or starts afresh)"
+
+
+_TYPES = dict(kind=str, params=dict, data=dict, stages=list, versions=dict, models=dict, teacher=dict)  # of a record
+
+
+def checked_record(record: dict, path, fix: str = None) -> dict:
+    """`record`, read from `path` (None passes), when it has a record's shape: the fields it holds of their types
+    (`params` a mapping, ...), and when complete, a `kind` of `RunFolder.FIELDS` and its `params`; else a
+    `CorruptFile` that names what is wrong and says what to do (`fix`; by default, run it again)."""
+    if record is None: return None
+    wrong = [f"{k} is a {type(record[k]).__name__}, not a {t.__name__}" for k, t in _TYPES.items()
+             if k in record and not isinstance(record[k], t)]
+    if record.get("status") == "complete":
+        if record.get("kind") not in RunFolder.FIELDS:
+            wrong.append(f"kind {record.get('kind')!r} is not one of {', '.join(RunFolder.FIELDS)}")
+        if "params" not in record: wrong.append("it has no params")
+    if wrong: raise CorruptFile(f"{path} is not a record as kd_lib writes one ({'; '.join(wrong)}): "
+                                f"{fix or _rerun(Path(path))}.")
+    return record
 
 
 def versions() -> dict:
@@ -230,7 +268,7 @@ class RunFolder:
     Files: `record.json` (the record, once complete), `params.json` (the settings, once the run started),
     `progress.json` (the steps done), `stages/<step>.pth` (the weights the last step done kept), `teacher.pth` (a
     teacher's weights), `adapters.pth` (the adapters of stages whose maps differ), `<fit>.state.pth` and
-    `models/` (what a killed fit resumes from), `.lock` (`kd_lib.locks`).
+    `models/` (what a killed fit resumes from), `.lock` (`kd_lib.locks`). A record says its folder (`run`).
     """
     FIELDS = dict(  # what a complete record holds, by kind (`finish` checks it)
         teacher=("kind", "params", "data", "stages", "weights", "converged", "wall_time_s", "valid_accuracy",
@@ -250,15 +288,21 @@ class RunFolder:
     def stage_file(self, step: str) -> Path: return self.path / "stages" / f"{step}.pth"
     def state_file(self, fit: str) -> Path: return self.path / f"{fit}.state.pth"
 
+    @property
+    def name(self) -> str: return f"{self.path.parent.name}/{self.path.name}"  # '<dataset>/<run>', as in out_dir
+
+    def _record(self) -> dict: return checked_record(read_json(self.record_file), self.record_file)
+
     def record(self) -> dict:
-        "The record when the run is complete, else None (a `CorruptFile` when it cannot be read)."
-        record = read_json(self.record_file)
-        return record if record is not None and record.get("status") == "complete" else None
+        """The record when the run is complete, with its folder as `run` ('<dataset>/<run name>', in its out_dir),
+        else None (a `CorruptFile` when it cannot be read or is not of a record's shape)."""
+        record = self._record()
+        return dict(record, run=self.name) if record is not None and record.get("status") == "complete" else None
 
     def params(self) -> dict:
         """The run's params: its record's, or, for a run that started training (its progress or a resume state
         exists), its `params.json`'s; None for a folder holding no progress."""
-        if (record := read_json(self.record_file)) is not None: return record.get("params")
+        if (record := self._record()) is not None: return record.get("params")
         started = self.progress_file.exists() or any(self.path.glob("*.state.pth"))
         return read_json(self.params_file) if started else None
 
@@ -274,11 +318,12 @@ class RunFolder:
         best-epoch files): until the record is written, a killed run resumes its finished fits, not new ones."""
         if missing := [k for k in self.FIELDS[record["kind"]] if k not in record]:
             raise ValueError(f"A {record['kind']} record needs {missing}: a bug in the code writing it.")
-        record.update(status="complete", versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        record = read_json(write_json(self.record_file, record))
+        record.update(status="complete", run=self.name, versions=versions(),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json(self.record_file, record)
         for p in self.path.glob("*.state.pth"): p.unlink()
         shutil.rmtree(self.path / "models", ignore_errors=True)
-        return record
+        return self.record()
 
 
 def complete_record(run) -> dict:

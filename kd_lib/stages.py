@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-__all__ = ["Stage", "Stages", "StageMismatch", "Stop", "outputs", "module_table", "adapter"]
+__all__ = ["Stage", "Stages", "StageMismatch", "Stop", "check_classes", "outputs", "module_table", "adapter"]
 
 
 class StageMismatch(ValueError):
@@ -39,8 +39,18 @@ class Stage:
     student: tuple
     teacher: tuple = None
 
+    def __post_init__(self): _check_paths(f"Stage {self.name!r}", self.student, self.teacher)
+
     def paths(self, side: str = "student") -> tuple:
         return tuple(self.teacher or self.student) if side == "teacher" else tuple(self.student)
+
+
+def _check_paths(where: str, student, teacher) -> None:
+    "Refuse paths that are not a tuple of one or more names (a string, or empty), naming `where` and the side."
+    for side, paths in (("student", student), ("teacher", teacher)):
+        if (paths is not None or side == "student") and (isinstance(paths, str) or not paths):
+            raise ValueError(f"{where}: {side} paths {paths!r}: give the {side}'s module paths as a tuple of one or "
+                             "more dotted names" + (" (None: the student's)." if side == "teacher" else "."))
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Stages:
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        _check_paths("The head", self.head, self.teacher_head)
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names) or "head" in names:
             raise ValueError(f"Stage names {names} must be distinct and none may be 'head'.")
@@ -103,19 +114,58 @@ class Stages:
         "The parameters of the stages `names` of `model` (the student), each once."
         return list({id(p): p for n in names for p in self.part(model, n).parameters()}.values())
 
-    def shapes(self, model: nn.Module, x: torch.Tensor, side: str = "student") -> "OrderedDict[str, tuple]":
-        "The shape of each feature stage's map (without the batch dimension) for the input batch `x`."
+    def trace(self, model: nn.Module, x: torch.Tensor, side: str = "student") -> tuple:
+        """One dry forward pass of `model` on the batch `x` (no gradients, eval mode, its modes restored after):
+        the shape of each feature stage's map (without the batch dimension) and the model's output (None for the
+        teacher, whose pass stops at its last stage: its head is not distilled). A path that names no module of
+        `model`, a module that never runs, or stages (or a stage's modules) out of forward order are a `ValueError`
+        naming the stage and the side."""
         from .models import evaluating
-        with torch.no_grad(), evaluating(model):
-            maps = outputs(model, x, [self.output(model, n, side) for n in self.names])
-        return OrderedDict((n, tuple(m.shape[1:])) for n, m in zip(self.names, maps))
+        where = [(n, p) for n in (self.all if side == "student" else self.names) for p in self.paths(n, side)]
+        done, maps, handles, out = {}, {}, [], None
+        def hook(key):
+            def record(m, i, o):
+                if key not in done: maps[key], done[key] = o, len(done)
+                if side == "teacher" and len(done) == len(where): raise Stop
+            return record
+        try:
+            for n, p in where:
+                try: module = model.get_submodule(p)
+                except AttributeError as e:
+                    raise ValueError(f"Stage {n!r} of the {side}: {p!r} names no module of the {type(model).__name__} "
+                                     f"({e}); kd_lib.stages.module_table(model, x) lists its modules.") from None
+                handles.append(module.register_forward_hook(hook((n, p))))
+            with torch.no_grad(), evaluating(model): out = model(x.to(next(model.parameters(), x).device))
+        except Stop: pass
+        finally:
+            for h in handles: h.remove()
+        if never := [k for k in where if k not in done]:
+            raise ValueError(f"Stage {never[0][0]!r} of the {side}: its module {never[0][1]!r} never runs in a forward "
+                             f"pass of the {type(model).__name__}: name modules the model calls.")
+        for before, after in zip(where, where[1:]):
+            if done[after] < done[before]:
+                raise ValueError(f"Stage {after[0]!r} of the {side}: its module {after[1]!r} runs before "
+                                 f"{before[1]!r} (stage {before[0]!r}), which the stages put first: stages, and the "
+                                 "modules of each, go in forward order.")
+        return OrderedDict((n, tuple(maps[n, self.paths(n, side)[-1]].shape[1:])) for n in self.names), out
 
-    def check(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, adapters=False) -> nn.ModuleDict:
-        """Compare the student's and the teacher's map at every stage for the input batch `x`. Where they differ,
-        `adapters` (True: `adapter`, 1x1 convolution and BatchNorm; or a function (stage, student shape, teacher
-        shape) -> module) makes the module that maps the student's to the teacher's for the loss: returned by stage
-        name. Without `adapters`, a difference is a `StageMismatch` naming each stage and both shapes."""
-        s, t = self.shapes(student, x), self.shapes(teacher, x, "teacher")
+    def shapes(self, model: nn.Module, x: torch.Tensor, side: str = "student") -> "OrderedDict[str, tuple]":
+        "The shape of each feature stage's map (without the batch dimension) for the input batch `x` (`trace`)."
+        return self.trace(model, x, side)[0]
+
+    def check(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, adapters=False,
+              n_classes: int = None) -> nn.ModuleDict:
+        """Check the stages on the student (and the teacher, unless None) in one dry forward pass each (`trace`),
+        before any training: every path a module that runs, in forward order, and the student's output of
+        `n_classes` (when given). Then compare the student's and the teacher's map at every stage for the input
+        batch `x`. Where they differ, `adapters` (True: `adapter`, 1x1 convolution and BatchNorm; or a function
+        (stage, student shape, teacher shape) -> module) makes the module that maps the student's to the teacher's
+        for the loss: returned by stage name. Without `adapters`, a difference is a `StageMismatch` naming each
+        stage and both shapes."""
+        s, out = self.trace(student, x)
+        if n_classes is not None: check_classes(out, n_classes)
+        if teacher is None: return nn.ModuleDict()
+        t, _ = self.trace(teacher, x, "teacher")
         bad = {n: (s[n], t[n]) for n in self.names if s[n] != t[n]}
         if bad and not adapters:
             where = "; ".join(f"{n}: student {a}, teacher {b}" for n, (a, b) in bad.items())
@@ -151,6 +201,13 @@ class Stages:
                      layer3=("layer3",), layer4=("layer4",))
         return cls(tuple(Stage(n, ms) for n, ms in parts.items()), ("avgpool", "fc"), flatten=True,
                    name="torchvision_resnet")
+
+
+def check_classes(out: torch.Tensor, n_classes: int, side: str = "student") -> None:
+    "Refuse a model's output `out` (of a dry forward pass) that does not give one value per class of the data."
+    if isinstance(out, torch.Tensor) and out.shape[-1] != n_classes:
+        raise ValueError(f"The {side} gives {out.shape[-1]} outputs an image and the data has {n_classes} classes: "
+                         "its head (its last layer) must give one per class.")
 
 
 def outputs(model: nn.Module, x: torch.Tensor, modules: list, truncate: bool = True) -> list:

@@ -6,7 +6,8 @@ self-describing record::
     record = train_student(student=my_net, teacher=my_big_net, stages=Stages.torchvision_resnet(), dls=my_dls,
                            adapters=True, method="stagewise", epochs=5)     # models and data of your own
 
-A method's steps (`kd_lib.steps`) are fits of one Learner each; `kd_lib.fitting.fit` runs them.
+A method's steps (`kd_lib.steps`) are fits of one Learner each; `kd_lib.fitting.fit` runs them. What a run saved
+loads with `kd_lib.loading` (`load_teacher`, `load_student`, importable from here too).
 """
 import gc
 import shutil
@@ -27,15 +28,18 @@ from .config import CUSTOM, StudentConfig, TeacherConfig
 from .data import check_no_leak, get_data
 from .distill import feature_mse, frozen
 from .fitting import StopOnNaN, accuracy_of, evaluate, fit, forget_fit, seed_everything, step_seed
+from .loading import load_student, load_teacher, load_weights  # noqa: F401 -- load_student: importable from here too
 from .locks import LOCK, RunLock
 from .methods import get_method
-from .models import STUDENTS, PretrainedUnavailable, resnet, teacher
+from .models import PretrainedUnavailable, evaluating, resnet, teacher
 from .records import RunFolder, read_json, run_name, save_weights
-from .stages import Stages
+from .stages import Stages, check_classes
 from .steps import Setting
 
-__all__ = ["RunExists", "run_dir", "train_teacher", "train_student", "setting", "load_teacher", "load_student",
-           "describe_model"]
+__all__ = ["ABOVE_CHANCE", "RunExists", "run_dir", "train_teacher", "train_student", "setting", "describe_model"]
+
+
+ABOVE_CHANCE = 1.5  # a teacher whose valid accuracy is below this many times chance is warned of: it teaches little
 
 
 class RunExists(RuntimeError):
@@ -47,14 +51,14 @@ def run_dir(out_dir, dataset: str, name: str) -> Path:
     return Path(out_dir) / dataset / name
 
 
-def _start(run: RunFolder, config, force: bool):
+def _start(run: RunFolder, config, force: bool, extra: dict = None):
     """The record of a finished run of `config` (to return as is), or None when it is to be trained (its lock
     held; `RunFolder.begin` then marks it started); a run folder holding progress made with other settings (but
-    `config.same_result()`) is an error."""
+    `config.same_result()`; `extra`: params beyond the configuration's) is an error."""
     if force:
         for p in run.path.glob("*"):
             if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if (old := run.params()) is not None and (diff := config.conflicts(old)):
+    if (old := run.params()) is not None and (diff := config.conflicts(old, extra)):
         raise RunExists(f"{run.path} holds a run with other parameters (was, now: {diff}); "
                         "pass force=True to replace it, or choose another out_dir.")
     return run.record()
@@ -68,95 +72,58 @@ def _config(cls, config, changes: dict):
     return cls(**changes) if config is None else config.replace(**changes)
 
 
-def describe_model(model: nn.Module, name: str, stages: Stages, side: str = "student") -> dict:
-    "What a record says of a model: its name, class, number of parameters and stage paths."
+def describe_model(model: nn.Module, name: str, stages: Stages = None, side: str = "student") -> dict:
+    "What a record says of a model: its name, class, number of parameters and (given `stages`) stage paths."
     return dict(name=name, cls=f"{type(model).__module__}.{type(model).__qualname__}",
                 params=sum(p.numel() for p in model.parameters()),
-                stages={n: list(stages.paths(n, side)) for n in stages.all})
+                **({"stages": {n: list(stages.paths(n, side)) for n in stages.all}} if stages else {}))
 
 
-def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = False, progress=None,
-                  **changes) -> dict:
-    """Train the paper's ResNet34 teacher with one-cycle (max lr `lr`), keeping the best valid accuracy.
+def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = False, progress=None, *,
+                  model: nn.Module = None, name: str = None, **changes) -> dict:
+    """Train the paper's ResNet34 teacher (or `model`, a teacher of your own, named `name`, default its class)
+    with one-cycle (max lr `lr`), keeping the best valid accuracy.
 
     `config`: a `TeacherConfig`, to which `changes` (its fields as keywords) apply; `pretrained`: True
     fine-tunes ImageNet weights (an error if they cannot be had), False trains from scratch, None uses
     them when they can be had and says so when not. Writes `<out_dir>/<dataset>/teacher/` with
     `teacher.pth` and `record.json`; returns the record. `progress=False` (or the environment's
-    `KD_PROGRESS=0`, which the runner sets) turns fastai's progress bars and epoch tables off.
+    `KD_PROGRESS=0`, which the runner sets) turns fastai's progress bars and epoch tables off. A teacher of your
+    own is recorded with its name (`params["model"]`, and `model`: its class and size); `load_teacher` then
+    needs it passed.
     """
     c = _config(TeacherConfig, config, changes)
+    if model is not None and c.pretrained:
+        raise ValueError("pretrained=True loads ImageNet weights into the paper's ResNet34: a teacher of your own "
+                         "(model=) comes with the weights it has. Leave pretrained unset.")
+    extra = dict(model=name or type(model).__name__.lower()) if model is not None else {}
     run = RunFolder(run_dir(out_dir, c.dataset, c.run_name))
     with RunLock(run.path):  # one process trains a run folder at a time
-        if (done := _start(run, c, force)) is not None: return done
+        if (done := _start(run, c, force, extra)) is not None: return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
                        augment=c.augment, num_workers=c.num_workers, per_class=c.per_class, split_seed=c.split_seed,
                        resident=c.resident)
-        run.begin(c.params())
+        if model is not None:
+            with torch.no_grad(), evaluating(model): check_classes(model(_dry_batch(dls)), dls.c, "teacher")
+        run.begin(dict(c.params(), **extra))
         seed_everything(c.seed, dls)
-        imagenet = c.pretrained is not False
-        try: model = teacher(dls.c, pretrained=imagenet)
-        except PretrainedUnavailable as e:
-            if c.pretrained: raise
-            warnings.warn(f"Training the teacher from scratch: {e}")
-            imagenet, model = False, teacher(dls.c, pretrained=False)
+        imagenet = None  # a teacher of your own comes with the weights it has
+        if model is None:
+            imagenet = c.pretrained is not False
+            try: model = teacher(dls.c, pretrained=imagenet)
+            except PretrainedUnavailable as e:
+                if c.pretrained: raise
+                warnings.warn(f"Training the teacher from scratch: {e}")
+                imagenet, model = False, teacher(dls.c, pretrained=False)
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run.path,
                         model_dir="models", cbs=StopOnNaN())
         summary = fit(learn, "teacher", c.scaled(c.epochs), c.lr, "accuracy", run.path, one_cycle_lr=True,
                       progress=progress)
         save_weights(run.teacher_file, model.state_dict())
-        return run.finish(dict(kind="teacher", params=c.params(), data=dls.split_info, stages=[summary],
+        return run.finish(dict(kind="teacher", params=dict(c.params(), **extra), data=dls.split_info,
+                               stages=[summary], model=describe_model(model, extra.get("model", "resnet34")),
                                weights=run.teacher_file.name, imagenet_weights=imagenet,
                                converged=summary["converged"], wall_time_s=summary["time_s"], **evaluate(learn)))
-
-
-def _load_weights(path: Path) -> dict:
-    "The state dict saved at `path`, weights-only, on the CPU (weights saved on a GPU load anywhere)."
-    try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types on a file that is not a checkpoint (pickle, zip, index errors)
-        raise ValueError(f"{path} is not a PyTorch weights file saved by kd_lib ({type(e).__name__}): it is corrupt, "
-                         "truncated, or another kind of file. Train it again (delete its run folder first), or pass "
-                         "the right file; never load a file you do not trust with weights_only=False.") from e
-
-
-def load_teacher(path, n_classes: int) -> nn.Module:
-    "The teacher saved by `train_teacher` at `path` (its run folder or its .pth), loaded weights-only."
-    path = Path(path)
-    if path.is_dir(): path = RunFolder(path).teacher_file
-    if not path.exists():
-        raise FileNotFoundError(f"No teacher at {path}: train it first with kd_lib.train.train_teacher(...) "
-                                "or notebooks/teacher.ipynb, or pass teacher_path (or a model of your own as "
-                                "train_student(teacher=<nn.Module>)).")
-    model, weights = teacher(n_classes, pretrained=False), _load_weights(path)
-    try: model.load_state_dict(weights)
-    except RuntimeError as e:
-        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        extra, missing = sorted(set(weights) - set(mine)), sorted(set(mine) - set(weights))
-        shapes = [k for k in mine if k in weights and tuple(weights[k].shape) != mine[k]]
-        what = (f"{len(missing)} of the teacher's tensors are missing and {len(extra)} are not the teacher's "
-                "(a student's weights, or a model of another kind?)" if missing or extra else
-                f"tensors of other shapes ({shapes[:3]}: a teacher of another number of classes than {n_classes}?)")
-        raise ValueError(f"{path} does not hold a ResNet34 teacher of {n_classes} classes as train_teacher saves "
-                         f"one: {what}. Pass the teacher's run folder or its teacher.pth; a model of your own goes "
-                         "in as train_student(teacher=<nn.Module with its weights>, stages=...).") from e
-    return model
-
-
-def load_student(run, model: nn.Module = None) -> nn.Module:
-    """The trained student of a finished run folder (in eval mode): its model with the weights its last step kept.
-    A student of Table 1 is rebuilt from its name; a model of your own is `model` (of the class the record names)."""
-    run = RunFolder(run)
-    if (record := run.record()) is None:
-        raise FileNotFoundError(f"No finished student run in {run.path}: train it with kd_lib.train.train_student.")
-    name = record["params"]["student"]
-    if model is None:
-        if name not in STUDENTS:
-            cls = (record.get("models") or {}).get("student", {}).get("cls", "a model of your own")
-            raise ValueError(f"{run.path} trained {name!r}, a model of your own ({cls}): pass it, built as it was, "
-                             "as load_student(run, model=...).")
-        model = resnet(name, len(record["data"]["vocab"]))
-    model.load_state_dict(_load_weights(run.stage_file(record["stages"][-1]["name"])))
-    return model.eval()
 
 
 def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tuple:
@@ -171,6 +138,7 @@ def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tupl
     tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
     tchr = load_teacher(tpath, dls.c)
     record = read_json((tpath if tpath.is_dir() else tpath.parent) / "record.json") or {}
+    _above_chance(record, tpath, dls.c)
     vocab, theirs = dls.split_info["vocab"], (record.get("data") or {}).get("vocab")
     if theirs is not None and list(theirs) != vocab:
         raise ValueError(f"The teacher at {tpath} was trained on the classes {theirs}, this run's data has {vocab}: "
@@ -180,6 +148,21 @@ def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tupl
     else: warnings.warn(f"The teacher at {tpath} has no record beside it, so nothing can check that it did not train "
                         "on this run's valid or test images.")
     return tchr, tpath, record
+
+
+def _above_chance(record: dict, where, n_classes: int) -> None:
+    "Warn when the teacher's recorded valid accuracy is below `ABOVE_CHANCE` times chance on `n_classes` classes."
+    acc, chance = record.get("valid_accuracy"), 100 / n_classes
+    if isinstance(acc, (int, float)) and acc < ABOVE_CHANCE * chance:
+        warnings.warn(f"The teacher at {where} reached {acc:.1f}% on its valid split, not clearly above chance "
+                      f"({chance:.1f}% on {n_classes} classes; a teacher to distil has at least {ABOVE_CHANCE:g} x "
+                      "chance): it has little to teach. Train it longer or at another lr, or check its data.")
+
+
+def _dry_batch(dls) -> torch.Tensor:
+    "A batch of one zero image of the data's size, for the dry forward passes that check models before training."
+    size = dls.split_info["size"] if hasattr(dls, "split_info") else dls.one_batch()[0].shape[-1]
+    return torch.zeros(1, 3, size, size)
 
 
 def _budget(c: StudentConfig, out_dir) -> dict:
@@ -207,8 +190,8 @@ def _train_steps(s: Setting, run: RunFolder, progress, budget: dict = None) -> l
     configuration's epochs (the `budget`'s, for a budget control); returns every step's summary."""
     c, model = s.config, s.student
     steps = run.progress()
-    if steps: model.load_state_dict(_load_weights(run.stage_file(steps[-1]["name"])))
-    if steps and len(s.adapters): s.adapters.load_state_dict(_load_weights(run.adapters_file))
+    if steps: model.load_state_dict(load_weights(run.stage_file(steps[-1]["name"])))
+    if steps and len(s.adapters): s.adapters.load_state_dict(load_weights(run.adapters_file))
     with ExitStack() as stack:
         features = stack.enter_context(FeatureCache(s.dls, model, s.teacher, c.cache_dtype, c.cache_bytes, c.amp,
                                                     train=c.cache is True, stages=s.stages,
@@ -253,7 +236,9 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     the data (`dls`, or the configuration's dataset), the student (`student`, or Table 1's by name), the teacher
     (`teacher`, or the dataset's), the `stages` (default: the paper's for Table 1's students, torchvision's ResNet
     layout for models that have it) and the adapters of the stages whose maps differ (`adapters`: True or a
-    factory; see `kd_lib.stages.Stages.check`, which refuses a mismatch without them)."""
+    factory; see `kd_lib.stages.Stages.check`, which refuses a mismatch without them). The stages are checked on
+    both models in one dry forward pass before any training: every path a module that runs, in forward order, the
+    student's output one value per class."""
     if dls is None:
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
                        selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
@@ -262,11 +247,8 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     model = student if student is not None else resnet(c.student, dls.c)
     if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
     tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
-    made = nn.ModuleDict()
-    if tchr is not None:
-        size = dls.split_info["size"] if hasattr(dls, "split_info") else dls.one_batch()[0].shape[-1]
-        made = stages.check(model, tchr, torch.zeros(1, 3, size, size), adapters)
-        if c.channels_last: tchr.to(memory_format=torch.channels_last)
+    made = stages.check(model, tchr, _dry_batch(dls), adapters, n_classes=dls.c)  # before any training
+    if tchr is not None and c.channels_last: tchr.to(memory_format=torch.channels_last)
     info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
                 path=_relative(tpath, out_dir), name="resnet34" if tpath else trecord.get("name")) \
         if tchr is not None else dict(path=None)

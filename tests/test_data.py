@@ -249,8 +249,8 @@ def test_fraction_leaving_a_class_empty(tmp_path):
 @pytest.mark.parametrize("layout,error,match", [
     ("missing", DatasetNotFoundError, "does not exist"),
     ("no_train", DatasetNotFoundError, "No train folder"),
-    ("no_test", DatasetNotFoundError, "No val or test folder"),
-    ("both", DatasetError, "both val/ and test/"),
+    ("no_test", DatasetNotFoundError, r"No test folder \(val/, valid/, test/\)"),
+    ("both", DatasetError, "has val/ and test/"),
     ("no_classes", DatasetError, "no class folders"),
     ("empty_class", DatasetError, r"\['d'\] of .*train have no readable images"),
     ("only_train", DatasetError, r"only in train: \['d'\], only in val: \[\]"),
@@ -260,7 +260,7 @@ def test_bad_trees(tmp_path, layout, error, match):
     root = tmp_path / "t"
     if layout != "missing": make_tree(root)
     if layout == "no_train": (root / "train").rename(root / "training")
-    if layout == "no_test": (root / "val").rename(root / "valid")
+    if layout == "no_test": (root / "val").rename(root / "validation")
     if layout == "both": (root / "test").mkdir()
     if layout == "no_classes":
         for d in (root / "train").iterdir(): d.rename(tmp_path / d.name)

@@ -7,8 +7,9 @@ from ..claims import MARGIN
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_job, run_jobs, train_job
-from .kept import claim_verdicts, keep_records
-from .profiles import ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
+from ..records import CorruptFile
+from .kept import claim_verdicts, keep_plan, keep_records
+from .profiles import MAX_JOBS, ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
 
 
 def main(argv=None) -> None:
@@ -28,11 +29,15 @@ def main(argv=None) -> None:
     p.add_argument("--note", default=None, metavar="TEXT",
                    help="for a profile that keeps its records: how this set was made (machines, threads, stops), "
                         "written with it into the log of kept sets")
+    p.add_argument("--replace", action="store_true",
+                   help="for a profile that keeps its records: replace records kept in its folder for other run "
+                        "settings (only those git holds committed, which git can restore)")
     p.add_argument("--notebooks", action="store_true",
                    help="execute each run's notebook with papermill (kept in <out_dir>/notebooks/; a kernel per run, "
                         "slower) instead of its recipe in a worker process")
     args = p.parse_args(argv)
-    if args.jobs is not None and args.jobs < 1: p.error(f"--jobs {args.jobs}: run at least 1 job at a time.")
+    if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
+        p.error(f"--jobs {args.jobs}: run at least 1 and at most {MAX_JOBS} jobs at a time.")
     if args.gpu and not args.scheduler: p.error("--gpu asks Dask workers for a GPU: give --scheduler too.")
     if args.book_only:
         build_book()
@@ -41,11 +46,13 @@ def main(argv=None) -> None:
         prof = load_profile(args.profile)
         jobs = plan(expand(prof, args.out_dir))
         example(prof, jobs)
-    except (ProfileError, RunConflict) as e:
+        for flag, what in (("note", "goes into the log of kept records"), ("replace", "replaces kept records")):
+            if getattr(args, flag) and not prof.get("keep"):
+                raise ProfileError(f"--{flag} {what}, and the profile {prof['name']!r} keeps none (no `keep` "
+                                   "folder).")
+        if prof.get("keep") and not args.dry_run: keep_plan(prof, jobs, args.replace)  # refused before any run
+    except (ProfileError, RunConflict, CorruptFile) as e:
         sys.exit(f"error: {e}")
-    if args.note and not prof.get("keep"):
-        sys.exit(f"error: --note goes into the log of kept records, and the profile {prof['name']!r} keeps none "
-                 "(no `keep` folder).")
     if stray := strays(jobs):
         print(f"note: {len(stray)} record(s) under {stray[0].parents[2]} are not runs of the profile "
               f"{prof['name']!r} (for example {stray[0].parent.name}); the figures include every record there. "
@@ -66,11 +73,12 @@ def main(argv=None) -> None:
         run_jobs(jobs, executor=executor, execute=run_job if args.notebooks else train_job)
         if prof.get("keep"):
             margin = prof.get("margin", MARGIN)
-            kept = keep_records(prof, jobs, verdicts=lambda folder: claim_verdicts(folder, margin), note=args.note)
+            kept = keep_records(prof, jobs, verdicts=lambda folder: claim_verdicts(folder, margin), note=args.note,
+                                replace=args.replace)
             print(f"records kept in {kept}", file=sys.stderr)
         if args.runs_only: return
         write_book_notebooks(prof, jobs, n_jobs=executor.slots if not args.scheduler else 1)
-    except RuntimeError as e:
+    except (RuntimeError, ProfileError, CorruptFile) as e:
         sys.exit(f"error: {e}")
     finally:
         executor.shutdown()

@@ -6,17 +6,23 @@ A kept folder is sealed: `MANIFEST` lists every file in it with its sha256, the 
 settings and the code commits of the records, and `LOG` lists every record set kept there, with the verdicts of
 the paper's claims it gave when it was kept. `check_kept` verifies the folder against its manifest (a file changed,
 missing or added), and the chapter refuses to draw from a folder that fails it.
+
+Keeping writes and removes nothing outside its folder: every path (those its manifest names included) must lie
+inside it and pass through no symbolic link, and a folder holding records kept for other run settings is replaced
+only when asked (`replace`, the runner's --replace), and then only records git holds committed (`keep_plan`).
 """
 import datetime
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..claims import MARGIN, IdenticalArms, claims, verdicts
-from ..records import RECORD, CorruptFile, collect, complete_record, git, read_json, write_json
-from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, load_profile, profiles
+from ..records import RECORD, CorruptFile, checked_record, collect, complete_record, git, read_json, write_json
+from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, kept_folder, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_records", "seal", "reseal",
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records", "seal",
+           "reseal",
            "kept_records", "check_kept"]
 
 MANIFEST = "MANIFEST.json"  # a kept folder's seal: each file's sha256, the profile's settings hash, the commits
@@ -46,12 +52,60 @@ def settings_hash(jobs: list) -> str:
 
 
 def _dest(prof: dict) -> Path:
-    "The profile's keep folder, which must be a folder of its own inside the repository's `results/`."
-    dest, root = (ROOT / prof["keep"]).resolve(), (ROOT / KEPT_ROOT).resolve()
-    if root not in dest.parents:
-        raise ProfileError(f"keep={prof['keep']!r}: kept records go to a folder of their own inside {KEPT_ROOT}/ of "
-                           "the repository, nowhere else.")
-    return dest
+    "The profile's keep folder, which must be a folder of its own inside the repository's `results/`, not a link."
+    return _safe(ROOT, kept_folder(prof["keep"], ROOT))
+
+
+def _safe(folder: Path, name) -> Path:
+    """`folder / name`, a path that keeping writes or removes, when it lies inside `folder` and no part of it from
+    `folder` down is a symbolic link; else a `ProfileError`: nothing outside `results/` is touched."""
+    path = Path(os.path.normpath(folder / name))
+    if path != folder and folder not in path.parents:
+        raise ProfileError(f"{name!r} lies outside {folder}: a kept folder's files are inside it (a {MANIFEST} the "
+                           "runner did not write? restore it from git: git checkout -- it).")
+    if link := next((p for p in (path, *path.parents) if (p == folder or folder in p.parents) and p.is_symlink()),
+                    None):
+        raise ProfileError(f"{link} is a symbolic link: kept records are written and removed inside {KEPT_ROOT}/ "
+                           "only, never through a link. Replace it by a folder.")
+    return path
+
+
+def _manifest(folder: Path) -> dict:
+    "`folder`'s manifest (None when there is none), a `CorruptFile` when it is not of a manifest's shape."
+    fix = "restore it from git (git checkout -- it)"
+    manifest = read_json(folder / MANIFEST, fix=fix)
+    files = (manifest or {}).get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise CorruptFile(f"{folder / MANIFEST}: its `files` is not a mapping of file name to sha256: {fix}.")
+    return manifest
+
+
+def _committed(path: Path) -> bool:
+    "Whether git holds `path` committed as it is (tracked and unchanged), so that git can restore it."
+    return git("ls-files", "--error-unmatch", "--", str(path)) is not None \
+        and git("status", "--porcelain", "--", str(path)) == ""
+
+
+def keep_plan(prof: dict, jobs: list, replace: bool = False) -> tuple:
+    """The profile's keep folder and the names of the records there that keeping `jobs` may replace or remove,
+    checked before any run (every path inside the folder, through no link). A folder holding records sealed for
+    other run settings (another profile's, or this one's before it changed), or not sealed, is refused unless
+    `replace` (the runner's --replace), and even then when git does not hold each of its records committed."""
+    dest = _dest(prof)
+    manifest = _manifest(dest)
+    old = list((manifest or {}).get("files", {}))
+    for name in [*old, *(f"{j.name}/{RECORD}" for j in jobs), LOG, MANIFEST]: _safe(dest, name)
+    theirs = [p.relative_to(dest).as_posix() for p in kept_records(dest)]
+    if theirs and (manifest or {}).get("settings_sha256") != settings_hash(jobs):
+        if not replace:
+            raise ProfileError(f"{dest} holds {len(theirs)} records kept for other run settings (another profile's, "
+                               "or this one's before it changed): keeping this profile's would replace them. Give "
+                               "the runner --replace to replace them, or keep into a folder of its own.")
+        if loose := [n for n in theirs if not _committed(dest / n)]:
+            raise ProfileError(f"--replace removes only records git holds committed (git can restore them), and "
+                               f"{len(loose)} in {dest} are not, e.g. {loose[0]}: commit them, or move them away.")
+        old = theirs
+    return dest, [n for n in old if n.endswith(RECORD)]
 
 
 def claim_verdicts(folder, margin: float = MARGIN) -> dict:
@@ -61,14 +115,14 @@ def claim_verdicts(folder, margin: float = MARGIN) -> dict:
     return {k.removeprefix("verdict_"): v for k, v in verdicts(table).items()}
 
 
-def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None) -> Path:
+def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replace: bool = False) -> Path:
     """Copy the record of each complete job of `prof` into its `keep` folder as `<dataset>/<run>/record.json`
     (nothing else of the run folder: weights and notebooks stay out of git), remove the records kept there before
-    for runs the profile no longer has (those its manifest lists: nothing it did not write is touched), add the
-    set to `LOG` (when its runs finished, their commits and seeds, `verdicts(folder)`: a dict of claim -> verdict,
-    when given, and the `note` of whoever keeps it: how the set was made), and seal the folder (`MANIFEST`)."""
-    dest = _dest(prof)
-    old = (read_json(dest / MANIFEST, fix="restore it from git (git checkout -- it)") or {}).get("files", {})
+    for runs the profile no longer has (those its manifest lists: nothing it did not write is touched; with
+    `replace`, those `keep_plan` allows), add the set to `LOG` (when its runs finished, their commits and seeds,
+    `verdicts(folder)`: a dict of claim -> verdict, when given, and the `note` of whoever keeps it: how the set was
+    made), and seal the folder (`MANIFEST`)."""
+    dest, old = keep_plan(prof, jobs, replace)
     new = {}
     for j in jobs:
         try: record = complete_record(j.run)
@@ -78,27 +132,32 @@ def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None) -> Pat
         write_json(dest / name, record)
         new[name] = True
     for name in old:
-        if name.endswith(RECORD) and name not in new: (dest / name).unlink(missing_ok=True)
+        if name not in new: (dest / name).unlink(missing_ok=True)
     records = [read_json(dest / n) for n in new]
     log = read_json(dest / LOG) or {}
     sets = log.get("sets", [])
     finished = sorted(r["finished"] for r in records if r.get("finished"))
     sets.append(dict(kept=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), runs=len(records),
                      made=f"{finished[0]} to {finished[-1]}" if finished else None,
-                     commits=sorted({r["versions"]["code"]["commit"] for r in records}),
-                     seeds=sorted({r["params"]["seed"] for r in records if r["kind"] == "student"}),
+                     commits=sorted({_code(r).get("commit") or "none" for r in records}),
+                     seeds=sorted({r["params"].get("seed") for r in records if r["kind"] == "student"}),
                      verdicts=verdicts(dest) if verdicts else {}, **({"note": note} if note else {})))
     write_json(dest / LOG, dict(log, sets=sets))
     seal(dest, settings_hash(jobs))
     return dest
 
 
+def _code(record: dict) -> dict:
+    "The record's `versions.code` (its commit and whether the code differed), {} when it has none."
+    code = (record.get("versions") or {}).get("code")
+    return code if isinstance(code, dict) else {}
+
+
 def seal(folder: Path, settings: str) -> Path:
     "Write `folder`'s `MANIFEST`: every file under it (but the manifest) with its sha256, `settings`, the commits."
     files = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    commits = sorted({(read_json(folder / n).get("versions", {}).get("code") or {}).get("commit") or "none"
-                      for n in files if n.endswith(RECORD)})
+    commits = sorted({_code(read_json(folder / n)).get("commit") or "none" for n in files if n.endswith(RECORD)})
     return write_json(folder / MANIFEST, dict(settings_sha256=settings, commits=commits, files=files))
 
 
@@ -121,9 +180,10 @@ def kept_records(folder) -> list:
 
 def _record_problem(p: Path) -> str:
     "What is wrong with the kept record `p`, or None."
-    try: r = read_json(p, fix="restore it from git (git checkout -- it), or keep the records again")
+    fix = "restore it from git (git checkout -- it), or keep the records again"
+    try: r = checked_record(read_json(p, fix=fix), p, fix)
     except CorruptFile as e: return str(e)
-    code = r.get("versions", {}).get("code") or {}
+    code = _code(r)
     commit = code.get("commit")
     if r.get("status") != "complete": return f"{p}: not a complete record"
     if not commit: return f"{p}: names no commit of the code that made it"
@@ -140,15 +200,20 @@ def check_kept(folder, jobs: list = None) -> list:
     was made from code that differed from its commit, or names a commit that is not in this repository's history;
     and with the profile's `jobs`, run settings other than those the records were kept for."""
     folder = Path(folder)
-    try: manifest = read_json(folder / MANIFEST, fix="restore it from git (git checkout -- it)")
+    try: manifest = _manifest(folder)
     except CorruptFile as e: return [str(e)]
     if manifest is None:
         return [f"{folder} has no {MANIFEST}: its records are not sealed (the runner seals what it keeps)"]
-    sealed = manifest.get("files", {})
-    problems = [f"{folder / n}: missing (the manifest lists it)" for n in sealed if not (folder / n).is_file()]
+    sealed, problems = manifest.get("files", {}), []
+    for n in sealed:
+        try: path = _safe(folder, n)
+        except ProfileError as e: problems.append(str(e))
+        else:
+            if not path.is_file(): problems.append(f"{path}: missing (the manifest lists it)")
     for p in sorted(folder.rglob("*")):
         name = p.relative_to(folder).as_posix()
-        if not p.is_file() or name == MANIFEST: continue
+        if p.is_symlink(): problems.append(f"{p}: a symbolic link (a kept folder holds files of its own only)")
+        if not p.is_file() or p.is_symlink() or name == MANIFEST: continue
         if name not in sealed: problems.append(f"{p}: not in the manifest (added after the records were kept)")
         elif _sha256(p) != sealed[name]: problems.append(f"{p}: changed since the records were kept")
     problems += [pr for p in kept_records(folder) if (pr := _record_problem(p))]

@@ -3,6 +3,9 @@ loaded and checked whole (`load_profile`), expanded into jobs (`expand`), planne
 (`plan`). Every setting is a field of `kd_lib.config.TeacherConfig` or `StudentConfig`, checked by them."""
 import importlib
 import itertools
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +16,9 @@ from ..methods import get_method
 from ..models import STUDENTS
 from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
 
-__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "ProfileError", "RunConflict",
-           "Job", "profiles",
-           "load_profile", "expand", "plan", "strays", "example", "shown"]
+__all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "MAX_RUNS", "MAX_JOBS",
+           "ProfileError", "RunConflict", "Job", "profiles", "kept_folder", "load_profile", "expand", "plan", "strays",
+           "example", "shown"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -25,6 +28,9 @@ _TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep",
         "own_models", "long_twins"}  # the keys of a profile
 KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one of the repository
 MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
+MAX_RUNS = 10_000  # runs a profile may expand to (the paper's matrix is a few hundred)
+MAX_JOBS = 256  # runs a profile (or --jobs) may execute at once
+NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # a profile's name: it names folders
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
 _START_COST = 2.0  # a kernel's start, imports and figures, in units of one no_teacher epoch of resnet10
 
@@ -101,7 +107,8 @@ def _unknown(where: str, keys, known) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    "YAML's safe loader that refuses a key given twice in one mapping, and more than `MAX_ALIASES` aliases."
+    """YAML's safe loader that refuses a key given twice in one mapping, a key that is not a name (a list or a
+    mapping: `? [a, b]`), and more than `MAX_ALIASES` aliases."""
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases = getattr(self, "aliases", 0) + 1
@@ -113,6 +120,8 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for k, _ in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise yaml.YAMLError(f"a key that is a list or a mapping{k.start_mark}: a profile's keys are names")
             key = self.construct_object(k, deep=deep)
             if key in seen: raise yaml.YAMLError(f"the key {key!r} is given twice in one mapping{k.start_mark}")
             seen.add(key)
@@ -124,7 +133,7 @@ def _typed(where: str, prof: dict) -> None:
     wants = dict(name=(str, "a name"), description=(str, "a line of text"), out_dir=(str, "a folder path"),
                  keep=(str, f"a folder inside {KEPT_ROOT}/"), example=(dict, "a mapping of run settings, e.g. "
                  "{dataset: digits, student: resnet10, method: stagewise, fraction: 1.0, seed: 0}"),
-                 jobs=(int, "a whole number of runs at once, 1 or more"),
+                 jobs=(int, f"a whole number of runs at once, 1 to {MAX_JOBS}"),
                  margin=((int, float), "a number of accuracy points, more than 0"),
                  long_twins=(bool, "true (every arm and the teacher get a long twin) or false"),
                  own_models=(dict, "a mapping of notebooks/own_models.ipynb's parameters, e.g. {epochs: 1}"))
@@ -133,6 +142,9 @@ def _typed(where: str, prof: dict) -> None:
         if v is None: continue
         if not isinstance(v, t) or (isinstance(v, bool) and t is not bool) or (key in ("jobs", "margin") and v <= 0):
             raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
+        if key == "margin" and not math.isfinite(v): raise ProfileError(f"{where}: margin={v!r}: margin takes {what}.")
+        if key == "jobs" and v > MAX_JOBS:
+            raise ProfileError(f"{where}: jobs={v}: at most {MAX_JOBS} runs at once (each holds a process).")
     imports = prof.get("imports") or []
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
         raise ProfileError(f"{where}: imports={imports!r}: imports takes a list of module names, e.g. [mypkg.methods].")
@@ -143,12 +155,18 @@ def _typed(where: str, prof: dict) -> None:
                                "repository's root, where the notebooks run.") from e
     if (bad := set(prof.get("example") or {}) - set(StudentConfig.names())):
         raise ProfileError(f"{where}: example: unknown key(s) {sorted(bad)}; it names a run by its settings.")
-    if (keep := prof.get("keep")) is not None:
-        inside = (ROOT / keep).resolve()
-        if Path(keep).is_absolute() or inside == (ROOT / KEPT_ROOT).resolve() or \
-                (ROOT / KEPT_ROOT).resolve() not in inside.parents:
-            raise ProfileError(f"{where}: keep={keep!r}: kept records go to a folder of their own inside "
-                               f"{KEPT_ROOT}/ of the repository (e.g. {KEPT_ROOT}/<profile>), nowhere else.")
+    if (keep := prof.get("keep")) is not None: kept_folder(keep, ROOT, where)
+
+
+def kept_folder(keep: str, root: Path = ROOT, where: str = None) -> Path:
+    """`root / keep` (normalised, not resolved), when `keep` names a folder of its own directly inside the
+    `KEPT_ROOT` folder of `root` (not that folder itself, nor one outside it or nested in another); else a
+    `ProfileError` (`where`: the profile file, for the message)."""
+    folder = Path(os.path.normpath(root / keep))
+    if Path(keep).is_absolute() or folder.parent != root / KEPT_ROOT:
+        raise ProfileError(f"{where + ': ' if where else ''}keep={keep!r}: kept records go to a folder of their "
+                           f"own inside {KEPT_ROOT}/ of the repository ({KEPT_ROOT}/<profile>), nowhere else.")
+    return folder
 
 
 def load_profile(profile) -> dict:
@@ -160,12 +178,18 @@ def load_profile(profile) -> dict:
     if not path.is_file():
         raise ProfileError(f"No profile {profile!r}: choose one of {', '.join(profiles())} "
                            f"(kd_lib/profiles/) or give the path of a YAML file.")
-    try: prof = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 -- a SafeLoader
-    except yaml.YAMLError as e: raise ProfileError(f"{path} is not a valid profile: {e}") from e
+    try: prof = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 -- a SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError) as e: raise ProfileError(f"{path} is not a valid profile: {e}") from e
+    except RecursionError as e:
+        raise ProfileError(f"{path} is not a valid profile: it nests lists or mappings too deeply (a profile needs "
+                           "a few levels).") from e
     if not isinstance(prof, dict): raise ProfileError(f"{path}: a profile is a YAML mapping.")
     _unknown(str(path), prof, _TOP)
     _typed(str(path), prof)
     prof.setdefault("name", path.stem)
+    if not re.fullmatch(NAME, prof["name"]):
+        raise ProfileError(f"{path}: name={prof['name']!r}: a profile's name names its folders (runs/<name>, "
+                           "notebooks/<name>.ipynb): letters, digits and _.- only, not starting with a dot.")
     prof.setdefault("out_dir", f"runs/{prof['name']}")
     prof["path"] = str(path)
     datasets = prof.get("datasets")
@@ -197,6 +221,15 @@ def _config(cls, settings: dict, where: str):
     except (TypeError, ValueError) as e: raise ProfileError(f"{where}: {e}") from e
 
 
+def _count(prof: dict, defaults: dict) -> None:
+    "Refuse a profile whose groups expand to more than `MAX_RUNS` runs, before any is made."
+    n = sum(math.prod(len(_listify(g.get(k, defaults[k]))) for k in EXPANDED)
+            for d in prof["datasets"] for g in d.get("students") or [])
+    if n > MAX_RUNS:
+        raise ProfileError(f"{prof['path']}: its student groups expand to {n:,} runs, more than {MAX_RUNS:,}: "
+                           "shorten their lists (every combination of student, method, fraction and seed runs).")
+
+
 def expand(prof: dict, out_dir=None) -> list:
     """The profile's jobs in order: each dataset's teacher, then every student run of every group (the
     product of the group's `student`, `method`, `fraction` and `seed` lists). Every run's settings are checked by
@@ -211,6 +244,7 @@ def expand(prof: dict, out_dir=None) -> list:
         return Job(config, f"{config.dataset}/{config.run_name}", out / config.dataset / config.run_name,
                    out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out,
                    tuple(prof.get("imports") or ()))
+    _count(prof, defaults)
     for d in prof["datasets"]:
         ds, where = d["dataset"], f"{prof['path']}, dataset {d['dataset']}"
         base = dict(dataset=ds, data_path=d.get("data_path"), **(d.get("common") or {}))
