@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,5 +20,7 @@ def test_the_gpu_check_runs_on_a_cpu_and_projects_the_papers_cifar10_runs(tmp_pa
     assert set(rates) == {"teacher", "no_teacher", "simultaneous", "stagewise", "teacher_forced"}
     assert list(rates["stagewise"]) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert all(v > 0 for per in rates.values() for v in per.values())
-    assert report["projection"]["runs"] == 26 and report["projection"]["hours"] > 0  # 1 teacher, 25 students
+    assert report["projection"]["runs"] == 52 and report["projection"]["hours"] > 0  # 2 teachers, 50 students
+    per_run = report["projection"]["per_run"]
+    assert per_run["cifar10/teacher-x2"] == pytest.approx(2 * per_run["cifar10/teacher"])  # a long twin: twice
     assert "img/s" in p.stdout and "the paper profile's CIFAR-10 part" in p.stdout
