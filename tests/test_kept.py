@@ -108,7 +108,7 @@ def _runs(tmp_path, names=("a/teacher", "a/s1"), **fields) -> list:
                                                   finished=f"2026-11-{29 + len(runs)}T10:00:00+0000",
                                                   versions=dict(code=dict(commit=head, dirty=False)))))
         (run / "teacher.pth").write_bytes(b"weights")
-        runs.append(SimpleNamespace(name=name, run=run, config=SimpleNamespace(params=lambda: {})))
+        runs.append(SimpleNamespace(name=name, run=run, config=SimpleNamespace(params=lambda: {}, changed=lambda: {})))
     return runs
 
 
@@ -123,7 +123,7 @@ def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
     runs = _runs(tmp_path)
     unfinished = tmp_path / "runs" / "a" / "s2"
     unfinished.mkdir()
-    runs.append(SimpleNamespace(name="a/s2", run=unfinished, config=SimpleNamespace(params=lambda: {})))
+    runs.append(SimpleNamespace(name="a/s2", run=unfinished, config=SimpleNamespace(params=lambda: {}, changed=lambda: {})))
     dest = keep_records(dict(keep="results/x"), runs, verdicts=lambda folder: {"1": "reproduced"},
                         note="two cores, stopped and resumed twice")
     assert dest == repo / "results" / "x"

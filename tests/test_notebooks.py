@@ -149,6 +149,6 @@ def test_teacher_then_student_on_a_folder_never_seen(tmp_path, monkeypatch):
                        epochs=1, cache="valid", **common)
     record = json.loads((runs / "folder" / "resnet10-stagewise-f1-s0" / "record.json").read_text())
     assert record["status"] == "complete" and record["data"]["vocab"] == ["blue", "green", "red"]
-    assert record["data"]["sizes"]["test"] == 12 and record["teacher"]["path"] == str(runs / "folder" / "teacher")
+    assert record["data"]["sizes"]["test"] == 12 and record["teacher"]["path"] == "folder/teacher"
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

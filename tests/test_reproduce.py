@@ -39,7 +39,7 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
     prof = rp.load_profile(name)
     jobs = rp.expand(prof)
     teachers = [j for j in jobs if j.kind == "teacher"]
-    assert len(teachers) == len(prof["datasets"]) and jobs[:len(teachers)] == teachers
+    assert len(teachers) == 2 * len(prof["datasets"]) and jobs[:len(teachers)] == teachers  # each with its long twin
     for kind in ("teacher", "student"):
         known = set(pm.inspect_notebook(str(rp.NOTEBOOKS / f"{kind}.ipynb")))
         for j in jobs:
