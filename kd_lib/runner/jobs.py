@@ -40,10 +40,10 @@ def _children_cpu() -> float:
 
 
 def kernel_env(threads: int, gpu: str = None) -> dict:
-    """The environment of a papermill kernel: `threads` for torch/OpenMP/MKL, fastai's bars off, and when
-    `gpu` is given, that GPU only (`CUDA_VISIBLE_DEVICES`)."""
+    """The environment of a papermill kernel: `threads` for torch/OpenMP/MKL, fastai's bars and the progress lines
+    off (the kernel's output goes to its notebook), and when `gpu` is given, that GPU only (`CUDA_VISIBLE_DEVICES`)."""
     t = str(max(1, threads))
-    env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, KD_PROGRESS="0",
+    env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, KD_PROGRESS="0", KD_LINES="0",
                PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"))
     if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
