@@ -4,9 +4,10 @@ For the teacher and students at 16 px (batch 32, the digits profile) and 32 px (
 milliseconds per batch of each stage's forward and backward (`kd_lib.stages.Stages.paper`, each stage on the
 previous stage's map, train mode), and of a whole training step (forward, backward, the paper's Adam), with the
 models' `TapConv2d`s (`tap`) and with every tap computed (`plain`, `kd_lib.models.untapped`), the two taking turns
-round after round (median of the rounds); one torch thread. Each oneDNN instruction set asked for (`--isa`: the
-machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA) runs in a process of its own, and the
-table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernel it picks for a 3x3 convolution on a 1x1 map.
+(each first in every other round; the median of the rounds); one torch thread. Each oneDNN instruction set asked
+for (`--isa`: the machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA) runs in a process of
+its own, and the table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernels it picks for a 3x3
+convolution on a 1x1 map.
 See benchmarks/README.md.
 """
 import argparse
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -84,10 +86,11 @@ def costs(name: str, size: int, bs: int, rounds: int, batches: int) -> list:
     for fn in jobs.values(): fn()  # warm up: oneDNN makes its kernels at the first call of each shape
     with untapped(model):
         for fn in jobs.values(): fn()
-    for _ in range(rounds):
+    for r in range(rounds):
         for j, fn in jobs.items():
-            with untapped(model): times[j, "plain"].append(_cpu_ms(fn, batches))
-            times[j, "tap"].append(_cpu_ms(fn, batches))
+            for mode in ("plain", "tap")[::1 if r % 2 else -1]:  # each path first in every other round
+                with untapped(model) if mode == "plain" else nullcontext():
+                    times[j, mode].append(_cpu_ms(fn, batches))
     rows = []
     for j in jobs:
         plain, tap = statistics.median(times[j, "plain"]), statistics.median(times[j, "tap"])
@@ -112,7 +115,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="teacher,resnet10,resnet14,resnet18,resnet20,resnet26")
     p.add_argument("--isa", default="native,AVX2", help="oneDNN instruction sets (ONEDNN_MAX_CPU_ISA; native: none)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, plain and tapped taking turns (median)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds, plain and tapped taking turns (median)")
     p.add_argument("--batches", type=int, default=3, help="batches timed per stage, path and round")
     p.add_argument("--out", default="benchmarks/runs", type=Path)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: print its JSON
