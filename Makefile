@@ -20,6 +20,7 @@ help:
 STAMP := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "pip: installing kd_lib and its dependencies (torch, fastai, jupyter-book, ...) into $(VENV), quietly: about 3 minutes on a fresh machine, less from pip's cache"
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@

@@ -32,6 +32,7 @@ def kd_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("kd_data")
     mp.setenv("KD_DATA", str(path))
     mp.setenv("KD_PROGRESS", "0")
+    mp.setenv("KD_LINES", "0")  # the runner's progress lines too (its command line sets them where not set)
     yield path
     mp.undo()
 

@@ -16,9 +16,11 @@ call (`kd_lib.train`), in worker processes that live as long as the runner (``--
 ``<out_dir>/notebooks/``); ``out_dir`` is ``runs/<profile>`` unless the profile says otherwise, and the records
 land in ``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. The runs execute on
 this machine, a few at a time (one per GPU where there are GPUs), or on the workers of a Dask cluster
-(`kd_lib.runner.executors`). Then it writes the book's notebooks into ``book/generated/`` (Table 1, the method
-diagram, the figures, models of one's own, and the notebooks of one teacher and one student run, executed from
-their records) and builds the book with ``jupyter-book build . -W -n --keep-going``.
+(`kd_lib.runner.executors`). On stderr it says when each run starts and ends, with an estimate of the time
+left (`kd_lib.runner.estimate`), and each run says where it is every 30 s (`kd_lib.heartbeat`). Then it writes
+the book's notebooks into ``book/generated/`` (Table 1, the method diagram, the figures, models of one's own, and
+the notebooks of one teacher and one student run, executed from their records) and builds the book with
+``jupyter-book build . -W -n --keep-going``.
 
 A profile with a ``keep`` folder (``cifar10``: ``results/cifar10``) has runs that take hours: once they
 complete, their records are copied there (JSON only) to be committed, and every build of the book draws

@@ -1,9 +1,11 @@
 """The command line of the runner, `python -m kd_lib.runner --profile digits` (see `kd_lib.runner`)."""
 import argparse
+import os
 import sys
 
 from .. import runner
 from ..claims import MARGIN
+from ..heartbeat import EVERY_S, LINES_ENV
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_job, run_jobs, train_job
@@ -64,6 +66,7 @@ def main(argv=None) -> None:
         todo = [j for j in jobs if j.status == "todo"]
         print(f"{len(jobs)} runs, {len(todo)} to run", file=sys.stderr)
         return
+    os.environ.setdefault(LINES_ENV, str(EVERY_S))  # each run's worker says where it is every 30 s (KD_LINES=0: not)
     try:  # on a machine with GPUs, one run per GPU unless --jobs says otherwise
         executor = DaskExecutor(args.scheduler, gpu=args.gpu) if args.scheduler else \
             LocalExecutor(args.jobs or len(visible_gpus()) or int(prof.get("jobs", 1)), workers=not args.notebooks)

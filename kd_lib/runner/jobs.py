@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from ..locks import INHERIT, RunLock, RunLocked, handed_down, lock_holder
-from ..records import complete_record
+from ..records import CorruptFile, complete_record
+from .estimate import Estimate
 from .executors import LocalExecutor, cores as _cores
 from .profiles import NOTEBOOKS, ROOT, Job
 
@@ -40,10 +41,10 @@ def _children_cpu() -> float:
 
 
 def kernel_env(threads: int, gpu: str = None) -> dict:
-    """The environment of a papermill kernel: `threads` for torch/OpenMP/MKL, fastai's bars off, and when
-    `gpu` is given, that GPU only (`CUDA_VISIBLE_DEVICES`)."""
+    """The environment of a papermill kernel: `threads` for torch/OpenMP/MKL, fastai's bars and the progress lines
+    off (the kernel's output goes to its notebook), and when `gpu` is given, that GPU only (`CUDA_VISIBLE_DEVICES`)."""
     t = str(max(1, threads))
-    env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, KD_PROGRESS="0",
+    env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, KD_PROGRESS="0", KD_LINES="0",
                PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"))
     if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
@@ -102,19 +103,24 @@ def run_notebook(name: str, out: Path, threads: int = None, log: Path = None, gp
 
 
 class Progress:
-    """Run i of N, elapsed and estimated remaining time, on stderr; the estimate scales by the jobs' costs and
-    the `slots` that run at once. `verb`: what submitting a job does (`start`, or `send` to a cluster's queue)."""
+    """Run i of N, elapsed and estimated remaining time, on stderr. The estimate (`kd_lib.runner.estimate.Estimate`)
+    comes from the runs' sizes and this machine's seconds per unit of work on the runs finished (in this process, or
+    before it: their records), the `slots` that run at once. `verb`: what submitting a job does (`start`, or `send`
+    to a cluster's queue)."""
     def __init__(self, jobs: list, stream=None, slots: int = 1, verb: str = "start"):
         self.jobs, self.stream, self.slots, self.verb = jobs, stream or sys.stderr, max(1, slots), verb
         self.t0 = time.perf_counter()
-        self.todo_cost = sum(j.cost for j in jobs if j.status == "todo")
-        self.done_cost, self.done_s, self.i = 0.0, 0.0, sum(j.status == "complete" for j in jobs)
-        self.started = self.i
+        self.estimate, self.running = Estimate(jobs, self.slots), {}  # running: job name -> (job, when it started)
+        for j in jobs:
+            if j.status == "complete" and (r := _record(j)) and r.get("wall_time_s"):
+                self.estimate.finished(j, r["wall_time_s"], r)
+        self.i = self.started = sum(j.status == "complete" for j in jobs)
 
     def say(self, msg: str): print(msg, file=self.stream, flush=True)
 
     def start(self, job: Job):
         self.started += 1
+        self.running[job.name] = (job, time.perf_counter())
         self.say(f"[{self.started:>3}/{len(self.jobs)}] {self.verb:6} {job.name} (elapsed {self.elapsed})")
 
     @property
@@ -122,14 +128,21 @@ class Progress:
 
     def finish(self, job: Job, host: str = None):
         self.i += 1
-        self.done_cost += job.cost
-        self.done_s += job.seconds
-        # seconds per unit of cost in one slot, from the finished runs (a long run still going does not skew it)
-        left = self.done_s / self.done_cost * (self.todo_cost - self.done_cost) / self.slots if self.done_cost else 0
+        self.running.pop(job.name, None)
+        if job.status == "done": self.estimate.finished(job, job.seconds, _record(job))
+        now = time.perf_counter()
+        left = self.estimate.left([j for j in self.jobs if j.status == "todo"],
+                                  [(j, now - t) for j, t in self.running.values()])
         what = {"done": "done", "complete": "done by another runner"}.get(job.status, "FAILED")
         where = f" on {host}" if host and host != socket.gethostname() else ""
         self.say(f"[{self.i:>3}/{len(self.jobs)}] {what:6} {job.name}{where} in {_fmt(job.seconds)} | elapsed "
                  f"{self.elapsed} | about {_fmt(left)} left")
+
+
+def _record(job: Job) -> dict:
+    "The complete record of `job`'s run, or None (none yet, or one that cannot be read)."
+    try: return complete_record(job.run)
+    except CorruptFile: return None
 
 
 @dataclass

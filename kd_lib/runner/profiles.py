@@ -15,6 +15,7 @@ from ..config import LONG_BUDGET, StudentConfig, TeacherConfig
 from ..methods import get_method
 from ..models import STUDENTS
 from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
+from .estimate import run_cost
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "MAX_RUNS", "MAX_JOBS",
            "ProfileError", "RunConflict", "Job", "profiles", "kept_folder", "load_profile", "expand", "plan", "strays",
@@ -32,7 +33,6 @@ MAX_RUNS = 10_000  # runs a profile may expand to (the paper's matrix is a few h
 MAX_JOBS = 256  # runs a profile (or --jobs) may execute at once
 NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # a profile's name: it names folders
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
-_START_COST = 2.0  # a kernel's start, imports and figures, in units of one no_teacher epoch of resnet10
 
 
 class ProfileError(ValueError):
@@ -87,13 +87,8 @@ class Job:
 
     @property
     def cost(self) -> float:
-        "A rough relative cost (for the time estimate): epochs x steps x data, from the configuration."
-        c = self.config
-        if self.kind == "teacher": return _START_COST + 3.3 * c.scaled(c.epochs)
-        depth = 1 + 0.1 * (int(c.student.removeprefix("resnet")) - 10)  # resnet26 ~ 2.6 x resnet10
-        valid = 0.35 if self.needs_teacher else 0.1  # the validation share, which no fraction shrinks
-        return _START_COST + c.scaled(c.epochs) * get_method(c.method).epoch_cost(c.cache is True) * depth \
-            * (c.fraction + valid) / (1 + valid)
+        "The run's relative work were every step to run to its cap (`kd_lib.runner.estimate`: the time estimate's)."
+        return run_cost(self.config, self.kind, self.needs_teacher)
 
 
 def profiles() -> list:

@@ -1,0 +1,33 @@
+"""Progress lines under the runner: a run says where it is (run, step, epoch, monitored value, elapsed) on stderr as
+often as KD_LINES asks, and says nothing where it is unset or 0 (tests, papermill's kernels)."""
+import re
+
+import pytest
+
+from kd_lib.heartbeat import ProgressLines
+from kd_lib.runner.jobs import kernel_env
+from kd_lib.train import train_student
+
+LINE = re.compile(r"^  digits/resnet10-no_teacher-f0.25-s0 all: epoch (\d)/2(, batch \d+/\d+)?, accuracy "
+                  r"(\d\.\d+|not yet measured), elapsed \dm\d\ds$")
+
+
+@pytest.mark.parametrize("every", ["1e-9", "0", None])
+def test_a_run_says_where_it_is_as_often_as_asked(every, tmp_path, tiny, monkeypatch, capsys):
+    if every is None: monkeypatch.delenv("KD_LINES", raising=False)
+    else: monkeypatch.setenv("KD_LINES", every)
+    monkeypatch.setattr(ProgressLines, "said", None)
+    train_student(**(tiny | dict(method="no_teacher", epochs=2, out_dir=tmp_path, progress=False)))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("  digits/")]
+    if every != "1e-9":
+        assert not lines
+        return
+    assert lines and all(LINE.match(ln) for ln in lines), lines[:5]
+    ends = [ln for ln in lines if "batch" not in ln]  # one after each epoch, with that epoch's accuracy
+    assert [LINE.match(ln)[1] for ln in ends] == ["1", "2"] and "not yet measured" not in ends[0]
+    assert "not yet measured" in lines[0]  # a batch of the first epoch, before any validation
+
+
+def test_papermills_kernels_say_nothing(monkeypatch):
+    monkeypatch.setenv("KD_LINES", "30")
+    assert kernel_env(1)["KD_LINES"] == "0"
