@@ -1,11 +1,14 @@
 """Progress lines under the runner: a run says where it is (run, step, epoch, monitored value, elapsed) on stderr as
 often as KD_LINES asks, and says nothing where it is unset or 0 (tests, papermill's kernels)."""
+import io
 import re
 
 import pytest
 
 from kd_lib.heartbeat import ProgressLines
-from kd_lib.runner.jobs import kernel_env
+from kd_lib.runner.executors import LocalExecutor
+from kd_lib.runner.jobs import kernel_env, run_jobs
+from kd_lib.runner.profiles import expand, load_profile, plan
 from kd_lib.train import train_student
 
 LINE = re.compile(r"^  digits/resnet10-no_teacher-f0.25-s0 all: epoch (\d)/2(, batch \d+/\d+)?, accuracy "
@@ -31,3 +34,14 @@ def test_a_run_says_where_it_is_as_often_as_asked(every, tmp_path, tiny, monkeyp
 def test_papermills_kernels_say_nothing(monkeypatch):
     monkeypatch.setenv("KD_LINES", "30")
     assert kernel_env(1)["KD_LINES"] == "0"
+
+
+def test_the_runners_workers_say_where_they_are(write_profile, monkeypatch, capfd):
+    "Through the runner: each run in its forked worker writes its lines to the terminal's stderr."
+    monkeypatch.setenv("KD_LINES", "1e-9")
+    executor = LocalExecutor(1, threads=1)  # one thread: two crawl while another process holds a core
+    try: run_jobs(plan(expand(load_profile(write_profile()))), executor=executor, stream=io.StringIO())
+    finally: executor.shutdown()
+    err = capfd.readouterr().err
+    assert re.search(r"^  digits/teacher teacher: epoch 1/1, accuracy \d\.\d+, elapsed", err, re.M)
+    assert re.search(r"^  digits/resnet10-stagewise-f1-s0 layer4: epoch 1/1", err, re.M)
