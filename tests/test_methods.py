@@ -45,7 +45,8 @@ def test_a_new_method_is_one_definition_and_runs_end_to_end(head_only, tmp_path,
     assert any(line.get_color() == "tab:pink" for ax in fig.axes for line in ax.get_lines())
     prof = dict(load_profile("smoke"), datasets=[dict(dataset="digits", students=[dict(method="head_only")])])
     jobs = expand(prof, tmp_path / "runs")
-    assert jobs[1].config.method == "head_only" and not jobs[1].needs_teacher
+    student = next(j for j in jobs if j.kind == "student")
+    assert student.config.method == "head_only" and not student.needs_teacher
 
 
 def test_a_method_registered_in_a_module_reaches_the_runners_kernels(tmp_path, monkeypatch, write_profile):
