@@ -5,7 +5,7 @@ torchvision's child names (``conv1``, ``bn1``, ``relu``, ``maxpool``,
 ``layer1`` ... ``layer4``), so the same stage points address the same places in
 the teacher and in every student: `kd_lib.stages.Stages.paper` names them.
 
-Their convolutions are `TapConv2d`s: where a convolution's output map is 1x1 (at 16 px, layer3 and layer4; at
+Their convolutions are `TapConv2d` modules: where a convolution's output map is 1x1 (at 16 px, layer3 and layer4; at
 32 px, layer4), it convolves with the kernel taps that meet the input only (a 3x3 kernel's centre on a 1x1 map),
 not with the eight that multiply padding: the same numbers within float rounding, several times faster on a CPU.
 """
@@ -69,14 +69,14 @@ def _swap(model: nn.Module, old: type, new: type) -> list:
 
 
 def tapped(model: nn.Module) -> nn.Module:
-    "`model` with each of its `nn.Conv2d`s a `TapConv2d` (the same modules and parameters: in place)."
+    "`model` with each of its `nn.Conv2d` modules a `TapConv2d` (the same modules and parameters: in place)."
     _swap(model, nn.Conv2d, TapConv2d)
     return model
 
 
 @contextmanager
 def untapped(model: nn.Module) -> Iterator[nn.Module]:
-    "`model` with its `TapConv2d`s plain `nn.Conv2d`s inside the block (every tap computed), as they were after."
+    "`model` with its `TapConv2d` modules plain `nn.Conv2d` inside the block (every tap computed), as they were after."
     mods = _swap(model, TapConv2d, nn.Conv2d)
     try: yield model
     finally:
