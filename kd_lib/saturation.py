@@ -6,7 +6,7 @@ verdict only where every arm they rest on, and the teacher, is saturated (`kd_li
 
 * `normal_runs`, `long_twins`: a `collect` table's runs at budget 1 and its long twins.
 * `saturation`: a row per arm with a long twin: normal and long accuracy, the gain, saturated or not.
-* `unsaturated`: why a claim resting on some arms cannot be answered, or None when it can.
+* `unsaturated`: of the arms a claim rests on, how many are saturated, and why it cannot be answered (None: it can).
 """
 import numpy as np
 import pandas as pd
