@@ -21,8 +21,10 @@ STAMP := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "pip: installing kd_lib and its dependencies (torch, fastai, jupyter-book, ...) into $(VENV), quietly: about 3 minutes on a fresh machine, less from pip's cache"
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@start=$$(date +%s); (while sleep 30; do echo "pip: still installing ($$(( $$(date +%s) - start ))s)"; done) & \
+	ticker=$$!; trap 'kill $$ticker 2>/dev/null' EXIT; \
+	$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"; \
+	status=$$?; echo "pip: done in $$(( $$(date +%s) - start ))s"; exit $$status
 	touch $@
 
 test: $(STAMP)

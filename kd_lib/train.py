@@ -27,7 +27,7 @@ from .cache import FeatureCache
 from .config import CUSTOM, StudentConfig, TeacherConfig
 from .data import check_no_leak, get_data
 from .distill import feature_mse, frozen
-from .fitting import StopOnNaN, accuracy_of, evaluate, fit, forget_fit, seed_everything, step_seed
+from .fitting import StopOnNaN, accuracy_of, evaluate, fastai_adam, fit, forget_fit, seed_everything, step_seed
 from .loading import load_student, load_teacher, load_weights  # noqa: F401 -- load_student: importable from here too
 from .locks import LOCK, RunLock
 from .methods import get_method
@@ -115,8 +115,8 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
                 if c.pretrained: raise
                 warnings.warn(f"Training the teacher from scratch: {e}")
                 imagenet, model = False, teacher(dls.c, pretrained=False)
-        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=run.path,
-                        model_dir="models", cbs=StopOnNaN())
+        learn = Learner(dls, model, opt_func=fastai_adam(model), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                        path=run.path, model_dir="models", cbs=StopOnNaN())
         summary = fit(learn, "teacher", c.scaled(c.epochs), c.lr, "accuracy", run.path, one_cycle_lr=True,
                       progress=progress)
         save_weights(run.teacher_file, model.state_dict())

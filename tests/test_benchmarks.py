@@ -24,3 +24,13 @@ def test_the_gpu_check_runs_on_a_cpu_and_projects_the_papers_cifar10_runs(tmp_pa
     per_run = report["projection"]["per_run"]
     assert per_run["cifar10/teacher-x2"] == pytest.approx(2 * per_run["cifar10/teacher"])  # a long twin: twice
     assert "img/s" in p.stdout and "the paper profile's CIFAR-10 part" in p.stdout
+
+
+def test_the_teacher_adam_benchmark_times_both_optimizers(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_adam.py"), "--models", "resnet10",
+                        "--rounds", "1", "--steps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "teacher_adam.json").read_text())["rows"]["resnet10"]
+    assert set(rows) == {"optimizer step", "training step"}
+    assert all(r["fastai_ms"] > 0 and r["fused_ms"] > 0 for r in rows.values())

@@ -52,10 +52,12 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
              for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 28, "digits": 48, "cifar10": 42, "paper": 150}  # each with its arms' long twins
+    assert count == {"smoke": 28, "digits": 41, "cifar10": 42, "paper": 150}  # each with its arms' long twins
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
-    assert students == {"resnet10", "resnet18"}
+    assert students == {"resnet10"}
+    seeds = {j.params["seed"] for j in digits if j.kind == "student" and j.params["method"] == "stagewise"}
+    assert seeds == {0, 1, 2, 3}  # four pairs for every claim's interval
     full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
     assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise", "teacher_forced",
                     "teacher_forced_finetune"}
