@@ -45,3 +45,23 @@ def test_the_runners_workers_say_where_they_are(write_profile, monkeypatch, capf
     err = capfd.readouterr().err
     assert re.search(r"^  digits/teacher teacher: epoch 1/1, accuracy \d\.\d+, elapsed", err, re.M)
     assert re.search(r"^  digits/resnet10-stagewise-f1-s0 layer4: epoch 1/1", err, re.M)
+
+
+def test_the_book_notebooks_say_which_are_still_being_written(monkeypatch):
+    "While the book's notebooks run (the page on models of one's own trains for minutes), a line names those running."
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kd_lib.runner.book import _say_while_running
+    monkeypatch.setenv("KD_LINES", "0.1")
+    out = io.StringIO()
+    with ThreadPoolExecutor(2) as pool:
+        futures = {pool.submit(time.sleep, 0.45): "own_models", pool.submit(time.sleep, 0.05): "figures"}
+        _say_while_running(futures, out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all(re.fullmatch(r"  still writing own_models \(book notebooks, 0m00s\)", ln)
+                                   for ln in lines), lines
+    monkeypatch.setenv("KD_LINES", "0")
+    out = io.StringIO()
+    with ThreadPoolExecutor(1) as pool: _say_while_running({pool.submit(time.sleep, 0.2): "figures"}, out)
+    assert out.getvalue() == ""

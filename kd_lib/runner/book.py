@@ -3,10 +3,12 @@ teacher and one student run), then Jupyter Book's build of the whole book, faili
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..claims import MARGIN
+from ..heartbeat import every_s
 from .executors import cores
 from .jobs import run_notebook
 from .kept import kept_profiles
@@ -53,10 +55,23 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -
                      **params)
 
     with ThreadPoolExecutor(max(1, n_jobs)) as pool:
-        done = [pool.submit(page, name, params) for name, params in steps[:1]]
-        done += [pool.submit(example_run, j) for j in (teacher, student)]
-        done += [pool.submit(page, name, params) for name, params in steps[1:]]
+        done = {pool.submit(page, name, params): name for name, params in steps[:1]}
+        done.update({pool.submit(example_run, j): f"{j.kind}.ipynb" for j in (teacher, student)})
+        done.update({pool.submit(page, name, params): name for name, params in steps[1:]})
+        _say_while_running(done, stream)
         for f in done: f.result()  # the first failure, with its notebook and log named
+
+
+def _say_while_running(futures: dict, stream) -> None:
+    "Until every future (-> the notebook it writes) is done, a line every `KD_LINES` seconds naming those running."
+    every, t0 = every_s(), time.perf_counter()
+    pending = set(futures)
+    while pending:
+        _, pending = wait(pending, timeout=every)
+        if pending and every and (running := [futures[f] for f in pending if f.running()]):
+            elapsed = int(time.perf_counter() - t0)
+            print(f"  still writing {', '.join(running)} (book notebooks, {elapsed // 60}m{elapsed % 60:02d}s)",
+                  file=stream, flush=True)
 
 
 def build_book() -> None:

@@ -1,15 +1,19 @@
 """The runner's time estimate, from the runs' sizes: a run's work is its epochs x the images of an epoch x the cost
 of one image through its model and method (`epoch_cost`, relative units), and this machine's seconds per unit of
-work are measured on the runs already finished (their records say how many epochs each ran), teachers apart from
-students (a teacher runs alone on every core). Early stopping is a guess until runs of the method have stopped:
-`FILL` of the epochs allowed, then what the finished runs of that method (else of any) used."""
+work are measured on the runs already finished (their records say how many epochs each ran), the runs that ran
+alone on every core (a teacher its students wait for) apart from those that ran in one of the slots (the students,
+and a long teacher, which no student waits for): two threads on one run are not twice one thread's speed. Early
+stopping is a guess until runs of the method have stopped: `FILL` of the epochs allowed, then what the finished
+runs of that method (else of any) used."""
 from ..methods import get_method
 
-__all__ = ["FILL", "START_COST", "epoch_cost", "allowed_epochs", "run_cost", "Estimate"]
+__all__ = ["FILL", "START_COST", "ALONE_GAIN", "epoch_cost", "allowed_epochs", "run_cost", "Estimate"]
 
 FILL = 0.7  # the share of its allowed epochs a run with early stopping is taken to use, until runs have shown theirs
 START_COST = 2.0  # a run's start, imports and record, in units of one no_teacher epoch of resnet10 on all the data
 TEACHER_EPOCH = 3.3  # an epoch of the teacher (ResNet34, all the data), in the same units
+ALONE_GAIN = 0.65  # a run alone: each slot's cores beyond one add this much of one slot's speed (two threads on one
+#   run were 1.49x one thread at 16 px and 1.82x at 32 px, book/performance.md "Choices for training on a CPU": 1.65)
 
 
 def epoch_cost(config, kind: str, needs_teacher: bool = False) -> float:
@@ -48,20 +52,26 @@ def _stops(config, kind: str) -> bool:
 
 class Estimate:
     """Seconds left of `jobs` (`Job`s), `slots` at once, learning from each finished job (`finished`) this
-    machine's seconds per unit of work and the share of their epochs that runs with early stopping use."""
+    machine's seconds per unit of work, alone and in a slot, and the share of their epochs that runs with early
+    stopping use."""
     def __init__(self, jobs: list, slots: int = 1):
         self.jobs, self.slots = jobs, max(1, slots)
-        self.seconds, self.work = {"teacher": 0.0, "student": 0.0}, {"teacher": 0.0, "student": 0.0}
+        self.awaited = {a for j in jobs for a in j.after}  # the teachers students wait for: they run alone
+        self.seconds, self.work = {"alone": 0.0, "slot": 0.0}, {"alone": 0.0, "slot": 0.0}
         self.used, self.allowed = {}, {}  # per method with early stopping: epochs its finished runs ran, and allowed
         self.ran = {}  # job name -> epochs it ran in all
+
+    def where(self, job) -> str:
+        "'alone' for a teacher its students wait for (the runner gives it every core), else 'slot'."
+        return "alone" if job.kind == "teacher" and job.name in self.awaited else "slot"
 
     def finished(self, job, seconds: float, record: dict) -> None:
         "Learn from `job`, finished in `seconds` with its `record` (None: nothing to learn, a failed run)."
         if record is None: return
         ran, c = _ran(record), job.config
         self.ran[job.name] = ran
-        self.seconds[job.kind] += seconds
-        self.work[job.kind] += START_COST + ran * epoch_cost(c, job.kind, job.needs_teacher)
+        self.seconds[self.where(job)] += seconds
+        self.work[self.where(job)] += START_COST + ran * epoch_cost(c, job.kind, job.needs_teacher)
         if _stops(c, job.kind):
             self.used[c.method] = self.used.get(c.method, 0) + ran
             self.allowed[c.method] = self.allowed.get(c.method, 0) + allowed_epochs(c, job.kind)
@@ -76,19 +86,22 @@ class Estimate:
         fill = self.used[c.method] / self.allowed[c.method] if c.method in self.allowed else FILL
         return fill * allowed_epochs(c, job.kind)
 
-    def rate(self, kind: str) -> float:
-        """Seconds per unit of work of a `kind` run in its slot: every finished run is evidence of this machine's speed,
-        weighed by its work, a teacher's seconds counting `slots` times a student's (it had every slot's cores)."""
-        teacher = self.slots if kind == "student" else 1  # a teacher's seconds, in this kind's slot
-        student = 1 if kind == "student" else 1 / self.slots
-        work = self.work["teacher"] + self.work["student"]
-        return (teacher * self.seconds["teacher"] + student * self.seconds["student"]) / work if work else 0.0
+    def rate(self, where: str) -> float:
+        """Seconds per unit of work of a run `where` ('alone' or 'slot'): every finished run is evidence of this
+        machine's speed, weighed by its work; a run alone had every slot's cores, worth `ALONE_GAIN` of a slot's speed
+        each beyond the first."""
+        speedup = 1 + ALONE_GAIN * (self.slots - 1)  # of a run alone over one in a slot
+        alone = speedup if where == "slot" else 1  # a run alone's seconds, in this kind's terms
+        slot = 1 if where == "slot" else 1 / speedup
+        work = self.work["alone"] + self.work["slot"]
+        return (alone * self.seconds["alone"] + slot * self.seconds["slot"]) / work if work else 0.0
 
     def left(self, todo: list, running: list) -> float:
         """Seconds until `todo` jobs (not started) and `running` ones ((job, seconds it has run) pairs) are done:
-        teachers one at a time, students `slots` at once."""
+        the runs alone one at a time, the others `slots` at once."""
         total = 0.0
         for j, spent in [(j, 0.0) for j in todo] + list(running):
-            s = self.rate(j.kind) * (START_COST + self.epochs(j) * epoch_cost(j.config, j.kind, j.needs_teacher))
-            total += max(0.0, s - spent) / (1 if j.kind == "teacher" else self.slots)
+            where = self.where(j)
+            s = self.rate(where) * (START_COST + self.epochs(j) * epoch_cost(j.config, j.kind, j.needs_teacher))
+            total += max(0.0, s - spent) / (1 if where == "alone" else self.slots)
         return total
