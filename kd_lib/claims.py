@@ -176,13 +176,18 @@ def _gains(r, ds, metric, small, share_of_gap: bool):
     teacher = _teacher(r, ds, metric)[0] if share_of_gap else None
     if share_of_gap and teacher is None: return None
     def gain(k): return both[f"sw_{k}"] - both[f"base_{k}"]
-    d = gain("small") - gain("full") if not share_of_gap else \
-        gain("small") / (teacher - both["base_small"]) - gain("full") / (teacher - both["base_full"])
     pairs = both.reset_index()
     arms = _arms(pairs, ["stagewise", bases[0]], small) + _arms(pairs, ["stagewise", bases[1]], 1.0)
+    left_out = ""
+    if share_of_gap:  # a baseline as good as the teacher leaves no gap to close: that pair has no share
+        gap = (teacher > both["base_small"]) & (teacher > both["base_full"])
+        if (n := int((~gap).sum())): left_out = f"; {n} pair{'s' * (n != 1)} left out, the baseline as good as the teacher"
+        both = both[gap]
+    d = gain("small") - gain("full") if not share_of_gap else \
+        gain("small") / (teacher - both["base_small"]) - gain("full") / (teacher - both["base_full"])
     what = "share of the teacher's gap over the baseline closed by stagewise" if share_of_gap else "stagewise gain"
     return dict(d=d, arms=arms, note=f"{what} at {fraction_label(small)} minus at full data (baselines: "
-                                       f"{bases[0]} at {fraction_label(small)}, {bases[1]} at full data)")
+                                       f"{bases[0]} at {fraction_label(small)}, {bases[1]} at full data){left_out}")
 
 
 def _claim_3(r, ds, metric, small): return _gains(r, ds, metric, small, share_of_gap=False)

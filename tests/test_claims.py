@@ -139,6 +139,20 @@ def test_the_gain_with_less_data_is_the_paired_difference_of_gains():
     assert share["ours"].startswith(f"{25 / 45 - 10 / 15:+.2f}") and share["verdict"] == "not reproduced"
 
 
+def test_a_pair_whose_baseline_is_as_good_as_the_teacher_has_no_share_of_the_gap():
+    "The share of the teacher's gap closed is undefined where the baseline leaves no gap: those pairs are left out."
+    r = runs(dict(no_teacher=lambda f: 80 if f == 1 else 50, stagewise=lambda f: 90 if f == 1 else 75),
+             fractions=(1.0, 0.25), noise=0.0)
+    beats = (r["method"] == "no_teacher") & (r["fraction"] == 1.0) & (r["student"] == "resnet10")
+    r.loc[beats, "test_accuracy"] = 95.0  # resnet10's baseline at full data reaches the teacher: no gap
+    share = row(claims(r), "3_share")
+    assert share["ours"].startswith(f"{25 / 45 - 10 / 15:+.2f} [") and "over 6 pairs" in share["ours"]
+    assert share["ours"].endswith("; 3 pairs left out, the baseline as good as the teacher")
+    r.loc[(r["method"] == "no_teacher") & (r["fraction"] == 1.0), "test_accuracy"] = 96.0  # every pair
+    share = row(claims(r), "3_share")
+    assert share["ours"].startswith("n/a") and share["verdict"] == "inconclusive"
+
+
 def test_claim_4_counts_the_teachers_own_uncertainty():
     r = runs(dict(no_teacher=80, stagewise=94.6), noise=0.05).assign(n_test=400)
     with_se = row(claims(r), 4)
