@@ -211,7 +211,7 @@ CLAIMS = [
      "beyond it"),
     ("3", "3. the stagewise gain is larger with less data", _claim_3, 0.0, True, "interval above 0"),
     ("3_share", "3. stagewise closes more of the teacher's gap with less data", _claim_3_share, 0.0, True,
-     "interval above 0 (shares, not points)"),
+     "interval above 0 (shares, not points; a pair whose baseline is as good as the teacher has no share)"),
     ("4", "4. stagewise students come within 2 points of the teacher (full data)", _claim_4, 2.0, False,
      "interval below 2 points"),
 ]
