@@ -151,6 +151,29 @@ def test_a_kept_set_is_logged_with_the_verdicts_of_its_records(monkeypatch):
     assert kept.claim_verdicts("x")["all"].startswith("none: ") and "never ran" in kept.claim_verdicts("x")["all"]
 
 
+def test_a_set_made_apart_is_added_beside_the_kept_records(tmp_path, repo):
+    "Long twins made later (in a worktree of another commit, say) join the kept folder as a set of their own."
+    jobs = _runs(tmp_path, ("a/teacher", "a/s1", "a/s1-x2"))
+    dest = keep_records(dict(keep="results/x"), jobs[:2], verdicts=lambda folder: {"1": "inconclusive"})
+    seal(dest, kept.settings_hash(jobs))  # sealed for the profile with its twins, as results/cifar10 is
+    jobs[2].run.rename(tmp_path / "worktree")  # made elsewhere
+    before = {p: p.read_bytes() for p in dest.rglob(RECORD)}
+    kept.add_set(dict(keep="results/x"), jobs, {"a/s1-x2": tmp_path / "worktree"}, note="commit 07275b6, 1 thread",
+                 verdicts=lambda folder: {"1": f"{len(list(kept_records(folder)))} records"})
+    assert {p: p.read_bytes() for p in before} == before and (dest / "a" / "s1-x2" / RECORD).exists()
+    sets = json.loads((dest / LOG).read_text())["sets"]
+    assert [s["runs"] for s in sets] == [2, 1] and sets[-1]["verdicts"] == {"1": "3 records"}
+    assert sets[-1]["note"] == "commit 07275b6, 1 thread" and check_kept(dest) == []
+    for runs, why in (({"a/s1-x2": tmp_path / "worktree"}, "is kept already"), ({"b/s9": jobs[0].run}, "not one of"),
+                      ({"a/s1": tmp_path / "nothing"}, "is kept already")):
+        with pytest.raises(ProfileError, match=why): kept.add_set(dict(keep="results/x"), jobs, runs, note="")
+    (dest / "a" / "s1-x2" / RECORD).unlink()
+    seal(dest, kept.settings_hash(jobs))
+    (tmp_path / "worktree" / RECORD).write_text(json.dumps(dict(status="running")))
+    with pytest.raises(ProfileError, match="is not complete"):
+        kept.add_set(dict(keep="results/x"), jobs, {"a/s1-x2": tmp_path / "worktree"}, note="")
+
+
 @pytest.mark.parametrize("keep", ["/tmp/kept-elsewhere", "results", ".", "results/../kd_lib"])
 def test_keep_writes_nowhere_but_a_folder_of_its_own_in_results(keep, tmp_path, repo):
     "A profile's `keep: /some/folder` once deleted that folder whole and said 'records kept'."

@@ -29,11 +29,11 @@ that profile's chapter (``notebooks/<profile>.ipynb``) from the kept records, wi
 from .book import GENERATED, build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import Outcome, Progress, kernel_env, run_job, run_jobs, run_notebook, train_job
-from .kept import check_kept, keep_records, kept_profiles, kept_records, reseal, seal
+from .kept import add_set, check_kept, keep_records, kept_profiles, kept_records, reseal, seal
 from .profiles import (NOTEBOOKS, PROFILES, ROOT, Job, ProfileError, RunConflict, example, expand, load_profile, plan,
                        profiles, strays)
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "GENERATED", "Job", "ProfileError", "RunConflict", "profiles",
            "load_profile", "expand", "plan", "strays", "example", "kernel_env", "run_notebook", "Progress", "Outcome",
            "run_job", "train_job", "run_jobs", "LocalExecutor", "DaskExecutor", "visible_gpus", "write_book_notebooks",
-           "build_book", "kept_profiles", "keep_records", "kept_records", "check_kept", "seal", "reseal"]
+           "build_book", "kept_profiles", "keep_records", "add_set", "kept_records", "check_kept", "seal", "reseal"]

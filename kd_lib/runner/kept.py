@@ -21,7 +21,7 @@ from ..claims import MARGIN, IdenticalArms, claims, verdicts
 from ..records import RECORD, CorruptFile, checked_record, collect, complete_record, git, read_json, write_json
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, kept_folder, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records", "seal",
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records", "add_set", "seal",
            "reseal",
            "kept_records", "check_kept"]
 
@@ -133,18 +133,47 @@ def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replac
         new[name] = True
     for name in old:
         if name not in new: (dest / name).unlink(missing_ok=True)
-    records = [read_json(dest / n) for n in new]
-    log = read_json(dest / LOG) or {}
-    sets = log.get("sets", [])
-    finished = sorted(r["finished"] for r in records if r.get("finished"))
-    sets.append(dict(kept=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), runs=len(records),
-                     made=f"{finished[0]} to {finished[-1]}" if finished else None,
-                     commits=sorted({_code(r).get("commit") or "none" for r in records}),
-                     seeds=sorted({r["params"].get("seed") for r in records if r["kind"] == "student"}),
-                     verdicts=verdicts(dest) if verdicts else {}, **({"note": note} if note else {})))
-    write_json(dest / LOG, dict(log, sets=sets))
+    _log_set(dest, [read_json(dest / n) for n in new], verdicts, note)
     seal(dest, settings_hash(jobs))
     return dest
+
+
+def add_set(prof: dict, jobs: list, runs: dict, note: str, verdicts=None) -> Path:
+    """Add runs made apart (run name -> its run folder: the long twins of a kept set, made later, say) to the
+    keep folder of `prof` (its runs: `jobs`) as a record set of their own, beside the records kept there, none of
+    which is changed or removed: each run must be one of the profile's, complete, made from committed code, and not
+    kept yet. The set is
+    logged in `LOG` (with `verdicts(folder)` of every record the folder then holds, and the `note`: how and where
+    they were made; by default `claim_verdicts` at the profile's margin) and the folder sealed again for the
+    profile's run settings."""
+    verdicts = verdicts or (lambda folder: claim_verdicts(folder, prof.get("margin", MARGIN)))
+    dest, _ = keep_plan(prof, jobs)
+    names, records = {j.name for j in jobs}, {}
+    for name, run in runs.items():
+        record = complete_record(Path(run))
+        why = ("is not one of the profile's runs" if name not in names else "is kept already"
+               if (dest / name / RECORD).exists() else "is not complete" if record is None
+               else "was made from code with changes not committed" if _code(record).get("dirty") else None)
+        if why: raise ProfileError(f"{name} ({run}) {why}: a set added to {dest} holds complete runs of the "
+                                   "profile's, made from committed code, that the folder does not hold yet.")
+        records[name] = record
+    for name, record in records.items(): write_json(_safe(dest, f"{name}/{RECORD}"), record)
+    _log_set(dest, list(records.values()), verdicts, note)
+    seal(dest, settings_hash(jobs))
+    return dest
+
+
+def _log_set(dest: Path, records: list, verdicts, note: str = None) -> None:
+    "Append the set of `records` to `dest`'s `LOG`: when kept and made, their commits and seeds, verdicts, the note."
+    log = read_json(dest / LOG) or {}
+    finished = sorted(r["finished"] for r in records if r.get("finished"))
+    log["sets"] = log.get("sets", []) + [dict(
+        kept=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), runs=len(records),
+        made=f"{finished[0]} to {finished[-1]}" if finished else None,
+        commits=sorted({_code(r).get("commit") or "none" for r in records}),
+        seeds=sorted({r["params"].get("seed") for r in records if r["kind"] == "student"}),
+        verdicts=verdicts(dest) if verdicts else {}, **({"note": note} if note else {}))]
+    write_json(dest / LOG, log)
 
 
 def _code(record: dict) -> dict:
