@@ -84,6 +84,16 @@ def test_the_runner_refuses_to_replace_a_kept_set_before_any_run(tmp_path, repo,
         main(["--profile", str(write_profile()), "--replace", "--dry-run"])
 
 
+def test_a_dry_run_says_that_keeping_would_be_refused(tmp_path, repo, write_profile, capsys):  # noqa: F811
+    keep_records(X, _runs(tmp_path / "made"))
+    path = write_profile()
+    path.write_text(yaml.safe_dump(dict(yaml.safe_load(path.read_text()), keep="results/x")))
+    main(["--profile", str(path), "--dry-run"])
+    out = capsys.readouterr()
+    assert "note: keeping this profile's records would be refused" in out.err and "--replace" in out.err
+    assert "todo" in out.out and not (tmp_path / "runs").exists()  # listed, nothing run
+
+
 @pytest.mark.parametrize("keep", ["results/cifar10/cifar10", "results/x/y"])
 def test_a_keep_folder_nested_in_another_is_refused(keep, tmp_path, repo):  # noqa: F811
     with pytest.raises(ProfileError, match="a folder of their own inside results/"):

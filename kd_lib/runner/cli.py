@@ -55,6 +55,10 @@ def main(argv=None) -> None:
         if prof.get("keep") and not args.dry_run: keep_plan(prof, jobs, args.replace)  # refused before any run
     except (ProfileError, RunConflict, CorruptFile) as e:
         sys.exit(f"error: {e}")
+    if prof.get("keep") and args.dry_run:  # what a run would refuse, said before anything runs
+        try: keep_plan(prof, jobs, args.replace)
+        except (ProfileError, CorruptFile) as e: print(f"note: keeping this profile's records would be refused: {e}",
+                                                       file=sys.stderr)
     if stray := strays(jobs):
         print(f"note: {len(stray)} record(s) under {stray[0].parents[2]} are not runs of the profile "
               f"{prof['name']!r} (for example {stray[0].parent.name}); the figures include every record there. "
