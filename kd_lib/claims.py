@@ -181,7 +181,8 @@ def _gains(r, ds, metric, small, share_of_gap: bool):
     left_out = ""
     if share_of_gap:  # a baseline as good as the teacher leaves no gap to close: that pair has no share
         gap = (teacher > both["base_small"]) & (teacher > both["base_full"])
-        if (n := int((~gap).sum())): left_out = f"; {n} pair{'s' * (n != 1)} left out, the baseline as good as the teacher"
+        if n := int((~gap).sum()):
+            left_out = f"; {n} pair{'s' * (n != 1)} left out, the baseline as good as the teacher"
         both = both[gap]
     d = gain("small") - gain("full") if not share_of_gap else \
         gain("small") / (teacher - both["base_small"]) - gain("full") / (teacher - both["base_full"])

@@ -33,7 +33,8 @@ from .heartbeat import ProgressLines, every_s
 from .models import evaluating
 from .records import save_weights
 
-__all__ = ["paper_adam", "fastai_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW", "STATE_EVERY_S",
+__all__ = ["paper_adam", "fastai_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW",
+           "STATE_EVERY_S",
            "CONVERGENCE_ERROR", "CONVERGENCE_RULE",
            "MonitorNoise", "last_gain", "convergence", "BestCheckpoint", "one_cycle", "fit", "forget_fit", "evaluate",
            "quiet"]
@@ -47,11 +48,12 @@ def paper_adam(params, lr: float = 1e-3, **kwargs) -> OptimWrapper:
 
 
 def fastai_adam(model: torch.nn.Module):
-    """The `opt_func` of a `Learner` of `model` that gives fastai's default optimizer's updates (`fastai.optimizer.Adam`,
-    what a `Learner` without `opt_func` trains with, as the teacher always has: betas 0.9/0.99, eps 1e-5, decoupled
-    weight decay 0.01 but none on norm layers' parameters and biases, `Learner(wd_bn_bias=False)`), computed as
-    torch's fused AdamW: the same updates within float rounding, in one kernel instead of fastai's loop over
-    parameters (for ResNet34 that loop was half of a training step on a CPU). Schedulers set its `lr` and `mom`."""
+    """The `opt_func` of a `Learner` of `model` that gives fastai's default optimizer's updates
+    (`fastai.optimizer.Adam`, what a `Learner` without `opt_func` trains with, as the teacher always has: betas
+    0.9/0.99, eps 1e-5, decoupled weight decay 0.01 but none on norm layers' parameters and biases,
+    `Learner(wd_bn_bias=False)`), computed as torch's fused AdamW: the same updates within float rounding, in one
+    kernel instead of fastai's loop over parameters (for ResNet34 that loop was half of a training step on a CPU).
+    Schedulers set its `lr` and `mom`."""
     no_decay = {id(p) for p in norm_bias_params(model)}
 
     def opt_func(params, lr) -> OptimWrapper:

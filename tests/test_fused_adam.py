@@ -21,7 +21,7 @@ def _fastai(model, lr):
 
 
 def _trained(name: str, make, batches: list, double: bool = False) -> torch.Tensor:
-    "Every parameter of `name`, flattened, after a step on each of `batches`; momentum changed halfway, as one-cycle does."
+    "Every parameter of `name`, flattened, after a step on each of `batches`; momentum changed halfway, as one-cycle."
     torch.manual_seed(0)
     model = teacher(10, pretrained=False) if name == "teacher" else resnet(name)
     model = model.double() if double else model

@@ -160,6 +160,33 @@ def test_a_second_runner_waits_for_a_locked_run_and_does_not_train_it_again(writ
     assert set(executed) == {j.name for j in jobs} - {busy.name} and "done by another runner" in stream.getvalue()
 
 
+def test_a_run_another_runner_left_corrupt_fails_named_and_the_runner_goes_on(write_profile):
+    "The record a waited-for run left unreadable once stopped the waiting runner with a bare CorruptFile."
+    jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
+    busy, stream, errors = jobs[1], io.StringIO(), []
+
+    def execute(job, threads=None, gpu=None):  # as a worker runs it: the lock, then the record checked
+        return rp.jobs._locked_run(job, lambda token: None, 0.05)
+
+    def runner():
+        try: rp.run_jobs(jobs, 1, stream, execute, 0.05)
+        except RuntimeError as e: errors.append(str(e))
+    other = _hold(busy.run)
+    try:
+        t = threading.Thread(target=runner)
+        t.start()
+        deadline = time.time() + 30
+        while "waiting: " + busy.name not in stream.getvalue() and time.time() < deadline: time.sleep(0.02)
+        (busy.run / "record.json").write_text('{"kind": "student", "status": "comp')
+    finally:
+        other.kill()
+        other.wait()
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1
+    assert f"{busy.name}: " in errors[0] and "record.json is not valid JSON" in errors[0]
+    assert all(j.status == "done" for j in jobs if j is not busy)
+
+
 def _jpeg_tree(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

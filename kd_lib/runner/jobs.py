@@ -261,7 +261,7 @@ def run_jobs(jobs: list, n_jobs: int = 1, stream=None, execute=None, poll_s: flo
                     progress.say(f"waiting: {j.name} is being trained by pid {owner.get('pid')} on {owner.get('host')}")
             else:
                 pending.remove(j)
-                if j.name in waiting and complete_record(j.run) is not None:  # another runner completed it
+                if j.name in waiting and _record(j) is not None:  # another runner completed it
                     settle(j, Outcome("complete"))
                     continue
                 j.status, j.log = "running", j.output.with_suffix(".log")

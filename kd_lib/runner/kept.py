@@ -21,7 +21,8 @@ from ..claims import MARGIN, IdenticalArms, claims, verdicts
 from ..records import RECORD, CorruptFile, checked_record, collect, complete_record, git, read_json, write_json
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, kept_folder, load_profile, profiles
 
-__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records", "add_set", "seal",
+__all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records",
+           "add_set", "seal",
            "reseal",
            "kept_records", "check_kept"]
 
