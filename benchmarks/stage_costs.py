@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lib.fitting import paper_adam
+from kd_lib.memory import keep_freed_memory
 from kd_lib.models import resnet, teacher, untapped
 from kd_lib.records import versions, write_json
 from kd_lib.stages import Stages
@@ -101,8 +102,10 @@ def costs(name: str, size: int, bs: int, rounds: int, batches: int) -> list:
 
 
 def one_isa(args) -> dict:
-    "The measurements of this process (its oneDNN instruction set fixed by its environment)."
+    """The measurements of this process (its oneDNN instruction set fixed by its environment), with freed memory
+    kept as every fit keeps it (`keep_freed_memory`; benchmarks/freed_memory.py measures what that saves)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     load0, rows = os.getloadavg()[0], []
     for size, bs in SETTINGS:
         for name in args.models.split(","):

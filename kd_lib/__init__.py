@@ -14,6 +14,7 @@
 * `cache`: what frozen parts compute, computed once (the fast path).
 * `fitting`: one fit with best-epoch checkpoints and exact resume.
 * `heartbeat`: the progress lines a fit writes under the runner.
+* `memory`: freed memory kept for the next training step (no page faults a step).
 * `locks`: one process trains a run folder at a time.
 * `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
 * `records`: run folders and records, written atomically, read by one reader, collected into a DataFrame.

@@ -30,6 +30,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .heartbeat import ProgressLines, every_s
+from .memory import keep_freed_memory
 from .models import evaluating
 from .records import save_weights
 
@@ -292,7 +293,9 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     (`CONVERGENCE_RULE`) and whether it `converged`, wall and CPU time, and the epochs a killed run had finished
     before this process resumed it (`resumed_after`). The resume state stays until `forget_fit`, which the caller
     calls once what the fit produced is written: a kill before that resumes the finished fit, not a new one. Under
-    the runner (`KD_LINES` set), a line on stderr at least that often says where it is (`ProgressLines`)."""
+    the runner (`KD_LINES` set), a line on stderr at least that often says where it is (`ProgressLines`). The
+    process keeps the memory its steps free for the next step (`keep_freed_memory`: no page faults a step)."""
+    keep_freed_memory()
     state_path = run / f"{name}.state.pth"
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0

@@ -1,4 +1,5 @@
-"""The benchmarks run: the GPU check (its script, CPU-sized here) writes its throughputs and projection."""
+"""The benchmarks run: the GPU check (its script, CPU-sized here) writes its throughputs and projection; the teacher's
+optimizer and the freed-memory benchmarks time both of what they compare."""
 import json
 import os
 import subprocess
@@ -34,3 +35,14 @@ def test_the_teacher_adam_benchmark_times_both_optimizers(tmp_path):
     rows = json.loads((tmp_path / "teacher_adam.json").read_text())["rows"]["resnet10"]
     assert set(rows) == {"optimizer step", "training step"}
     assert all(r["fastai_ms"] > 0 and r["fused_ms"] > 0 for r in rows.values())
+
+
+def test_the_freed_memory_benchmark_measures_both_allocators(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freed_memory.py"), "--models", "resnet10",
+                        "--rounds", "1", "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "freed_memory.json").read_text())["rows"]
+    assert set(rows) == {"resnet10 16px", "resnet10 32px"}
+    assert all(r["default_ms"] > 0 and r["kept_ms"] > 0 for r in rows.values())
+    assert rows["resnet10 16px"]["kept_faults"] < rows["resnet10 16px"]["default_faults"] / 10
