@@ -76,6 +76,11 @@ class StopOnNaN(Callback):
                                      "the run is stopped and no record is written. Lower the learning rate.")
 
 
+def _untyped(t):
+    "`t` as a plain `torch.Tensor` (the same storage) if it is a tensor of a subclass, such as fastai's `TensorImage`."
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
+
+
 def seed_everything(seed: int, dls=None) -> None:
     "Seed every generator a fit uses (torch, numpy, Python) and each loader of `dls`: a fit starts from a known state."
     set_seed(seed, reproducible=True)
@@ -107,12 +112,14 @@ def _set_rng_state(s: dict, dls=None) -> None:
 @torch.no_grad()
 def accuracy_of(model: torch.nn.Module, dl) -> float:
     """Accuracy (%) of `model` on the batches of `dl`, in eval mode (its modes restored after), leaving every
-    global random state as it was (so a fit that measures it each epoch trains exactly as one that does not)."""
+    global random state as it was (so a fit that measures it each epoch trains exactly as one that does not). The
+    batches go in as plain tensors , as a `Learner` gives them: fastai's `TensorImage` would send every torch
+    operation of the model through Python (`__torch_function__`), a third more time for resnet10 at 16 px."""
     state, correct, n = _rng_state(), 0, 0
     try:
         with evaluating(model):
             for xb, yb in dl:
-                correct += int((model(xb).argmax(1) == yb).sum())
+                correct += int((model(_untyped(xb)).argmax(1) == _untyped(yb)).sum())
                 n += len(yb)
     finally: _set_rng_state(state)
     return 100 * correct / max(n, 1)
