@@ -1,6 +1,6 @@
 """The centre tap (`kd_lib.models.TapConv2d`): where a convolution's output map is 1x1 it multiplies the input by
-only the kernel taps that meet it, as a matrix product, and gives the plain convolution's outputs, gradients and trained weights within float rounding;
-elsewhere it is the plain convolution; the models keep their state dicts."""
+only the kernel taps that meet it, as a matrix product, and gives the plain convolution's outputs, gradients and
+trained weights within float rounding; elsewhere it is the plain convolution; the models keep their state dicts."""
 import copy
 from contextlib import nullcontext
 
