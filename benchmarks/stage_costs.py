@@ -4,13 +4,15 @@ For the teacher and students at 16 px (batch 32, the digits profile) and 32 px (
 milliseconds per batch of each stage's forward and backward (`kd_lib.stages.Stages.paper`, each stage on the
 previous stage's map, train mode), and of a whole training step (forward, backward, the paper's Adam), with the
 models' `TapConv2d`s (`tap`) and with every tap computed (`plain`, `kd_lib.models.untapped`), the two taking turns
-(each first in every other round; the median of the rounds); one torch thread. Each oneDNN instruction set asked
+(each first in every other round; the median of the rounds), and the whole training step of the tapped model
+training only the taps that meet its inputs (`live`, `kd_lib.models.live_taps`); one torch thread. Each oneDNN instruction set asked
 for (`--isa`: the machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA) runs in a process of
 its own, and the table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernels it picks for a 3x3
 convolution on a 1x1 map.
 See benchmarks/README.md.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from kd_lib.fitting import paper_adam
 from kd_lib.memory import keep_freed_memory
-from kd_lib.models import resnet, teacher, untapped
+from kd_lib.models import live_taps, resnet, teacher, untapped
 from kd_lib.records import versions, write_json
 from kd_lib.stages import Stages
 
@@ -81,13 +83,17 @@ def costs(name: str, size: int, bs: int, rounds: int, batches: int) -> list:
         out = parts[i](inputs[i])
         (F.cross_entropy(out, y) if STAGES.all[i] == "head" else out.pow(2).mean()).backward()
 
-    def step():
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    live = live_taps(copy.deepcopy(model), x)  # the same model training only the taps that meet its inputs
+    live_opt = paper_adam(list(live.parameters()), lr=1e-3)
+
+    def step(m=model, o=opt):
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+        o.zero_grad()
     jobs = {**{s: (lambda i=i: stage(i)) for i, s in enumerate(STAGES.all)}, "training step": step}
-    times = {(j, m): [] for j in jobs for m in ("plain", "tap")}
+    times = {(j, m): [] for j in jobs for m in ("plain", "tap")} | {("training step", "live"): []}
     for fn in jobs.values(): fn()  # warm up: oneDNN makes its kernels at the first call of each shape
+    step(live, live_opt)
     with untapped(model):
         for fn in jobs.values(): fn()
     for r in range(rounds):
@@ -95,12 +101,14 @@ def costs(name: str, size: int, bs: int, rounds: int, batches: int) -> list:
             for mode in ("plain", "tap")[::1 if r % 2 else -1]:  # each path first in every other round
                 with untapped(model) if mode == "plain" else nullcontext():
                     times[j, mode].append(_cpu_ms(fn, batches))
+        times["training step", "live"].append(_cpu_ms(lambda: step(live, live_opt), batches))
     rows = []
     for j in jobs:
         plain, tap = statistics.median(times[j, "plain"]), statistics.median(times[j, "tap"])
         shape = "x".join(map(str, inputs[STAGES.all.index(j) + 1].shape[2:])) if j in STAGES.names else ""
+        live_ms = statistics.median(times[j, "live"]) if (j, "live") in times else float("nan")
         rows.append(dict(model=name, size=size, bs=bs, stage=j, map=shape, plain_ms=plain, tap_ms=tap,
-                         speedup=plain / tap))
+                         speedup=plain / tap, live_ms=live_ms, live_speedup=tap / live_ms))
     return rows
 
 

@@ -11,17 +11,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import BLOCKS, STUDENTS, evaluating, resnet, untapped
+from .models import BLOCKS, STUDENTS, evaluating, n_params, resnet, untapped
 from .paper import paper_format
 
-__all__ = ["count_params", "paper_flops", "modern_macs", "table1", "compare_with_paper"]
+__all__ = ["paper_flops", "modern_macs", "table1", "compare_with_paper"]
 
 TABLE1_MODELS = ["resnet34", *reversed(STUDENTS)]  # the teacher, then the students from the largest
-
-
-def count_params(model: nn.Module) -> int:
-    "Number of parameters of `model`, trainable or not."
-    return sum(p.numel() for p in model.parameters())
 
 
 def _thop2019(m: nn.Module, inp, out) -> int:
@@ -71,7 +66,7 @@ def table1(size: int = 224, n_classes: int = 10) -> pd.DataFrame:
     rows = {}
     for name in TABLE1_MODELS:
         model = resnet(name, n_classes)
-        rows[name] = dict(blocks="-".join(map(str, BLOCKS[name])), params=count_params(model),
+        rows[name] = dict(blocks="-".join(map(str, BLOCKS[name])), params=n_params(model),
                           flops=paper_flops(model, size), macs=modern_macs(model, size))
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "model"

@@ -31,7 +31,7 @@ from .fitting import StopOnNaN, accuracy_of, evaluate, fastai_adam, fit, forget_
 from .loading import load_student, load_teacher, load_weights  # noqa: F401 -- load_student: importable from here too
 from .locks import LOCK, RunLock
 from .methods import get_method
-from .models import PretrainedUnavailable, evaluating, resnet, teacher
+from .models import PretrainedUnavailable, evaluating, live_taps, n_params, resnet, teacher
 from .records import RunFolder, read_json, run_name, save_weights
 from .stages import Stages, check_classes
 from .steps import Setting
@@ -75,7 +75,7 @@ def _config(cls, config, changes: dict):
 def describe_model(model: nn.Module, name: str, stages: Stages = None, side: str = "student") -> dict:
     "What a record says of a model: its name, class, number of parameters and (given `stages`) stage paths."
     return dict(name=name, cls=f"{type(model).__module__}.{type(model).__qualname__}",
-                params=sum(p.numel() for p in model.parameters()),
+                params=n_params(model),
                 **({"stages": {n: list(stages.paths(n, side)) for n in stages.all}} if stages else {}))
 
 
@@ -115,6 +115,7 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
                 if c.pretrained: raise
                 warnings.warn(f"Training the teacher from scratch: {e}")
                 imagenet, model = False, teacher(dls.c, pretrained=False)
+        live_taps(model, _dry_batch(dls))  # the optimizer skips the taps that only ever meet padding
         learn = Learner(dls, model, opt_func=fastai_adam(model), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                         path=run.path, model_dir="models", cbs=StopOnNaN())
         summary = fit(learn, "teacher", c.scaled(c.epochs), c.lr, "accuracy", run.path, one_cycle_lr=True,
@@ -238,7 +239,8 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     layout for models that have it) and the adapters of the stages whose maps differ (`adapters`: True or a
     factory; see `kd_lib.stages.Stages.check`, which refuses a mismatch without them). The stages are checked on
     both models in one dry forward pass before any training: every path a module that runs, in forward order, the
-    student's output one value per class."""
+    student's output one value per class. The student's `TapConv2d`s then keep as parameters only the kernel taps
+    that meet images of the data's size (`kd_lib.models.live_taps`, in place)."""
     if dls is None:
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
                        selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
@@ -248,6 +250,7 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
     tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
     made = stages.check(model, tchr, _dry_batch(dls), adapters, n_classes=dls.c)  # before any training
+    live_taps(model, _dry_batch(dls))  # the optimizer skips the taps that only ever meet padding
     if tchr is not None and c.channels_last: tchr.to(memory_format=torch.channels_last)
     info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
                 path=_relative(tpath, out_dir), name="resnet34" if tpath else trecord.get("name")) \
