@@ -5,10 +5,10 @@ milliseconds per batch of each stage's forward and backward (`kd_lib.stages.Stag
 previous stage's map, train mode), and of a whole training step (forward, backward, the paper's Adam), with the
 models' `TapConv2d`s (`tap`) and with every tap computed (`plain`, `kd_lib.models.untapped`), the two taking turns
 (each first in every other round; the median of the rounds), and the whole training step of the tapped model
-training only the taps that meet its inputs (`live`, `kd_lib.models.live_taps`); one torch thread. Each oneDNN instruction set asked
-for (`--isa`: the machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA) runs in a process of
-its own, and the table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernels it picks for a 3x3
-convolution on a 1x1 map.
+training only the taps that meet its inputs (`live`, `kd_lib.models.live_taps`); one torch thread. Each oneDNN
+instruction set asked for (`--isa`: the machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA)
+runs in a process of its own, and the table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernels it picks
+for a 3x3 convolution on a 1x1 map.
 See benchmarks/README.md.
 """
 import argparse

@@ -25,8 +25,8 @@ from torch import nn
 from torchvision.models import ResNet, ResNet34_Weights
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["BLOCKS", "STUDENTS", "PretrainedUnavailable", "TapConv2d", "tapped", "untapped", "live_taps", "n_params", "resnet", "teacher",
-           "student_head", "evaluating"]
+__all__ = ["BLOCKS", "STUDENTS", "PretrainedUnavailable", "TapConv2d", "tapped", "untapped", "live_taps", "n_params",
+           "resnet", "teacher", "student_head", "evaluating"]
 
 # Blocks per layer (Table 1 of the paper); ResNet18 is torchvision's own.
 BLOCKS = {
@@ -126,10 +126,14 @@ def live_taps(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
+def _split(model: nn.Module) -> list:
+    "The `TapConv2d` modules of `model` that `live_taps` split."
+    return [m for m in model.modules() if isinstance(m, TapConv2d) and m.live is not None]
+
+
 def n_params(model: nn.Module) -> int:
     "The number of parameters of `model`'s architecture, trainable or not (after `live_taps`, the taps left out too)."
-    return sum(p.numel() for p in model.parameters()) + sum(m.whole.numel() - m.weight.numel() for m in model.modules()
-                                                           if getattr(m, "live", None) is not None)
+    return sum(p.numel() for p in model.parameters()) + sum(m.whole.numel() - m.weight.numel() for m in _split(model))
 
 
 def _swap(model: nn.Module, old: type, new: type) -> list:
@@ -148,7 +152,7 @@ def tapped(model: nn.Module) -> nn.Module:
 @contextmanager
 def untapped(model: nn.Module) -> Iterator[nn.Module]:
     "`model` with its `TapConv2d` modules plain `nn.Conv2d` inside the block (every tap computed), as they were after."
-    if any(getattr(m, "live", None) is not None for m in model.modules()):
+    if _split(model):
         raise ValueError("untapped needs every tap of the model trainable; this one trains only some after live_taps: "
                          "build the model again to compare it with the plain convolution.")
     mods = _swap(model, TapConv2d, nn.Conv2d)

@@ -240,7 +240,8 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     factory; see `kd_lib.stages.Stages.check`, which refuses a mismatch without them). The stages are checked on
     both models in one dry forward pass before any training: every path a module that runs, in forward order, the
     student's output one value per class. The student's `TapConv2d`s then keep as parameters only the kernel taps
-    that meet images of the data's size (`kd_lib.models.live_taps`, in place)."""
+    that meet images of the data's size (`kd_lib.models.live_taps`, in place), and so do the teacher's when it is the
+    one `train_teacher` saved (a teacher given is left as it is): its forward then copies no taps each batch."""
     if dls is None:
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
                        selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
@@ -250,7 +251,8 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
     tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
     made = stages.check(model, tchr, _dry_batch(dls), adapters, n_classes=dls.c)  # before any training
-    live_taps(model, _dry_batch(dls))  # the optimizer skips the taps that only ever meet padding
+    for m in (model, tchr if teacher is None else None):  # the student's optimizer, and the teacher kd_lib loaded,
+        if m is not None: live_taps(m, _dry_batch(dls))  # skip the taps that only ever meet padding (bit for bit)
     if tchr is not None and c.channels_last: tchr.to(memory_format=torch.channels_last)
     info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
                 path=_relative(tpath, out_dir), name="resnet34" if tpath else trecord.get("name")) \

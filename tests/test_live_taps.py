@@ -82,7 +82,8 @@ def test_only_the_live_taps_are_parameters_and_the_state_dict_is_the_whole_model
     for p in other.parameters(): nn.init.normal_(p, std=0.05)
     model.load_state_dict(other.state_dict())
     with torch.no_grad(): assert torch.equal(model.eval()(X), other.eval()(X))
-    assert torch.equal(model.state_dict()["body.layer4.0.conv2.weight"], other.state_dict()["body.layer4.0.conv2.weight"])
+    key = "body.layer4.0.conv2.weight"
+    assert torch.equal(model.state_dict()[key], other.state_dict()[key])
 
 
 def test_another_input_size_evaluates_but_does_not_train():
