@@ -165,6 +165,18 @@ def checked_record(record: dict, path, fix: str = None) -> dict:
     return record
 
 
+def cpu_model() -> str:
+    """This machine's CPU model and its widest vector extension (`avx512`, `avx2` or none), e.g. 'AMD EPYC 9454
+    (avx512)': a kept set's runs are extended on the same kind of CPU, since another one changes the last bits."""
+    try: info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError: return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    return f"{model} ({isa})" if isa else model
+
+
 def versions() -> dict:
     "Library versions and hardware of this process, for a record."
     import fastai
@@ -173,7 +185,7 @@ def versions() -> dict:
     return dict(kd_lib=__version__, python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__, fastai=fastai.__version__, platform=platform.platform(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-                torch_threads=torch.get_num_threads(), argv=[Path(a).name for a in sys.argv[:1]],
+                cpu=cpu_model(), torch_threads=torch.get_num_threads(), argv=[Path(a).name for a in sys.argv[:1]],
                 code=code_version())  # the program's name only: no machine path in a record
 
 

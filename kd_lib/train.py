@@ -120,11 +120,19 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
                         path=run.path, model_dir="models", cbs=StopOnNaN())
         summary = fit(learn, "teacher", c.scaled(c.epochs), c.lr, "accuracy", run.path, one_cycle_lr=True,
                       progress=progress)
-        save_weights(run.teacher_file, model.state_dict())
+        save_weights(run.teacher_file, _rounded_to_fp16(model))  # evaluated and distilled as kept
         return run.finish(dict(kind="teacher", params=dict(c.params(), **extra), data=dls.split_info,
                                stages=[summary], model=describe_model(model, extra.get("model", "resnet34")),
                                weights=run.teacher_file.name, imagenet_weights=imagenet,
                                converged=summary["converged"], wall_time_s=summary["time_s"], **evaluate(learn)))
+
+
+def _rounded_to_fp16(model: nn.Module) -> dict:
+    """The model's state dict with its floating tensors in fp16, the model's own weights rounded to them: a teacher
+    is kept at half the size, and the teacher its students distil is exactly the one its file holds."""
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    return weights
 
 
 def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tuple:

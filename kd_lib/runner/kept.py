@@ -35,10 +35,15 @@ def kept_profiles() -> list:
     `notebooks/<name>.ipynb`; a `ProfileError` when that notebook is missing."""
     out = [p for p in map(load_profile, profiles()) if p.get("keep")]
     for p in out:
-        if not (NOTEBOOKS / f"{p['name']}.ipynb").exists():
+        if not (NOTEBOOKS / f"{chapter(p)}.ipynb").exists():
             raise ProfileError(f"Profile {p['name']!r} keeps its records in {p['keep']} but has no chapter "
-                               f"notebook notebooks/{p['name']}.ipynb to show them.")
+                               f"notebook notebooks/{chapter(p)}.ipynb to show them.")
     return out
+
+
+def chapter(prof: dict) -> str:
+    "The name of the notebook that shows a kept profile's records: its `chapter`, else the profile's own name."
+    return prof.get("chapter") or prof["name"]
 
 
 def _sha256(path: Path) -> str: return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -26,7 +26,7 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NOTEBOOKS = ROOT / "notebooks"
 EXPANDED = ("student", "method", "fraction", "seed")  # group keys that may hold a list: every combination runs
 _TOP = {"name", "description", "jobs", "example", "datasets", "out_dir", "keep", "margin", "imports",
-        "own_models", "long_twins"}  # the keys of a profile
+        "own_models", "long_twins", "chapter"}  # the keys of a profile
 KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one of the repository
 MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
 MAX_RUNS = 10_000  # runs a profile may expand to (the paper's matrix is a few hundred)
@@ -130,6 +130,8 @@ def _typed(where: str, prof: dict) -> None:
                  "{dataset: digits, student: resnet10, method: stagewise, fraction: 1.0, seed: 0}"),
                  jobs=(int, f"a whole number of runs at once, 1 to {MAX_JOBS}"),
                  margin=((int, float), "a number of accuracy points, more than 0"),
+                 chapter=(str, "the name of the notebook that shows the kept records (notebooks/<chapter>.ipynb; "
+                              "default: the profile's name)"),
                  long_twins=(bool, "true (every arm and the teacher get a long twin) or false"),
                  own_models=(dict, "a mapping of notebooks/own_models.ipynb's parameters, e.g. {epochs: 1}"))
     for key, (t, what) in wants.items():
