@@ -19,9 +19,16 @@
 * `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
 * `records`: run folders and records, written atomically, read by one reader, collected into a DataFrame.
 * `results`: analysis of records: summaries, gaps, convergence, what test-set selection adds.
-* `claims`: the paper's claims, each checked by a rule on paired runs, with its interval.
-* `figures`: the book's figures, from records.
+* `saturation`: what doubling each arm's budget gave (the long twins), a diagnostic.
+* `claims`: the paper's claims, each checked by a rule on paired runs, with its interval and budget column.
+* `tables`: the book's tables as a reader sees them; `figures`: the book's figures, from records.
 * `complexity`: parameters and FLOPs (Table 1's counting rule); `paper`: the paper's published numbers.
 * `runner`: profiles, jobs and the book behind `make book` (`python -m kd_lib.runner`).
 """
+import warnings
+
 __version__ = "0.1.0"
+
+# fastai's layers module compiles a helper with torch.jit.script on import, which torch now deprecates: a warning a
+# user of kd_lib can do nothing about, printed on every import (and into every notebook of the book)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)

@@ -5,8 +5,9 @@ Every function returns a matplotlib `Figure`; nothing here trains, and nothing h
 are built without pyplot, so a notebook shows each one once, as the value of its cell, and `myst_nb.glue` can
 paste it elsewhere in the book. Methods are drawn in the order, colour and marker of `kd_lib.methods.METHODS`.
 
-* `accuracy_vs_layers` (`figure3`, `figure4`): the paper's Figures 3 and 4, ours beside the paper's;
-  `paper_figure`: the paper's own, redrawn from its numbers.
+* `accuracy_vs_layers` (`figure3`, `figure4`): the paper's Figures 3 and 4, ours beside the paper's (one student:
+  its methods side by side); `paper_figure`: the paper's own, redrawn from its numbers.
+* `claims_figure`: the claims' paired differences, intervals, thresholds and budget column.
 * `history_figure`: a run's loss (and accuracy) per epoch, one panel per step.
 * `feature_maps_figure`: teacher vs student feature maps at each stage, for one image.
 * `stage_diagram`: teacher, student, the hook points and the order of the stages.
@@ -19,6 +20,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as _MplFigure
 from matplotlib.patches import FancyBboxPatch, Rectangle
+from scipy import stats
 
 from .distill import stage_features
 from .methods import METHODS
@@ -26,7 +28,7 @@ from .models import BLOCKS, evaluating, resnet
 from .stages import Stages
 from .results import PAPER_DATASETS, fraction_label, method_order, n_layers, paper_as_records, summary, teachers
 
-__all__ = ["Figure", "accuracy_vs_layers", "figure3", "figure4", "paper_figure", "history_figure",
+__all__ = ["Figure", "accuracy_vs_layers", "figure3", "figure4", "paper_figure", "claims_figure", "history_figure",
            "feature_maps_figure", "stage_diagram"]
 
 DATASET_TITLES = {"digits": "digits", "imagenette": "Imagenette", "imagewoof": "Imagewoof", "cifar10": "CIFAR10"}
@@ -114,22 +116,95 @@ def accuracy_vs_layers(records: pd.DataFrame, paper: pd.DataFrame = None, reduce
     panels = _panels(summary(records, metric), teachers(records, metric), reduced)
     fig, axes = _grid(len(panels))
     pr = summary(paper_as_records(paper)) if paper is not None and len(paper) else None
+    one = bool(panels) and all(rows["student"].nunique() == 1 for _, _, rows, *_ in panels)
     for ax, (ds, fr, rows, methods, teach, ref) in zip(axes, panels):
+        theirs = pr[(pr["dataset"] == ds) & np.isclose(pr["fraction"].astype(float), fr)] if pr is not None else ()
+        title = f"ours: {_title(ds)}, {fraction_label(fr)}" + (" (with the paper's)" if len(theirs) else "")
+        if one:  # one student: its methods side by side, not a line over student sizes
+            student = rows["student"].iloc[0]
+            _by_method(ax, rows, methods, ref, theirs[theirs["student"] == student] if len(theirs) else theirs)
+            _teacher_line(ax, teach, "teacher (resnet34)")
+            if len(theirs): _teacher_line(ax, _paper_teacher(paper, ds), "paper: teacher", paper=True)
+            ax.set_title(f"{title}: {student}", fontsize=10)
+            ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+            ax.grid(alpha=0.3, axis="y")
+            continue
         for m in methods: _errorbar(ax, rows, m, m)
         if ref is not None:
             for m in methods: _errorbar(ax, ref, m, f"{m}, full data", dashed=True)
         _teacher_line(ax, teach, "teacher (resnet34)")
-        theirs = pr[(pr["dataset"] == ds) & np.isclose(pr["fraction"].astype(float), fr)] if pr is not None else ()
         for m in methods:
             if len(theirs): _errorbar(ax, theirs, m, f"paper: {m}", paper=True)
         if len(theirs): _teacher_line(ax, _paper_teacher(paper, ds), "paper: teacher", paper=True)
-        _style(ax, f"ours: {_title(ds)}, {fraction_label(fr)}" + (" (with the paper's)" if len(theirs) else ""),
-               f"{metric.replace('_', ' ')} (%)")
+        _style(ax, title, f"{metric.replace('_', ' ')} (%)")
     if not panels:
         axes[0].text(0.5, 0.5, "no runs recorded yet", ha="center", va="center")
         axes[0].set_axis_off()
     _legend(fig, axes, ("Figure 4, ours: less training data" if reduced else "Figure 3, ours: full training data")
-            + " (mean \u00b1 std over seeds)")
+            + (" (mean and 95% interval over seeds)" if one else " (mean \u00b1 std over seeds)"))
+    return fig
+
+
+def _ci95(rows: pd.DataFrame) -> np.ndarray:
+    "Half the 95% t-interval of each row's mean over its `n` seeds (0 for one seed)."
+    n = rows["n"].to_numpy(float)
+    return np.where(n > 1, stats.t.ppf(0.975, np.maximum(n - 1, 1)) * rows["std"].to_numpy(float)
+                    / np.sqrt(np.maximum(n, 1)), 0.0)
+
+
+def _by_method(ax, rows: pd.DataFrame, methods: list, ref, theirs) -> None:
+    """One student's methods side by side: our mean with its 95% interval over seeds, the full-data run of the same
+    method beside it (a panel of less data), and the paper's number (hollow)."""
+    for i, m in enumerate(methods):
+        style = METHODS.get(m)
+        colour, marker = (style.color, style.marker) if style else ("black", "x")
+        r = rows[rows["method"] == m]
+        ax.errorbar([i], r["mean"], yerr=_ci95(r), color=colour, marker=marker, ms=7, capsize=4, lw=1.8, ls="none",
+                    label=m)
+        if ref is not None and len(f := ref[ref["method"] == m]):
+            ax.errorbar([i + 0.22], f["mean"], yerr=_ci95(f), color=colour, marker=marker, ms=5, capsize=3,
+                        alpha=0.4, ls="none", label="the same, full data")
+        if len(theirs) and len(t := theirs[theirs["method"] == m]):
+            ax.plot([i - 0.22], t["mean"], marker=marker, color=colour, mfc="white", ms=7, ls="none",
+                    label="paper (one run)")
+    ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+
+
+# the claims' verdicts, as colours
+VERDICT_COLOURS = {"supported": "#1b7837", "contradicted": "#b2182b", "undetermined": "#777777"}
+
+
+def claims_figure(table: pd.DataFrame, title: str = "The paper's claims: our paired differences") -> Figure:
+    """A `kd_lib.claims.claims` table drawn: a row per claim in points (claim 3's share of the gap aside, it is not
+    in points), our mean and 95% interval coloured by its verdict, the claim's threshold as a red tick, and the
+    seed-0 differences at the normal and at twice the budget (the budget column) as hollow markers."""
+    t = table[table["id"] != "3_share"].reset_index(drop=True)
+    fig = Figure(figsize=(7.6, 0.55 * max(len(t), 1) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    if t.empty:
+        ax.text(0.5, 0.5, "no claim could be computed from these runs", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    y = np.arange(len(t))[::-1]
+    for yi, (_, r) in zip(y, t.iterrows()):
+        colour = VERDICT_COLOURS.get(r["verdict"], "black")
+        lo, hi = (r["low"], r["high"]) if np.isfinite(r["low"]) else (r["mean"], r["mean"])
+        ax.plot([lo, hi], [yi, yi], color=colour, lw=2.5, solid_capstyle="butt")
+        ax.plot([r["mean"]], [yi], "o", color=colour, ms=7, label=r["verdict"])
+        ax.plot([r["threshold"]] * 2, [yi - 0.3, yi + 0.3], color="red", lw=1.5, label="threshold")
+        for x, dy, marker, label in ((r["at_1x"], 0.25, "s", "seed 0, normal budget"),
+                                     (r["at_2x"], -0.25, "D", "seed 0, twice the budget")):
+            if np.isfinite(x): ax.plot([x], [yi + dy], marker, mfc="white", color="black", ms=5, label=label)
+    ax.set_yticks(y, [f"{r['claim'].split('. ', 1)[0]}. {r['difference']}" + (f" ({r['dataset']})" if
+                      t["dataset"].nunique() > 1 else "") for _, r in t.iterrows()], fontsize=8)
+    ax.set_xlabel("difference of test accuracy (points): mean, 95% interval over the pairs")
+    ax.grid(alpha=0.3, axis="x")
+    seen = {}
+    for h, label in zip(*ax.get_legend_handles_labels()): seen.setdefault(label, h)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(len(seen), 3), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 

@@ -74,6 +74,7 @@ def test_student_notebook_writes_its_record_and_figures(student_run):
     assert len(images) >= 2  # the loss curves and the feature maps
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "teacher_path" in injected[0].source
+    _reads_as_a_book(outputs)
 
 
 def test_figures_notebook_draws_from_a_single_run(student_run):
@@ -85,7 +86,18 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
     assert {"figure3", "figure4", "gap_full", "gap_small", "verdict_1", "profile", "hardware", "claims_table",
             "step_table", "stagewise_curves", "calibration_table", "flat_fit", "rising_caught", "saturation_table",
-            "saturated_share"} <= glued
+            "saturated_share", "claims_summary", "claims_figure", "budget_rule", "n_twins", "baseline_full"} <= glued
+    _reads_as_a_book(outputs)
+
+
+def _reads_as_a_book(outputs) -> None:
+    "No table of the book shows a 6-decimal number, NaN, True or False (its tables are `kd_lib.tables.book_table`s)."
+    import re
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
+    assert cells, "no table was shown"
+    assert not [c for c in cells if c.strip() in ("NaN", "nan", "True", "False", "None")]
+    assert not [c for c in cells if re.fullmatch(r"\s*[-+]?\d+\.\d{5,}\s*", c)]
 
 
 def test_a_notebook_logs_into_a_folder_not_made_yet(tmp_path):
@@ -103,14 +115,14 @@ def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     as_runs = results.paper_as_records(paper)
     g = results.gaps(as_runs)
     assert set(g["dataset"]) == {"imagenette", "imagewoof", "cifar10"} and (g["wins"] == 5).all()
-    c = claims.claims(as_runs, paper)
-    assert len(c) == 18 and c["verdict"].str.startswith("inconclusive: no long twin for the teacher").all()
-    c = c.assign(verdict=c["interval_alone"])  # had every arm been saturated: intervals over five students
-    assert claims.verdicts(c)["verdict_1"] == "reproduced on cifar10; reproduced on imagenette; reproduced on imagewoof"
-    assert claims.verdicts(c)["verdict_4"] == ("inconclusive on cifar10; reproduced on imagenette; "
-                                               "reproduced on imagewoof")  # its CIFAR10 interval spans 2 points
+    c = claims.claims(as_runs, paper)  # no long twins: the budget column is empty, and gates nothing
+    assert len(c) == 18 and (c["budget"] == "").all() and c["at_2x"].isna().all()
+    assert claims.verdicts(c)["verdict_1"] == "supported on cifar10; supported on imagenette; supported on imagewoof"
+    assert claims.verdicts(c)["verdict_4"] == ("undetermined on cifar10; supported on imagenette; "
+                                               "supported on imagewoof")  # its CIFAR10 interval spans 2 points
     assert results.headline(as_runs) == dict(gap_full="+9.3", gap_small="+18.7", small_fraction="25% of the data",
                                              wins_full="15 of 15", wins_small="15 of 15", sim_gap_full="+0.5",
+                                             baseline_full="no_teacher", baseline_small="no_teacher",
                                              teacher_accuracy="92.7")
     mine = as_runs.assign(method=as_runs["method"].replace({"simultaneous": "mine"}))  # a method not registered
     assert results.summary(mine)["method"].drop_duplicates().tolist() == ["no_teacher", "stagewise", "mine"]

@@ -8,7 +8,7 @@ import yaml
 from kd_lib.config import LONG_BUDGET, StudentConfig, TeacherConfig
 from kd_lib.records import run_name
 from kd_lib.runner import expand, load_profile
-from kd_lib.saturation import SATURATED_BELOW, long_twins, normal_runs, saturation, unsaturated
+from kd_lib.saturation import SATURATED_BELOW, long_twins, normal_runs, saturation
 from kd_lib.train import train_student, train_teacher
 
 
@@ -79,8 +79,5 @@ def test_saturation_pairs_each_twin_with_its_own_run():
     assert sat.loc[("sw", 1.0), "gain"] == pytest.approx(1.0) and not sat.loc[("sw", 1.0), "saturated"]  # 1.0: not
     assert sat.loc[("nt", 0.25), "saturated"] and sat.loc[("teacher", 1.0), "gain"] == pytest.approx(0.4)
     assert SATURATED_BELOW == 1.0
-    ok, n, why = unsaturated(saturation(r), "d", [("r10", "nt", 0.25), ("r10", "nt", 1.0)])
-    assert (ok, n, why) == (2, 3, "no long twin for r10 nt at full data")
-    assert unsaturated(saturation(r), "d", [("r10", "nt", 0.25)]) == (2, 2, None)
     old = r.assign(budget=np.where(r["budget"] == 2, 2, np.nan))  # records made before runs had a budget: 1
     assert np.isclose(saturation(old)["normal"], [50.0, 60.0, 70.0]).all()

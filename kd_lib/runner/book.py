@@ -11,7 +11,7 @@ from ..claims import MARGIN
 from ..heartbeat import every_s
 from .executors import cores
 from .jobs import run_notebook
-from .kept import kept_profiles
+from .kept import chapter, kept_profiles
 from .profiles import ROOT, example, shown
 
 __all__ = ["GENERATED", "write_book_notebooks", "build_book"]
@@ -30,7 +30,10 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -
     GENERATED.mkdir(parents=True, exist_ok=True)
     out = jobs[0].out_dir
     teacher, student = example(prof, jobs)
-    kept = {p["name"]: p["keep"] for p in kept_profiles()}
+    chapters = {}  # chapter -> its parameters: a profile's records, and a companion's (`chapter:`) as its budget column
+    for p in kept_profiles():
+        chapters.setdefault(chapter(p), {})["records_dir" if chapter(p) == p["name"] else "budget_dir"] = p["keep"]
+    kept = {name: params["records_dir"] for name, params in chapters.items() if "records_dir" in params}
     threads = max(1, cores() // max(1, n_jobs))
     steps = [("own_models", dict(out_dir=shown(out.with_name(f"{out.name}-own_models")),
                                  **(prof.get("own_models") or {}))),  # the longest first
@@ -39,7 +42,7 @@ def write_book_notebooks(prof: dict, jobs: list, stream=None, n_jobs: int = 2) -
                              dataset=teacher.config.dataset)),
              ("figures", dict(out_dir=shown(out), profile=prof["name"], dataset=None,
                               margin=prof.get("margin", MARGIN))),
-             *((name, dict(records_dir=folder)) for name, folder in kept.items())]
+             *((name, params) for name, params in chapters.items() if "records_dir" in params)]
 
     def example_run(j):
         if not j.output.exists() or j.output.stat().st_mtime < j.notebook.stat().st_mtime:

@@ -1,6 +1,7 @@
 """Kept results: the records of a profile whose runs take hours, copied into the repository as JSON (the
 profile's `keep` folder inside ``results/``, e.g. ``results/cifar10``), each naming the commit of the code that made
-it, so the book's chapter on them (``notebooks/<profile>.ipynb``) builds from a fresh clone without running them.
+it, with the fp16 weights of the teacher its students distil (so the set can be extended on any machine), so the
+book's chapter on them (``notebooks/<chapter>.ipynb``) builds from a fresh clone without running them.
 
 A kept folder is sealed: `MANIFEST` lists every file in it with its sha256, the hash of the profile's run
 settings and the code commits of the records, and `LOG` lists every record set kept there, with the verdicts of
@@ -15,15 +16,16 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..claims import MARGIN, IdenticalArms, claims, verdicts
-from ..records import RECORD, CorruptFile, checked_record, collect, complete_record, git, read_json, write_json
+from ..records import (RECORD, CorruptFile, atomic_write, checked_record, collect, complete_record, git, read_json,
+                       write_json)
 from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, kept_folder, load_profile, profiles
 
 __all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records",
-           "add_set", "seal",
-           "reseal",
+           "add_set", "seal", "reseal", "replace_rule",
            "kept_records", "check_kept"]
 
 MANIFEST = "MANIFEST.json"  # a kept folder's seal: each file's sha256, the profile's settings hash, the commits
@@ -111,11 +113,11 @@ def keep_plan(prof: dict, jobs: list, replace: bool = False) -> tuple:
             raise ProfileError(f"--replace removes only records git holds committed (git can restore them), and "
                                f"{len(loose)} in {dest} are not, e.g. {loose[0]}: commit them, or move them away.")
         old = theirs
-    return dest, [n for n in old if n.endswith(RECORD)]
+    return dest, [n for n in old if n.endswith((RECORD, ".pth"))]
 
 
 def claim_verdicts(folder, margin: float = MARGIN) -> dict:
-    "Claim id -> its verdicts on the records under `folder` (claim 2's equivalence `margin`), for a `LOG` entry."
+    "Claim id -> its verdicts on the records under `folder` (claim 2's `margin`), for a `LOG` entry."
     try: table = claims(collect(folder), margin=margin)
     except IdenticalArms as e: return {"all": f"none: {e}"}
     return {k.removeprefix("verdict_"): v for k, v in verdicts(table).items()}
@@ -123,7 +125,7 @@ def claim_verdicts(folder, margin: float = MARGIN) -> dict:
 
 def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replace: bool = False) -> Path:
     """Copy the record of each complete job of `prof` into its `keep` folder as `<dataset>/<run>/record.json`
-    (nothing else of the run folder: weights and notebooks stay out of git), remove the records kept there before
+    (and the weights of the teacher its students distil, `_keep_weights`; nothing else of a run folder), remove the records kept there before
     for runs the profile no longer has (those its manifest lists: nothing it did not write is touched; with
     `replace`, those `keep_plan` allows), add the set to `LOG` (when its runs finished, their commits and seeds,
     `verdicts(folder)`: a dict of claim -> verdict, when given, and the `note` of whoever keeps it: how the set was
@@ -137,8 +139,10 @@ def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replac
         name = f"{j.name}/{RECORD}"
         write_json(dest / name, record)
         new[name] = True
+        if weights := _keep_weights(dest, j.name, Path(j.run), record): new[weights] = True
     for name in old:
         if name not in new: (dest / name).unlink(missing_ok=True)
+    new = {n: True for n in new if n.endswith(RECORD)}
     _log_set(dest, [read_json(dest / n) for n in new], verdicts, note)
     seal(dest, settings_hash(jobs))
     return dest
@@ -163,10 +167,27 @@ def add_set(prof: dict, jobs: list, runs: dict, note: str, verdicts=None) -> Pat
         if why: raise ProfileError(f"{name} ({run}) {why}: a set added to {dest} holds complete runs of the "
                                    "profile's, made from committed code, that the folder does not hold yet.")
         records[name] = record
-    for name, record in records.items(): write_json(_safe(dest, f"{name}/{RECORD}"), record)
+    for name, record in records.items():
+        write_json(_safe(dest, f"{name}/{RECORD}"), record)
+        _keep_weights(dest, name, Path(runs[name]), record)
     _log_set(dest, list(records.values()), verdicts, note)
     seal(dest, settings_hash(jobs))
     return dest
+
+
+def _keep_weights(dest: Path, name: str, run: Path, record: dict):
+    """Copy the weights of a teacher its students distil (kind teacher, budget 1) into the kept folder beside its
+    record, so the set can be extended on any machine (sealed with the rest); returns their name there, or None.
+    The weights are the fp16 state dict `train_teacher` keeps (`kd_lib.train`): the exact teacher its students
+    distilled, at half the size."""
+    if record.get("kind") != "teacher" or record["params"].get("budget", 1) != 1: return None
+    source = run / (record.get("weights") or "teacher.pth")
+    if not source.is_file():
+        raise ProfileError(f"{source}: the teacher's weights are missing, and a kept set keeps them (its students "
+                           "distil them; without them the set cannot be extended): train the teacher again.")
+    kept = f"{name}/{source.name}"
+    atomic_write(_safe(dest, kept), lambda tmp: shutil.copyfile(source, tmp))
+    return kept
 
 
 def _log_set(dest: Path, records: list, verdicts, note: str = None) -> None:
@@ -206,6 +227,16 @@ def reseal(folder, jobs: list, why: str) -> Path:
         timespec="seconds"), commit=git("rev-parse", "HEAD"), why=why))
     write_json(folder / LOG, log)
     return seal(folder, settings_hash(jobs))
+
+
+def replace_rule(folder, jobs: list, old: str, new: str, why: str) -> Path:
+    """Log in `folder`'s `LOG` that the rule its verdicts are judged by was replaced (today, the `old` rule's words,
+    the `new` one's and `why`, measured), and seal it again (`reseal`): a rule found unsound is replaced openly."""
+    folder = Path(folder)
+    log = read_json(folder / LOG) or {}
+    log.setdefault("rules", []).append(dict(replaced=datetime.date.today().isoformat(), old=old, new=new, why=why))
+    write_json(folder / LOG, log)
+    return reseal(folder, jobs, f"the rule of the verdicts replaced (logged under rules): {new[:80]}...")
 
 
 def kept_records(folder) -> list:
