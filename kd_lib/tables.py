@@ -11,7 +11,7 @@ DASH = "\u2013"  # where a table has no value
 def _cell(v, decimals: int, signed: bool, whole: bool = False) -> str:
     if isinstance(v, (bool, np.bool_)): return "yes" if v else "no"
     if v is None or (isinstance(v, float) and not np.isfinite(v)): return DASH
-    if isinstance(v, (int, np.integer)) or whole: return str(int(v))
+    if isinstance(v, (int, np.integer)) or whole: return f"{int(v):,}"  # 21,549,642
     if isinstance(v, (float, np.floating)): return f"{v:+.{decimals}f}" if signed else f"{v:.{decimals}f}"
     return DASH if pd.isna(v) else str(v)
 
