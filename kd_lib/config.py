@@ -72,8 +72,8 @@ class RunConfig:
     "The fields of every run: which data, seen how. Subclasses add their model, method and optimisation."
     kind: typing.ClassVar[str] = ""
 
-    dataset: str = option("digits", "data", "dataset: digits (embedded, no download), imagenette, imagewoof, "
-                                            "cifar10, or folder")
+    dataset: str = option("digits", "data", "dataset: digits (embedded, no download), imagenette, imagewoof "
+                                            "(fastai's 160 px release), cifar10, or folder")
     data_path: typing.Optional[str] = option(None, "data", "root of the dataset's folder tree (required for "
                                                            "folder; None: data/ or a download)")
     size: typing.Optional[int] = option(None, "data", "image side in pixels, 8 to 2048 (None: 32 for digits and "

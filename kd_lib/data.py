@@ -2,9 +2,10 @@
 (`kd_lib.folders`: the digits written once, downloads, checks), split and loaded the same way (`get_data`):
 
 * ``digits`` (default): scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 train/test split; no download.
-* ``imagenette``, ``imagewoof`` (full size; ``-160`` / ``-320`` suffixes for fastai's smaller
-  releases, e.g. ``"imagenette-320"``) and ``cifar10``: fastai ``URLs``, downloaded with
-  ``untar_data`` into ``data_dir()`` unless already extracted there.
+* ``imagenette`` (full size; ``-160`` / ``-320`` suffixes for fastai's smaller releases), ``imagewoof`` (fastai's
+  160 px release, its classes named by breed; ``-320`` and ``-full`` for the others) and ``cifar10``: fastai
+  ``URLs``, downloaded with ``untar_data`` into ``data_dir()`` unless already extracted there (offline: the same
+  tree under ``data/`` or ``KD_DATA``, e.g. ``data/imagewoof2-160``).
 * ``folder``: any such tree given as ``path``.
 
 The splits: a valid part of the training folder drawn by `split_seed` (a teacher's and its students', so no
@@ -29,8 +30,8 @@ from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock
 from PIL import Image
 
 from .augment import PAPER_AUG, PaperAugment
-from .folders import (URLS, DatasetError, DatasetNotFoundError, DownloadError, data_dir, dataset_root, digits_stats,
-                      read_tree, sample_per_class)
+from .folders import (CLASS_NAMES, URLS, DatasetError, DatasetNotFoundError, DownloadError, data_dir, dataset_root,
+                      digits_stats, read_tree, sample_per_class)
 from .resident import TensorLoader, decode, decoded_bytes, resident_loader
 
 __all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError",
@@ -193,11 +194,12 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     `dls.split_info` (JSON-able): the arguments (`valid_pct` None when unused), `path` (relative to `data_dir()`
     when inside it, so a record names no machine's folders), `test_folder`,
     `vocab`, and per split (train/valid/test/unused) `sizes`, per-class `counts` and `hashes` (12 hex
-    of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`.
+    of sha256 over the sorted relative paths and classes); `stats` (Normalize mean/std), `skipped_bad`, and
+    `copies_left_out`: the training images left out as byte-identical copies of a test or another training image.
     """
     _check_args(name, fraction, selection, valid_pct, per_class)
     root = dataset_root(name, path)
-    vocab, train, test, test_name, n_bad = read_tree(root, skip_bad)
+    vocab, train, test, test_name, n_bad, copied = read_tree(root, skip_bad, CLASS_NAMES.get(name))
     splits = _splits(train, test, selection, valid_pct, fraction, seed, per_class, split_seed)
     counts = {k: Counter(c for _, c in v) for k, v in splits.items()}
     if empty := [c for c in vocab if not counts["train"][c]]:
@@ -217,7 +219,7 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
         vocab=vocab, sizes={k: len(v) for k, v in splits.items()},
         counts={k: {c: counts[k][c] for c in vocab} for k in splits},
         hashes={k: _hash(v) for k, v in splits.items()},
-        stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad,
+        stats=dict(mean=list(stats[0]), std=list(stats[1])), skipped_bad=n_bad, copies_left_out=copied,
         resident=isinstance(dls.train, TensorLoader))
     return dls
 
@@ -226,7 +228,7 @@ def trained_on(info: dict, root) -> set:
     """The `(relative path, class)` items a run trained on, drawn again from its record's `split_info` (`info`)
     in the tree at `root`, and checked against the record's hash of its train split (a `DatasetError` when they
     differ: other data, or a record of other code)."""
-    _, train, test, _, _ = read_tree(Path(root), skip_bad=bool(info.get("skipped_bad")))
+    _, train, test, _, _, _ = read_tree(Path(root), bool(info.get("skipped_bad")), CLASS_NAMES.get(info.get("name")))
     seed = info["seed"]
     items = _splits(train, test, info["selection"], info.get("valid_pct") or 0.2, info["fraction"], seed,
                     info.get("per_class"), info.get("split_seed", seed))["train"]  # no split_seed: `seed` drew it

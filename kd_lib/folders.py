@@ -4,9 +4,11 @@ Every dataset is a tree ``<root>/train/<class>/*`` plus one test folder, ``<root
 ``<root>/valid/<class>/*`` or ``<root>/test/<class>/*`` (`TEST_FOLDERS`: the test set). The digits are written
 once as such a tree under ``data_dir()/"digits"`` from scikit-learn's bundled images; the paper's datasets are
 downloaded with fastai's `untar_data` into `data_dir()` unless already extracted there (`URLS`); a folder of one's
-own is used as it is. `read_tree` lists a tree, checks its layout and classes, and finds the images PIL cannot
-decode (the answer kept for the next run). `kd_lib.data` makes the splits and loaders of what it lists.
+own is used as it is. `read_tree` lists a tree, checks its layout and classes, finds the images PIL cannot decode
+and the training images that are byte-identical copies of a test image or of another training image (the answers
+kept for the next run). `kd_lib.data` makes the splits and loaders of what it lists.
 """
+import hashlib
 import json
 import math
 import os
@@ -24,14 +26,21 @@ from sklearn.datasets import load_digits
 from .records import DiskFull, disk_full_said
 from .resident import file_key
 
-__all__ = ["URLS", "TEST_FOLDERS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir",
-           "sample_per_class", "digits_images", "digits_stats", "digits_tree", "dataset_root", "read_tree"]
+__all__ = ["URLS", "BREEDS", "CLASS_NAMES", "TEST_FOLDERS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir",
+           "sample_per_class", "digits_images", "digits_stats", "digits_tree", "where_data_is", "dataset_root", "copies",
+           "read_tree"]
 
 URLS = {
     "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,
-    "imagewoof": URLs.IMAGEWOOF, "imagewoof-160": URLs.IMAGEWOOF_160, "imagewoof-320": URLs.IMAGEWOOF_320,
+    "imagewoof": URLs.IMAGEWOOF_160, "imagewoof-320": URLs.IMAGEWOOF_320, "imagewoof-full": URLs.IMAGEWOOF,
     "cifar10": URLs.CIFAR,
-}
+}  # imagewoof: the 160 px release (shortest side 160), the one the paper's 224 px crops and ours come from
+BREEDS = {  # Imagewoof's class folders are WordNet ids: every table and figure names the breed
+    "n02086240": "Shih-Tzu", "n02087394": "Rhodesian ridgeback", "n02088364": "beagle",
+    "n02089973": "English foxhound", "n02093754": "Border terrier", "n02096294": "Australian terrier",
+    "n02099601": "golden retriever", "n02105641": "Old English sheepdog", "n02111889": "Samoyed",
+    "n02115641": "dingo"}
+CLASS_NAMES = {"imagewoof": BREEDS, "imagewoof-320": BREEDS, "imagewoof-full": BREEDS}  # dataset -> folder -> name
 
 class DatasetError(ValueError):
     """A dataset or an argument of `get_data` is unusable; the message says what to change."""
@@ -127,6 +136,16 @@ def download(url: str, root: Path) -> Path:
                             f"{dest}/train exists (or pass path=<extracted folder>).") from e
 
 
+def where_data_is(name: str, path=None) -> str:
+    """Where dataset `name` is read from, said without reading or downloading it: `path`, the digits (written on
+    first use), the extracted tree under `data_dir()`, or the URL `untar_data` would download."""
+    if path is not None: return f"{path}" + ("" if Path(path).is_dir() else " (missing)")
+    if name == "digits": return f"{data_dir() / 'digits'} (scikit-learn's digits, written on first use)"
+    if name not in URLS: return "a folder given as data_path"
+    dest = data_dir() / Path(URLS[name]).stem.removesuffix(".tar")
+    return f"{dest} (found)" if dest.is_dir() else f"not in {dest}: downloaded from {URLS[name]} on first use"
+
+
 def dataset_root(name: str, path) -> Path:
     "The dataset's root folder: `path` as is, else the digits tree or the (downloaded) dataset in `data_dir()`."
     if path is not None:
@@ -160,30 +179,53 @@ def _listing(root: Path, split: str) -> tuple[list, list]:
     return classes, sorted(items)
 
 
-def _unreadable(root: Path, items: list) -> list:
-    """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
-    only when its pixels are read). Decoding every image takes a while on a large dataset, so the answer is
-    kept in ``data_dir()/"checks"``, keyed by the files' paths, sizes, times and inodes (`kd_lib.resident.file_key`:
-    a file replaced by another of the same size and modification time is checked again; nothing is kept while a
-    file changed too recently to tell)."""
-    key, trusted = file_key(root, items)
+def _kept_answer(root: Path, items: list, kind: str, compute) -> list:
+    """`compute()`, a JSON-able list about the files of `items`, kept in ``data_dir()/"checks"`` for the next run,
+    keyed by `kind` and the files' paths, sizes, times and inodes (`kd_lib.resident.file_key`: a file replaced by
+    another of the same size and modification time is checked again; nothing is kept while a file changed too
+    recently to tell)."""
+    key, trusted = file_key(root, items, kind)
     memo = data_dir() / "checks" / f"{key}.json"
     try:
         if memo.exists(): return list(json.loads(memo.read_text()))
-    except (ValueError, TypeError): pass  # a corrupt memo is only a cache: decode again
-    bad = []
-    for rel, _ in items:
-        try:
-            with Image.open(root / rel) as im: im.load()
-        except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
-    if not trusted: return bad
+    except (ValueError, TypeError): pass  # a corrupt memo is only a cache: compute again
+    answer = compute()
+    if not trusted: return answer
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(bad))
+        tmp.write_text(json.dumps(answer))
         os.replace(tmp, memo)
-    except OSError: tmp.unlink(missing_ok=True)  # only a cache (a full disk?): checked again next time
-    return bad
+    except OSError: tmp.unlink(missing_ok=True)  # only a cache (a full disk?): computed again next time
+    return answer
+
+
+def _unreadable(root: Path, items: list) -> list:
+    """Relative paths of the `items` PIL cannot decode whole (a truncated JPEG opens and verifies, and fails
+    only when its pixels are read); decoding every image takes a while, so the answer is kept (`_kept_answer`)."""
+    def find():
+        bad = []
+        for rel, _ in items:
+            try:
+                with Image.open(root / rel) as im: im.load()
+            except Exception: bad.append(rel)  # PIL raises many types (OSError, SyntaxError, ...) on corrupt files
+        return bad
+    return _kept_answer(root, items, "unreadable", find)
+
+
+def copies(root: Path, train: list, test: list) -> list:
+    """Relative paths of the training `(path, class)` items whose file is byte-identical (sha256) to a test image's
+    or to an earlier training image's (sorted by path): left out of training, so that no valid or test image is a
+    copy of one trained on (Imagewoof's release has three such pairs). The answer is kept (`_kept_answer`)."""
+    def find():
+        seen = {hashlib.sha256((root / rel).read_bytes()).digest() for rel, _ in test}
+        out = []
+        for rel, _ in sorted(train):
+            digest = hashlib.sha256((root / rel).read_bytes()).digest()
+            if digest in seen: out.append(rel)
+            seen.add(digest)
+        return out
+    return _kept_answer(root, sorted(train) + sorted(test), f"copies of {len(test)} test", find)
 
 
 def _check_classes(root: Path, listings: dict):
@@ -199,8 +241,10 @@ def _check_classes(root: Path, listings: dict):
                            f"{sorted(set(cls_a) - set(cls_b))}, only in {test}: {sorted(set(cls_b) - set(cls_a))}.")
 
 
-def read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
-    "Classes, train and test `(relative path, class)` items, test folder name and number of unreadable images left out."
+def read_tree(root: Path, skip_bad: bool, names: dict = None) -> tuple[list, list, list, str, int, list]:
+    """Classes, train and test `(relative path, class)` items, the test folder's name, the number of unreadable images
+    left out, and the training images left out as copies of a test image or of another training image (`copies`).
+    `names`: class folder -> the class's name (`CLASS_NAMES`), used when it names every folder of the tree."""
     test_name = _test_folder(root)
     listings = {s: _listing(root, s) for s in ("train", test_name)}
     bad = _unreadable(root, [o for _, items in listings.values() for o in items])
@@ -210,4 +254,15 @@ def read_tree(root: Path, skip_bad: bool) -> tuple[list, list, list, str, int]:
     skip = set(bad)
     listings = {s: (classes, [o for o in items if o[0] not in skip]) for s, (classes, items) in listings.items()}
     _check_classes(root, listings)
-    return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad)
+    copied = copies(root, listings["train"][1], listings[test_name][1])
+    if copied:
+        listings["train"] = (listings["train"][0], [o for o in listings["train"][1] if o[0] not in set(copied)])
+        left = Counter(c for _, c in listings["train"][1])
+        if gone := [c for c in listings["train"][0] if not left[c]]:
+            raise DatasetError(f"Every training image of class(es) {gone} of {root / 'train'} is a byte-identical copy "
+                               f"of a test image or of another training image (e.g. {copied[0]}): a model would be "
+                               "judged on what it trained on. Add images of their own, or remove the folder(s).")
+    if names and set(listings["train"][0]) <= set(names):
+        listings = {s: (sorted(names[c] for c in classes), [(rel, names[c]) for rel, c in items])
+                    for s, (classes, items) in listings.items()}
+    return listings["train"][0], listings["train"][1], listings[test_name][1], test_name, len(bad), copied

@@ -223,6 +223,12 @@ def complete_records(folder):
         if r is not None: yield p, r
 
 
+def _device(v: dict) -> str:
+    "What a record ran on: its GPU, or its CPU's model and cores (a record made before CPUs were named: its cores)."
+    device = v.get("device", "unknown")
+    return f"{v['cpu']}, {device}" if v.get("cpu") and str(device).startswith("cpu") else device
+
+
 def collect(folder) -> pd.DataFrame:
     """One row per complete run record under `folder` (searched recursively): its parameters, final accuracies
     (valid, test, and on the training part a `fraction` left unused), whether it converged, the best test
@@ -248,7 +254,7 @@ def collect(folder) -> pd.DataFrame:
                      "curve": _curve(r),
                      "cpu_s": sum(s.get("cpu_s", 0) + s.get("cache_cpu_s", 0) for s in r.get("stages", [])),
                      **{f"mse_{k}": v for k, v in (r.get("feature_mse") or {}).items()},
-                     "device": r.get("versions", {}).get("device", "unknown"),
+                     "device": _device(r.get("versions", {})),
                      "commit": (r.get("versions", {}).get("code") or {}).get("commit"),
                      "torch_threads": r.get("versions", {}).get("torch_threads"), "record": str(p)})
     return pd.DataFrame(rows)

@@ -26,6 +26,7 @@ def book_table(df: pd.DataFrame, signed=(), decimals: int = 2, whole=(), left: b
 
 
 def _budget_cell(r) -> str:
+    if not r["n"]: return DASH  # no pair: nothing to take the budget of
     if not np.isfinite(r["at_1x"]) and not np.isfinite(r["at_2x"]): return "not run"
     pair = f"{_cell(r['at_1x'], 2, True)} \u2192 {_cell(r['at_2x'], 2, True)}"
     return f"{pair}: {r['budget']}" if r["budget"] else pair

@@ -280,3 +280,67 @@ def test_corrupt_images_named_or_skipped(tmp_path):
     info = load(root, skip_bad=True).split_info
     assert info["skipped_bad"] == 3 and info["counts"]["test"]["b"] == TEST["b"] - 1
     assert info["sizes"]["train"] + info["sizes"]["valid"] == sum(TRAIN.values()) - 1
+
+
+WOOF = dict(zip(sorted(kd_folders.BREEDS), (3, 4, 3, 3, 4, 3, 3, 4, 3, 3)))  # Imagewoof's ten WordNet ids
+
+
+def test_imagewoof_offline_is_the_160px_tree_under_the_data_folder_with_breed_names(tmp_path):
+    "Offline, the tree untar_data(URLs.IMAGEWOOF_160) extracts, found under KD_DATA without configuration."
+    make_tree(tmp_path / "kd_data" / "imagewoof2-160", train=WOOF, test={c: 1 for c in WOOF})
+    info = get_data("imagewoof", size=16, bs=4).split_info
+    assert info["path"] == "imagewoof2-160" and info["test_folder"] == "val"
+    assert info["vocab"] == sorted(kd_folders.BREEDS.values()) and "Rhodesian ridgeback" in info["counts"]["train"]
+    assert info["stats"]["mean"] == imagenet_stats[0] and info["size"] == 16
+
+
+def test_imagewoof_online_downloads_the_160px_release(monkeypatch, tmp_path):
+    "With a network (a file:// archive standing in), untar_data of the 160 px release lands under KD_DATA."
+    assert kd_folders.URLS["imagewoof"] == URLs.IMAGEWOOF_160
+    make_tree(tmp_path / "src" / "imagewoof2-160", train=WOOF, test={c: 1 for c in WOOF})
+    with tarfile.open(tmp_path / "imagewoof2-160.tgz", "w:gz") as t:
+        t.add(tmp_path / "src" / "imagewoof2-160", arcname="imagewoof2-160")
+    monkeypatch.setitem(kd_folders.URLS, "imagewoof", (tmp_path / "imagewoof2-160.tgz").as_uri())
+    monkeypatch.setattr(kd_folders, "untar_data", untar_data)
+    info = get_data("imagewoof", size=16, bs=4).split_info
+    assert info["path"] == "imagewoof2-160" and info["vocab"][0] == "Australian terrier"
+    assert (tmp_path / "kd_data" / "archive" / "imagewoof2-160.tgz").exists()
+
+
+def test_a_planted_copy_is_named_left_out_of_training_and_counted(tmp_path):
+    "A test image copied into train, and a training image copied within train: both copies left out, by name."
+    root = make_tree(tmp_path / "copied")
+    (root / "train" / "a" / "zz-test-copy.png").write_bytes((root / "val" / "b" / "000.png").read_bytes())
+    (root / "train" / "c" / "zz-train-copy.png").write_bytes((root / "train" / "a" / "003.png").read_bytes())
+    dls = get_data("folder", path=root, size=16, bs=4, selection="valid", augment=False)
+    info = dls.split_info
+    assert info["copies_left_out"] == ["train/a/zz-test-copy.png", "train/c/zz-train-copy.png"]
+    assert info["sizes"]["train"] + info["sizes"]["valid"] == sum(TRAIN.values())  # the originals stay, once
+    digests = lambda split: {(root / p).read_bytes() for p, _ in dls.items[split]}  # noqa: E731
+    assert not digests("train") & digests("valid") and not digests("train") & digests("test")
+    assert get_data("folder", path=make_tree(tmp_path / "clean"), size=16, bs=4).split_info["copies_left_out"] == []
+    only = make_tree(tmp_path / "only-copies", train=dict(a=3, b=3), test=dict(a=1, b=1))
+    for i in range(3): (only / "train" / "b" / f"{i:03d}.png").write_bytes((only / "train" / "a" / "000.png").read_bytes())
+    with pytest.raises(DatasetError, match=r"Every training image of class\(es\) \['b'\] .* byte-identical copy"):
+        get_data("folder", path=only, size=16, bs=2)
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "imagewoof2-160.tgz").exists(),
+                    reason="the offline Imagewoof archive (../shared/data) is not beside this checkout")
+def test_the_real_imagewoof_tree(tmp_path):
+    "The offline copy of the release, extracted as data/README.md says: fastai's split, its two cross-split copies."
+    with tarfile.open(REPO.parent / "shared" / "data" / "imagewoof2-160.tgz") as t: t.extractall(tmp_path / "kd_data")
+    info = get_data("imagewoof", size=64, bs=64, resident=False).split_info
+    assert info["sizes"]["test"] == 3929 and info["sizes"]["train"] + info["sizes"]["valid"] == 9025 - 2
+    assert info["copies_left_out"] == ["train/n02087394/n02087394_12539.JPEG", "train/n02093754/n02093754_5915.JPEG"]
+    assert set(info["vocab"]) == set(kd_folders.BREEDS.values())
+
+
+def test_a_dry_run_of_the_paper_profile_says_where_each_dataset_is(tmp_path, capsys):
+    "The paper profile's Imagewoof entry finds the extracted tree as it is; the others say what they would download."
+    from kd_lib.runner.cli import main
+    make_tree(tmp_path / "kd_data" / "imagewoof2-160", train=WOOF, test={c: 1 for c in WOOF})
+    main(["--profile", "paper", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"data     imagewoof: {tmp_path / 'kd_data' / 'imagewoof2-160'} (found)" in out
+    assert f"data     imagenette: not in {tmp_path / 'kd_data' / 'imagenette2'}: downloaded from {URLs.IMAGENETTE}" in out

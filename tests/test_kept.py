@@ -139,6 +139,25 @@ def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
     assert logged["made"] == "2026-11-29T10:00:00+0000 to 2026-11-30T10:00:00+0000"  # when its runs finished
 
 
+def test_a_kept_teacher_keeps_its_weights_and_a_set_being_made_keeps_what_it_names(tmp_path, repo):
+    "Set 4's teacher is kept with its fp16 weights (sealed), so the set can be extended on any machine."
+    runs = _runs(tmp_path, ("a/teacher", "a/teacher-x2", "a/s1", "a/s2"))
+    for r, budget in zip(runs[:2], (1, 2)):
+        record = json.loads((r.run / RECORD).read_text())
+        (r.run / RECORD).write_text(json.dumps(dict(record, kind="teacher", weights="teacher.pth",
+                                                    params=dict(seed=0, budget=budget))))
+    dest = keep_records(dict(keep="results/x"), runs, only={"a/teacher", "a/teacher-x2", "a/s1"})
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
+        [MANIFEST, "a/s1/record.json", "a/teacher-x2/record.json", "a/teacher/record.json", "a/teacher/teacher.pth",
+         LOG]  # the long twin's weights stay out: no student distils it; s2 was not asked for
+    assert "a/teacher/teacher.pth" in json.loads((dest / MANIFEST).read_text())["files"] and check_kept(dest) == []
+    (dest / "a" / "teacher" / "teacher.pth").write_bytes(b"other weights")
+    assert check_kept(dest) == [f"{dest / 'a' / 'teacher' / 'teacher.pth'}: changed since the records were kept"]
+    (runs[0].run / "teacher.pth").unlink()
+    with pytest.raises(ProfileError, match="the teacher's weights are missing"):
+        keep_records(dict(keep="results/y"), runs)
+
+
 def test_a_kept_set_is_logged_with_the_verdicts_of_its_records(monkeypatch):
     "The runner logs each kept set with its verdicts, by the profile's margin; a control that never ran says so."
     from test_claims import runs  # records whose answers are known

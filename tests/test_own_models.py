@@ -153,8 +153,9 @@ def test_a_folder_dataset_may_call_its_test_folder_valid(tmp_path):
     for split in ("train", "valid"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
-            for i in range(2): Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(tmp_path / split / c / f"{i}.png")
-    classes, train, test, test_name, _ = read_tree(tmp_path, skip_bad=False)
+            for i in range(2):  # each image its own (a copy across splits would be left out of training)
+                Image.new("RGB", (8, 8), (i * 90, ord(c), 9 * (split == "train"))).save(tmp_path / split / c / f"{i}.png")
+    classes, train, test, test_name, _, _ = read_tree(tmp_path, skip_bad=False)
     assert classes == ["a", "b"] and test_name == "valid" and len(train) == len(test) == 4
     (tmp_path / "val").mkdir()
     with pytest.raises(ValueError, match="has val/ and valid/: keep only the test set's folder"):

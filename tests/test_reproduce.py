@@ -51,18 +51,20 @@ def test_shipped_profiles_expand_to_notebook_parameters(name):
 
 def test_shipped_profile_sizes():
     count = {n: len([j for j in rp.expand(rp.load_profile(n)) if j.kind == "student"])
-             for n in ("smoke", "digits", "cifar10", "paper")}
-    assert count == {"smoke": 28, "digits": 41, "cifar10": 42, "paper": 150}  # each with its arms' long twins
+             for n in ("smoke", "digits", "cifar10", "cifar10-budget", "paper")}
+    assert count == {"smoke": 28, "digits": 77, "cifar10": 35, "cifar10-budget": 14, "paper": 150}
     digits = rp.expand(rp.load_profile("digits"))
     students = {j.params["student"] for j in digits if j.kind == "student"}
     assert students == {"resnet10"}
     seeds = {j.params["seed"] for j in digits if j.kind == "student" and j.params["method"] == "stagewise"}
-    assert seeds == {0, 1, 2, 3}  # four pairs for every claim's interval
+    assert seeds == set(range(10))  # ten pairs, so that claim 1 can see about a point
     full = {(j.params["method"]) for j in digits if j.kind == "student" and j.params["fraction"] == 1.0}
-    assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise", "teacher_forced",
-                    "teacher_forced_finetune"}
+    assert full == {"no_teacher", "no_teacher_budget", "simultaneous", "stagewise"}
     small = {j.params["method"] for j in digits if j.kind == "student" and j.params["fraction"] < 1}
     assert small == {"no_teacher", "no_teacher_budget", "stagewise"}
+    budget = rp.expand(rp.load_profile("cifar10-budget"))  # set 4: every arm of set 3 at seed 0, and doubled
+    assert {j.params["seed"] for j in budget if j.kind == "student"} == {0}
+    assert {j.config.budget for j in budget} == {1, 2} and len(budget) == 16
 
 
 def test_expand_is_the_product_of_the_lists(tmp_path):

@@ -15,7 +15,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from kd_lib.models import PretrainedUnavailable, resnet, teacher
 from kd_lib.records import collect, read_json
-from kd_lib.fitting import StopOnNaN
+from kd_lib.data import get_data
+from kd_lib.fitting import StopOnNaN, accuracy_of
 from kd_lib.methods import METHODS
 from kd_lib.train import RunExists, load_teacher, train_student, train_teacher
 
@@ -197,8 +198,11 @@ def test_teacher_recipe_trains_records_and_loads(tmp_path, tiny, monkeypatch):
     assert r["kind"] == "teacher" and r["imagenet_weights"] is False and r["test_accuracy"] > 10
     assert r["stages"][0]["epochs_run"] == 2
     t = load_teacher(tmp_path / "digits" / "teacher", 10)
-    assert all(torch.equal(a, b) for a, b in zip(t.state_dict().values(),
-                                                 torch.load(tmp_path / "digits" / "teacher" / "teacher.pth").values()))
+    kept = torch.load(tmp_path / "digits" / "teacher" / "teacher.pth")
+    assert {v.dtype for v in kept.values() if v.is_floating_point()} == {torch.float16}  # kept at half the size
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(t.state_dict().values(), kept.values()))
+    dls = get_data("digits", size=16, bs=32, selection="valid")  # the teacher evaluated is the one kept
+    assert round(accuracy_of(t, dls.loaders[2]), 4) == pytest.approx(r["test_accuracy"], abs=1e-3)
     # students find the dataset's teacher in out_dir by default, and record its accuracy
     s = train_student(**(tiny | dict(method="simultaneous", epochs=1, out_dir=tmp_path, progress=False)))
     assert s["teacher"]["test_accuracy"] == r["test_accuracy"]

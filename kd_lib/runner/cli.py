@@ -9,6 +9,7 @@ from ..heartbeat import EVERY_S, LINES_ENV
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_job, run_jobs, train_job
+from ..folders import where_data_is
 from ..records import CorruptFile
 from .kept import claim_verdicts, keep_plan, keep_records
 from .profiles import MAX_JOBS, ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
               "Move them away, or give the profile another out_dir, to show the profile's runs only.",
               file=sys.stderr)
     if args.dry_run:
+        for d in prof["datasets"]:
+            print(f"data     {d['dataset']}: {where_data_is(d['dataset'], d.get('data_path'))}")
         for j in jobs:
             print(f"{j.status:9} {j.name}  {j.config.changed()}" + (f"\n          {j.error}" if j.error else ""))
         todo = [j for j in jobs if j.status == "todo"]

@@ -123,16 +123,19 @@ def claim_verdicts(folder, margin: float = MARGIN) -> dict:
     return {k.removeprefix("verdict_"): v for k, v in verdicts(table).items()}
 
 
-def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replace: bool = False) -> Path:
+def keep_records(prof: dict, jobs: list, verdicts=None, note: str = None, replace: bool = False,
+                 only=None) -> Path:
     """Copy the record of each complete job of `prof` into its `keep` folder as `<dataset>/<run>/record.json`
     (and the weights of the teacher its students distil, `_keep_weights`; nothing else of a run folder), remove the records kept there before
     for runs the profile no longer has (those its manifest lists: nothing it did not write is touched; with
     `replace`, those `keep_plan` allows), add the set to `LOG` (when its runs finished, their commits and seeds,
     `verdicts(folder)`: a dict of claim -> verdict, when given, and the `note` of whoever keeps it: how the set was
-    made), and seal the folder (`MANIFEST`)."""
+    made), and seal the folder (`MANIFEST`). `only`: the names of the jobs to keep (a set being made, kept as its
+    arms' normal runs and long twins are both done), the folder sealed for all of `jobs` all the same."""
     dest, old = keep_plan(prof, jobs, replace)
     new = {}
     for j in jobs:
+        if only is not None and j.name not in only: continue
         try: record = complete_record(j.run)
         except CorruptFile: continue  # the runner reported it as failed
         if record is None: continue
