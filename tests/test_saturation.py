@@ -29,6 +29,13 @@ def test_a_profile_with_long_twins_runs_one_per_arm_and_one_for_the_teacher(writ
         assert j.config.replace(budget=1) == normal.config and j.cost > normal.cost
     assert twins["digits/resnet10-stagewise-f1-s3-x2"].after == ["digits/teacher"]  # the teacher students distil
     assert twins["digits/resnet10-no_teacher_budget-f1-s3-x2"].after == ["digits/resnet10-stagewise-f1-s3"]
+    some = expand(dict(prof, long_twins=dict(kind="student", fraction=0.25)))  # only the arms with these settings
+    assert sorted(j.name for j in some if j.config.budget == LONG_BUDGET) == [
+        f"digits/resnet10-{m}-f0.25-s3-x2" for m in ("no_teacher", "stagewise")]
+    with_key = yaml.safe_load(path.read_text()) | dict(long_twins=dict(fractio=0.25))
+    path.write_text(yaml.safe_dump(with_key))
+    with pytest.raises(ValueError, match=r"long_twins: unknown key\(s\) \['fractio'\]"):
+        load_profile(path)
     with_key = yaml.safe_load(path.read_text()) | dict(long_twins="yes")
     path.write_text(yaml.safe_dump(with_key))
     with pytest.raises(ValueError, match="long_twins='yes': long_twins takes true"):

@@ -132,12 +132,14 @@ def _typed(where: str, prof: dict) -> None:
                  margin=((int, float), "a number of accuracy points, more than 0"),
                  chapter=(str, "the name of the notebook that shows the kept records (notebooks/<chapter>.ipynb; "
                               "default: the profile's name)"),
-                 long_twins=(bool, "true (every arm and the teacher get a long twin) or false"),
+                 long_twins=((bool, dict), "true (every arm and the teacher get a long twin), false, or the settings "
+                             "an arm's run must have to get one, e.g. {fraction: 0.25, kind: student}"),
                  own_models=(dict, "a mapping of notebooks/own_models.ipynb's parameters, e.g. {epochs: 1}"))
     for key, (t, what) in wants.items():
         v = prof.get(key)
         if v is None: continue
-        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool) or (key in ("jobs", "margin") and v <= 0):
+        if (not isinstance(v, t) or (isinstance(v, bool) and bool not in (t if isinstance(t, tuple) else (t,)))
+                or (key in ("jobs", "margin") and v <= 0)):
             raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
         if key == "margin" and not math.isfinite(v): raise ProfileError(f"{where}: margin={v!r}: margin takes {what}.")
         if key == "jobs" and v > MAX_JOBS:
@@ -152,6 +154,9 @@ def _typed(where: str, prof: dict) -> None:
                                "repository's root, where the notebooks run.") from e
     if (bad := set(prof.get("example") or {}) - set(StudentConfig.names())):
         raise ProfileError(f"{where}: example: unknown key(s) {sorted(bad)}; it names a run by its settings.")
+    if isinstance(twins := prof.get("long_twins"), dict) and (bad := set(twins) - {"kind", *StudentConfig.names()}):
+        raise ProfileError(f"{where}: long_twins: unknown key(s) {sorted(bad)}; it names the runs to twin by their "
+                           "settings, e.g. {fraction: 0.25, kind: student}.")
     if (keep := prof.get("keep")) is not None: kept_folder(keep, ROOT, where)
 
 
@@ -264,7 +269,8 @@ def expand(prof: dict, out_dir=None) -> list:
                                        f"{j.name} twice (a value repeated in a list).")
                 seen[j.name] = i + 1
                 students.append(j)
-    if prof.get("long_twins"): teachers, students = _with_long_twins(teachers, job), _with_long_twins(students, job)
+    if which := prof.get("long_twins"):
+        teachers, students = _with_long_twins(teachers, job, which), _with_long_twins(students, job, which)
     names = {j.name for j in teachers + students}
     for j in students:
         if missing := [a for a in j.after if a not in names and not a.endswith("/teacher")]:
@@ -273,15 +279,17 @@ def expand(prof: dict, out_dir=None) -> list:
     return teachers + students
 
 
-def _with_long_twins(jobs: list, job) -> list:
+def _with_long_twins(jobs: list, job, which=True) -> list:
     """`jobs`, each arm's first run (an arm: a dataset's teacher, or its student, method and fraction) followed by its
-    long twin: the same settings at `LONG_BUDGET` (every epoch cap, patience and fixed schedule doubled)."""
+    long twin: the same settings at `LONG_BUDGET` (every epoch cap, patience and fixed schedule doubled). `which`:
+    True for every arm, or the settings (a mapping) the twinned run of an arm must have (its first such run)."""
     out, arms = [], set()
     for j in jobs:
         out.append(j)
         c = j.config
         arm = (c.dataset, c.kind) + ((c.student, c.method, c.fraction) if c.kind == "student" else ())
-        if arm not in arms:
+        wanted = which is True or all(getattr(c, k, None) == v for k, v in which.items())
+        if arm not in arms and wanted:
             arms.add(arm)
             out.append(job(c.replace(budget=LONG_BUDGET)))
     return out
