@@ -138,8 +138,8 @@ def _typed(where: str, prof: dict) -> None:
     for key, (t, what) in wants.items():
         v = prof.get(key)
         if v is None: continue
-        if (not isinstance(v, t) or (isinstance(v, bool) and bool not in (t if isinstance(t, tuple) else (t,)))
-                or (key in ("jobs", "margin") and v <= 0)):
+        takes_bool = bool in (t if isinstance(t, tuple) else (t,))  # a bool is an int, not a number of runs
+        if not isinstance(v, t) or (isinstance(v, bool) and not takes_bool) or (key in ("jobs", "margin") and v <= 0):
             raise ProfileError(f"{where}: {key}={v!r}: {key} takes {what}.")
         if key == "margin" and not math.isfinite(v): raise ProfileError(f"{where}: margin={v!r}: margin takes {what}.")
         if key == "jobs" and v > MAX_JOBS:
