@@ -30,7 +30,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .heartbeat import ProgressLines, every_s
-from .memory import keep_freed_memory
+from .memory import FreedMemory
 from .models import evaluating
 from .records import save_weights
 
@@ -301,15 +301,14 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     before this process resumed it (`resumed_after`). The resume state stays until `forget_fit`, which the caller
     calls once what the fit produced is written: a kill before that resumes the finished fit, not a new one. Under
     the runner (`KD_LINES` set), a line on stderr at least that often says where it is (`ProgressLines`). The
-    process keeps the memory its steps free for the next step (`keep_freed_memory`: no page faults a step)."""
-    keep_freed_memory()
+    process keeps the memory its steps free for the next step, and hands it back after each epoch (`FreedMemory`)."""
     state_path = run / f"{name}.state.pth"
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     done = len(state["history"]) if state else 0
     noise = MonitorNoise(monitor)
     extras = {f"{monitor}_se": lambda: noise.se, **(extras or {})}
     ckpt = BestCheckpoint(monitor, name, state_path, state, patience, extras)
-    cbs = [noise, ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else []) + \
+    cbs = [FreedMemory(), noise, ckpt] + ([one_cycle(epochs, lr, done)] if one_cycle_lr else []) + \
         ([ProgressLines(f"{run.parent.name}/{run.name}", name, monitor, every)] if (every := every_s()) else [])
     with ExitStack() as stack:
         if quiet(progress): stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())

@@ -1,5 +1,7 @@
-"""Freed memory kept for reuse (`kd_lib.memory.keep_freed_memory`): the weights training steps make are the same to
-the last bit, and every fit keeps the memory. Each case in a fresh process (the setting is process-wide and kept).
+"""Freed memory kept for reuse (`kd_lib.memory.keep_freed_memory`) and handed back after each epoch
+(`hand_back_freed_memory`): the weights training steps make are the same to the last bit, every fit keeps the memory
+and hands it back each epoch, and handing back returns freed pages from the middle of the heap. Each case in a fresh
+process (the setting is process-wide and kept).
 How many page faults it saves depends on the machine's allocator and kernel: benchmarks/freed_memory.py measures it."""
 import json
 import subprocess
@@ -17,6 +19,7 @@ SCRIPT = textwrap.dedent("""
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
     from kd_lib.fitting import fit, paper_adam
+    import kd_lib.memory
     from kd_lib.memory import keep_freed_memory
     from kd_lib.models import resnet
     torch.set_num_threads(1)
@@ -30,8 +33,11 @@ SCRIPT = textwrap.dedent("""
         learn = Learner(DataLoaders.from_dsets(ds, ds[:32], bs=32, device="cpu", num_workers=0), model,
                         loss_func=F.cross_entropy, opt_func=paper_adam, path=Path(out).parent)
         assert keep_freed_memory.cache_info().currsize == 0
-        fit(learn, "fit", 1, 1e-3, "valid_loss", Path(out).parent, progress=False)
-        print(json.dumps(dict(kept=keep_freed_memory.cache_info().currsize == 1, answer=keep_freed_memory())))
+        handed = []
+        kd_lib.memory.hand_back_freed_memory = lambda: handed.append(learn.epoch)
+        fit(learn, "fit", 3, 1e-3, "valid_loss", Path(out).parent, progress=False)
+        print(json.dumps(dict(kept=keep_freed_memory.cache_info().currsize == 1, answer=keep_freed_memory(),
+                              handed_back_after=handed)))
         sys.exit()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     def step():
@@ -63,12 +69,38 @@ def test_kept_memory_trains_the_same_weights(tmp_path):
     assert w_plain.keys() == w_kept.keys() and all(torch.equal(w_plain[k], w_kept[k]) for k in w_plain)
 
 
-def test_every_fit_keeps_the_memory(tmp_path):
-    "A fit (`kd_lib.fitting.fit`, which every recipe's training goes through) sets the process to keep the memory."
+def test_every_fit_keeps_the_memory_and_hands_it_back_each_epoch(tmp_path):
+    """A fit (`kd_lib.fitting.fit`, which every recipe's training goes through) sets the process to keep the memory,
+    and hands it back after every epoch (a long fit's heap otherwise fragments, its free pages adding up)."""
     said, _ = _run("fit", tmp_path)
-    assert said == dict(kept=True, answer=True)
+    assert said == dict(kept=True, answer=True, handed_back_after=[0, 1, 2, 2])  # each epoch, and the fit's end
 
 
 def test_it_answers_where_malloc_is_glibcs():
-    from kd_lib.memory import keep_freed_memory
+    from kd_lib.memory import hand_back_freed_memory, keep_freed_memory
     assert keep_freed_memory() is True and keep_freed_memory() is True  # once per process, the same answer
+    assert hand_back_freed_memory() is True
+
+
+HAND_BACK = textwrap.dedent("""
+    import json, sys, torch
+    from kd_lib.memory import hand_back_freed_memory, keep_freed_memory
+    def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+    keep_freed_memory()
+    big, pins = [], []
+    for _ in range(256):  # 1 MB blocks from the heap, each followed by a small one that stays: free pages in its middle
+        big.append(torch.ones(2 ** 18)); pins.append(torch.ones(16))
+    held = rss(); big.clear()
+    if sys.argv[1] == "hand_back": hand_back_freed_memory()
+    print(json.dumps(dict(returned_mb=held - rss())))
+""")
+
+
+@pytest.mark.parametrize("mode", ["keep", "hand_back"])
+def test_handing_back_returns_the_freed_pages_a_kept_heap_holds(mode):
+    """256 MB freed in the middle of a kept heap stay in the process (kept), until `hand_back_freed_memory` returns
+    them to the system: the control arm keeps them, so the check can fail."""
+    done = subprocess.run([sys.executable, "-c", HAND_BACK, mode], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    returned = json.loads(done.stdout.strip().splitlines()[-1])["returned_mb"]
+    assert (returned > 200) if mode == "hand_back" else (returned < 20)
