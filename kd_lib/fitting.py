@@ -12,8 +12,10 @@
 """
 import math
 import os
+import pickle
 import random
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -295,15 +297,16 @@ def quiet(progress=None) -> bool:
 def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Path, one_cycle_lr: bool = False,
         progress=None, patience: int = None, extras: dict = None) -> dict:
     """Fit `learn` for at most `epochs` (fewer with `patience`: see `BestCheckpoint`), resuming from
-    `run/<name>.state.pth` when a killed run left one, and keep the best epoch by `monitor` (with its standard error
-    every epoch, `MonitorNoise`). Returns this fit's summary: history, best epoch and value, its `convergence`
-    (`CONVERGENCE_RULE`) and whether it `converged`, wall and CPU time, and the epochs a killed run had finished
-    before this process resumed it (`resumed_after`). The resume state stays until `forget_fit`, which the caller
-    calls once what the fit produced is written: a kill before that resumes the finished fit, not a new one. Under
-    the runner (`KD_LINES` set), a line on stderr at least that often says where it is (`ProgressLines`). The
-    process keeps the memory its steps free for the next step, and hands it back after each epoch (`FreedMemory`)."""
+    `run/<name>.state.pth` when a killed run left one (an unreadable one is warned of: the fit starts afresh), and
+    keep the best epoch by `monitor` (with its standard error every epoch, `MonitorNoise`). Returns this fit's
+    summary: history, best epoch and value, its `convergence` (`CONVERGENCE_RULE`) and whether it `converged`, wall
+    and CPU time, and the epochs a killed run had finished before this process resumed it (`resumed_after`). The
+    resume state stays until `forget_fit`, which the caller calls once what the fit produced is written: a kill
+    before that resumes the finished fit, not a new one. Under the runner (`KD_LINES` set), a line on stderr at least
+    that often says where it is (`ProgressLines`). The process keeps the memory its steps free for the next step,
+    and hands it back after each epoch (`FreedMemory`)."""
     state_path = run / f"{name}.state.pth"
-    state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
+    state = _resume_state(state_path, name)
     done = len(state["history"]) if state else 0
     noise = MonitorNoise(monitor)
     extras = {f"{monitor}_se": lambda: noise.se, **(extras or {})}
@@ -318,6 +321,20 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     return dict(name=name, epochs=epochs, monitor=monitor, best_epoch=ckpt.best_epoch, best_value=best.get(monitor),
                 epochs_run=len(ckpt.history), stopped_early=ckpt.stopped_early, converged=judged["converged"],
                 convergence=judged, time_s=ckpt.elapsed, cpu_s=ckpt.cpu_s, resumed_after=done, history=ckpt.history)
+
+
+def _resume_state(path: Path, name: str):
+    """The resume state a killed fit left at `path`, or None: none, or one that cannot be read (empty, cut off, not
+    a state this module writes), which is warned of, and the fit trains again from its start."""
+    if not path.exists(): return None
+    try: state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e: why = type(e).__name__
+    else:
+        if isinstance(state, dict) and isinstance(state.get("history"), list): return state
+        why = f"a {type(state).__name__}, not a resume state"
+    warnings.warn(f"{path}, the resume state of the fit {name!r}, is unreadable ({why}): that fit trains again from "
+                  "its start (the run's finished steps are kept).")
+    return None
 
 
 def forget_fit(learn: Learner, name: str, run: Path) -> None:

@@ -14,12 +14,13 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
-from fastai.vision.all import URLs, get_image_files, untar_data
+from fastai.vision.all import URLs, image_extensions, untar_data
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -170,12 +171,32 @@ def _test_folder(root: Path) -> str:
     return found[0]
 
 
+def _images(folder: Path, skipped: list) -> list:
+    """The image files under `folder` (by extension, hidden ones left out, as fastai's `get_image_files`), regular
+    files only and through no symbolic link to a folder (which may loop back, listing images twice, in both splits);
+    what it passes over (such links, FIFOs, broken links) goes to `skipped`."""
+    images = []
+    for top, dirs, files in os.walk(folder):  # into no linked folder
+        skipped += [Path(top, d) for d in dirs if os.path.islink(os.path.join(top, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in (Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in image_extensions):
+            (images if f.is_file() else skipped).append(f)
+    return images
+
+
 def _listing(root: Path, split: str) -> tuple[list, list]:
-    "Class folders of `root/split` and its sorted `(relative path, class)` images."
+    """Class folders of `root/split` and its sorted `(relative path, class)` images (`_images`), with a warning
+    naming what was passed over: a linked class folder, a linked folder inside one, an entry that is no file."""
     folder = root / split
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    skipped = [d for d in dirs if d.is_symlink()]
+    classes = sorted(d.name for d in dirs if not d.is_symlink())
     if not classes: raise DatasetError(f"{folder} has no class folders: expected {folder}/<class>/<images>.")
-    items = [(f.relative_to(root).as_posix(), c) for c in classes for f in get_image_files(folder / c)]
+    items = [(f.relative_to(root).as_posix(), c) for c in classes for f in _images(folder / c, skipped)]
+    if skipped:
+        warnings.warn(f"{folder}: {len(skipped)} entries passed over, symbolic links to folders (not followed) or no "
+                      f"regular files, e.g. {', '.join(p.relative_to(root).as_posix() for p in sorted(skipped)[:5])}: "
+                      "copy their images in to use them.")
     return classes, sorted(items)
 
 

@@ -4,10 +4,11 @@
 one exists: atomic on local file systems and on NFS) holding the host, pid, the process's start time (as the
 kernel counts it, `/proc/<pid>/stat`), the lock's start time and a token of its owner, and refreshes the file's
 modification time every `HEARTBEAT_S` seconds while it is held. A lock is stale, and taken over with a warning,
-when its owner is gone from this host (no such pid, or a pid reused by a process that started at another time),
-when the lock file is not one this module wrote (malformed), or, for an owner on another host (whose processes
-cannot be checked from here), when its heartbeat is older than `STALE_S` seconds: across machines the lock
-relies on atomic hard links and on clocks that agree to within a minute. A live owner's lock is refused with
+when its owner cannot be shown to run on this host (no such pid, a pid reused by a process that started at another
+time, or a lock naming no start time where this host counts them), when the lock file is not one this module wrote
+(malformed, unreadable, a folder), or, for an owner on another host (whose processes cannot be checked from here),
+when its heartbeat is older than `STALE_S` seconds or dated more than `SKEW_S` in the future: across machines the
+lock relies on atomic hard links and on clocks that agree to within a minute. A live owner's lock is refused with
 `RunLocked`, which names the owner.
 
 The runner takes a run's lock before it starts the run and hands it down: a `RunLock` uses the lock it finds
@@ -16,6 +17,7 @@ the runner's own worker) or the one in its process's environment (`INHERIT`, for
 """
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -26,12 +28,14 @@ from pathlib import Path
 
 from .records import CorruptFile, disk_full_said, read_json
 
-__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "MAX_PID", "RunLocked", "RunLock", "handed_down", "lock_holder"]
+__all__ = ["LOCK", "INHERIT", "HEARTBEAT_S", "STALE_S", "SKEW_S", "MAX_PID", "RunLocked", "RunLock", "handed_down",
+           "lock_holder"]
 
 LOCK = ".lock"  # the lock's file name in a run folder
 INHERIT = "KD_RUN_LOCK"  # the environment variable through which a lock's owner hands it to its child process
 HEARTBEAT_S = 30.0  # how often a held lock's file is touched
 STALE_S = 600.0  # a lock of another host untouched for this long is stale: its owner is gone
+SKEW_S = 60.0  # how far the clocks of the hosts sharing a run folder may disagree
 MAX_PID = 2**22  # the largest pid Linux gives (pid_max's ceiling): a lock naming another is not one this module wrote
 _handed = threading.local()  # the token of the lock this thread's caller holds for it (`handed_down`)
 
@@ -47,24 +51,28 @@ def _started(pid: int):
 
 
 def _alive(owner: dict) -> bool:
-    "Whether the lock's owner (of this host) is running: its pid exists and started when the lock says it did."
+    """Whether the lock's owner (of this host) is running: its pid exists and started when the lock says it did
+    (where this host does not say when a process started, its pid existing is all there is to go by)."""
     pid = owner["pid"]
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: pass
-    return owner.get("proc_start") is None or _started(pid) in (None, owner["proc_start"])
+    return _started(pid) in (None, owner.get("proc_start"))
+
+
+_STALE = "not a lock this library wrote: taken as stale"
 
 
 def _read(path: Path):
     """The lock file's owner ({host, pid, ...}), or None when there is none; a lock file this module did not write
-    (not a JSON object with a host and a pid from 1 to `MAX_PID`) is stale: removed, with a warning."""
-    try: owner = read_json(path)
-    except CorruptFile: owner = []
-    if owner is None: return None
-    if isinstance(owner, dict) and isinstance(owner.get("host"), str) and type(owner.get("pid")) is int \
-            and 0 < owner["pid"] <= MAX_PID: return owner
-    warnings.warn(f"{path} is not a lock this library wrote ({path.read_text()[:80]!r}): taken as stale.")
-    try: path.unlink()
+    (unreadable, or not a JSON object with a host and a pid from 1 to `MAX_PID`) is stale: removed, with a warning."""
+    try:
+        owner = read_json(path, fix=_STALE)
+        if owner is None or isinstance(owner.get("host"), str) and type(owner.get("pid")) is int \
+                and 0 < owner["pid"] <= MAX_PID: return owner
+        raise CorruptFile(f"{path} ({json.dumps(owner)[:80]}) is {_STALE}.")
+    except CorruptFile as e: warnings.warn(str(e))
+    try: shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     except FileNotFoundError: pass
     return None
 
@@ -75,14 +83,23 @@ def _age(path: Path) -> float:
     except FileNotFoundError: return float("inf")
 
 
+def _gone(path: Path, owner: dict) -> str:
+    "Why the owner of the lock `path` holds it no more (what the warning on taking it over says), or None."
+    if owner["host"] == socket.gethostname():
+        if _alive(owner): return None
+        return "which is no longer running (a killed run)" if owner.get("proc_start") is not None else \
+            "whose lock names no start time of its process, so it cannot be shown to be running"
+    age = _age(path)
+    if age >= STALE_S: return f"whose last heartbeat is {age / 60:.0f} minutes old"
+    return f"whose heartbeat is dated {-age:.0f} s ahead of this host's clock" if age < -SKEW_S else None
+
+
 def lock_holder(run) -> dict:
     """The owner of `run`'s lock ({host, pid, started, token}) when it is held: by a live process of this
     host, or by one of another host whose heartbeat is fresh; None when the folder is free or its lock stale."""
     path = Path(run) / LOCK
     owner = _read(path)
-    if owner is None: return None
-    if owner["host"] == socket.gethostname(): return owner if _alive(owner) else None
-    return owner if _age(path) < STALE_S else None
+    return owner if owner is not None and _gone(path, owner) is None else None
 
 
 @contextmanager
@@ -142,7 +159,7 @@ class RunLock:
 
     def _take_over_if_stale(self) -> None:
         owner = _read(self.path)
-        if owner is not None and lock_holder(self.path.parent) is not None:
+        if owner is not None and (why := _gone(self.path, owner)) is None:
             raise RunLocked(f"{self.path.parent} is being trained by pid {owner.get('pid')} on {owner.get('host')} "
                             f"(since {owner.get('started')}); wait for it to finish. A lock of another machine "
                             f"whose owner is gone goes stale {STALE_S / 60:g} minutes after its last heartbeat.")
@@ -157,7 +174,7 @@ class RunLock:
         moved.unlink()
         if owner is not None:
             warnings.warn(f"Took over the lock of {self.path.parent} from pid {owner.get('pid')} on "
-                          f"{owner.get('host')}, which is no longer running (a killed run): resuming it.")
+                          f"{owner.get('host')}, {why}: resuming it.")
 
     def __exit__(self, *exc):
         self._stop.set()

@@ -135,6 +135,7 @@ def read_json(path, fix: str = None):
     else:
         try: obj = json.loads(text)
         except ValueError as e: problem = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+        except RecursionError: problem = "nests lists or objects too deeply to be read (a crafted file?)"
         else:
             if isinstance(obj, dict): return obj
             problem = f"holds a JSON {type(obj).__name__}, not the object it should"
@@ -146,20 +147,35 @@ def _rerun(path: Path) -> str:
     return f"delete the run folder {path.parent} and run it again (a run resumes from what is left, or starts afresh)"
 
 
-_TYPES = dict(kind=str, params=dict, data=dict, stages=list, versions=dict, models=dict, teacher=dict)  # of a record
+_NUMBER = (int, float)
+_TYPES = dict(kind=str, params=dict, data=dict, stages=list, versions=dict, models=dict, teacher=dict,
+              wall_time_s=_NUMBER, valid_accuracy=_NUMBER, test_accuracy=(*_NUMBER, type(None)))  # of a record
+_RESULTS = ("params", "data", "wall_time_s", "valid_accuracy", "test_accuracy")  # what `collect` reads of a record
+
+
+def _split_sizes(sizes) -> bool:
+    "Whether `sizes` (a record's `data.sizes`) maps each split, train at least, to its number of images."
+    return isinstance(sizes, dict) and "train" in sizes and all(type(n) is int for n in sizes.values())
+
+
+def _type_name(t) -> str: return " or ".join(c.__name__ for c in t) if isinstance(t, tuple) else t.__name__
 
 
 def checked_record(record: dict, path, fix: str = None) -> dict:
     """`record`, read from `path` (None passes), when it has a record's shape: the fields it holds of their types
-    (`params` a mapping, ...), and when complete, a `kind` of `RunFolder.FIELDS` and its `params`; else a
-    `CorruptFile` that names what is wrong and says what to do (`fix`; by default, run it again)."""
+    (`params` a mapping, ...), and when complete, a `kind` of `RunFolder.FIELDS`, the results `collect` reads and
+    `data.sizes` a mapping of split to its number of images; else a `CorruptFile` that names what is wrong and says
+    what to do (`fix`; by default, run it again)."""
     if record is None: return None
-    wrong = [f"{k} is a {type(record[k]).__name__}, not a {t.__name__}" for k, t in _TYPES.items()
+    wrong = [f"{k} is a {type(record[k]).__name__}, not a {_type_name(t)}" for k, t in _TYPES.items()
              if k in record and not isinstance(record[k], t)]
     if record.get("status") == "complete":
         if record.get("kind") not in RunFolder.FIELDS:
             wrong.append(f"kind {record.get('kind')!r} is not one of {', '.join(RunFolder.FIELDS)}")
-        if "params" not in record: wrong.append("it has no params")
+        if missing := [k for k in _RESULTS if k not in record]: wrong.append(f"it has no {', '.join(missing)}")
+        if isinstance(data := record.get("data"), dict) and not _split_sizes(data.get("sizes")):
+            wrong.append(f"data.sizes is {str(data.get('sizes'))[:80]}, not a mapping of each split (train, valid, "
+                         "...) to its number of images")
     if wrong: raise CorruptFile(f"{path} is not a record as kd_lib writes one ({'; '.join(wrong)}): "
                                 f"{fix or _rerun(Path(path))}.")
     return record
@@ -247,7 +263,7 @@ def collect(folder) -> pd.DataFrame:
                      "best_test_accuracy": max(tested) if tested else None,
                      "teacher_test_accuracy": r.get("teacher", {}).get("test_accuracy"),
                      "wall_time_s": r["wall_time_s"], "n_train": r["data"]["sizes"]["train"],
-                     "n_test": r["data"]["sizes"]["test"],
+                     "n_test": r["data"]["sizes"].get("test"),
                      "epochs_run": sum(s.get("epochs_run", 0) for s in r.get("stages", [])),
                      "fits": len(r.get("stages", [])),
                      "fits_converged": sum(s.get("converged") is True for s in r.get("stages", [])),

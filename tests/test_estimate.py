@@ -31,8 +31,8 @@ def _estimate_at(jobs: list, times: dict, ran: dict, k: int, slots: int = 2) -> 
 
 def test_the_estimate_at_a_tenth_of_the_cifar10_runs_is_within_30_percent():
     "Set 3's 36 records, their real wall times and the real order they finished in (2 at once, the teacher alone)."
-    jobs = [j for j in expand(load_profile("cifar10"), ROOT / "results" / "cifar10") if j.config.budget == 1]  # set 3
-    records = {j.name: complete_record(j.run) for j in jobs}
+    jobs = [j for j in expand(load_profile("cifar10")) if j.config.budget == 1]  # set 3
+    records = {j.name: complete_record(ROOT / "results" / "cifar10" / j.run.relative_to(j.run.parents[1])) for j in jobs}
     ends = {n: datetime.fromisoformat(r["finished"]).timestamp() for n, r in records.items()}
     times = {n: (ends[n] - r["wall_time_s"], ends[n]) for n, r in records.items()}
     ran = {n: [s["epochs_run"] for s in r["stages"]] for n, r in records.items()}

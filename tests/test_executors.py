@@ -179,3 +179,34 @@ def test_cluster_flags_say_what_they_need(write_profile, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--profile", str(write_profile()), "--runs-only", "--scheduler", "tcp://nowhere:8786"])
     assert "pip install -e '.[cluster]'" in str(e.value.code)
+
+
+TWO = [dict(student="resnet10", method="no_teacher", epochs=2, seed=[0, 1])]  # two runs that need no teacher
+
+
+def test_a_worker_killed_mid_run_fails_that_run_only_and_the_next_runner_resumes_it(write_profile):
+    """A worker killed by SIGKILL (the OOM killer) once failed its run with a bare BrokenProcessPool, and every later
+    run of its slot at once ('the process pool is not usable anymore')."""
+    profile = write_profile(TWO)
+    jobs = [j for j in rp.plan(rp.expand(rp.load_profile(profile))) if j.kind == "student"]
+    ex = rp.LocalExecutor(1, gpus=[], threads=1)
+
+    def kill_the_first_runs_worker():
+        deadline = time.time() + 240
+        while not list(jobs[0].run.glob("*.state.pth")) and time.time() < deadline: time.sleep(0.05)
+        os.kill(next(iter(ex.workers[0]._processes)), signal.SIGKILL)  # its first epoch is saved, the second not
+    killer = threading.Thread(target=kill_the_first_runs_worker)
+    killer.start()
+    with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, stream=io.StringIO(), executor=ex)
+    killer.join()
+    ex.shutdown()
+    assert f"1 of 2 run(s) failed:\n* {jobs[0].name}: WorkerLost: its worker process was killed by signal 9 " \
+           "(SIGKILL; the kernel's OOM killer does this). Start the runner again" in str(e.value)
+    assert [j.status for j in jobs] == ["failed", "done"]
+    again = [j for j in rp.plan(rp.expand(rp.load_profile(profile))) if j.kind == "student"]
+    assert [j.status for j in again] == ["todo", "complete"]
+    ex = rp.LocalExecutor(1, gpus=[], threads=1)
+    rp.run_jobs(again, stream=io.StringIO(), executor=ex)
+    ex.shutdown()
+    record = json.loads((again[0].run / "record.json").read_text())
+    assert record["status"] == "complete" and record["stages"][0]["resumed_after"] == 1

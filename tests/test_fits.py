@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import complete
 from kd_lib.fits import calibration, fit_curves, fit_table, step_convergence
 from kd_lib.fitting import CONVERGENCE_ERROR, convergence
 
@@ -22,8 +23,8 @@ HEADS = {0: [0.5, 0.6, 0.7, 0.5, 0.7, 0.5], 1: [0.5, 0.55, 0.6, 0.65, 0.7, 0.75]
 
 def write(folder, name, kind, stages, status="complete", **params):
     (folder / name).mkdir(parents=True)
-    (folder / name / "record.json").write_text(json.dumps(dict(kind=kind, params=dict(dataset="d", **params),
-                                                               stages=stages, status=status)))
+    (folder / name / "record.json").write_text(json.dumps(complete(kind, dict(dataset="d", **params), stages=stages,
+                                                                   status=status)))
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
 """Kept records (results/<profile>/): made by code at a commit in this repository's history, one for each run
 of the profile as it stands, and enough for the profile's chapter, which builds from them."""
 import json
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
 import pytest
+from conftest import complete
 
 from kd_lib.records import RECORD
 from kd_lib.runner import ROOT, ProfileError, check_kept, expand, keep_records, kept, kept_profiles, kept_records, \
@@ -79,19 +81,19 @@ def test_the_chapter_builds_from_the_kept_records(tmp_path):
     assert "NaN" not in html and "True" not in html and "False" not in html
 
 
-def _record(folder, commit, dirty=False, status="complete"):
-    folder.mkdir(parents=True)
-    (folder / RECORD).write_text(json.dumps(dict(status=status, kind="student", params={},
-                                                 versions=dict(code=dict(commit=commit, dirty=dirty)))))
+def _record(folder, run, commit, dirty=False, status="complete"):
+    (folder / "a" / run).mkdir(parents=True)
+    (folder / "a" / run / RECORD).write_text(json.dumps(complete(
+        "student", _params(f"a/{run}"), status=status, versions=dict(code=dict(commit=commit, dirty=dirty)))))
 
 
 def test_check_kept_names_each_bad_record(tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    _record(tmp_path / "good", head)
-    _record(tmp_path / "unknown", "0" * 40)
-    _record(tmp_path / "dirty", head, dirty=True)
-    _record(tmp_path / "none", None)
-    _record(tmp_path / "partial", head, status="running")
+    _record(tmp_path, "good-m-f1-s0", head)
+    _record(tmp_path, "unknown-m-f1-s0", "0" * 40)
+    _record(tmp_path, "dirty-m-f1-s0", head, dirty=True)
+    _record(tmp_path, "none-m-f1-s0", None)
+    _record(tmp_path, "partial-m-f1-s0", head, status="running")
     assert check_kept(tmp_path) == [f"{tmp_path} has no MANIFEST.json: its records are not sealed (the runner seals "
                                     "what it keeps)"]
     seal(tmp_path, "x")
@@ -101,16 +103,26 @@ def test_check_kept_names_each_bad_record(tmp_path):
     assert "names no commit" in problems and "not a complete record" in problems
 
 
-def _runs(tmp_path, names=("a/teacher", "a/s1"), **fields) -> list:
+def _params(name: str) -> dict:
+    "The params of the run `name`: '<dataset>/teacher' or '<dataset>/<student>-<method>-f<fraction>-s<seed>', '-x2'."
+    dataset, run = name.split("/")
+    run, _, budget = run.partition("-x")
+    if run == "teacher": return dict(dataset=dataset, seed=0, budget=int(budget or 1))
+    student, method, fraction, seed = re.fullmatch(r"(\w+)-(\w+)-f([\d.]+)-s(\d+)", run).groups()
+    return dict(dataset=dataset, student=student, method=method, fraction=float(fraction), seed=int(seed),
+                budget=int(budget or 1))
+
+
+def _runs(tmp_path, names=("a/teacher", "a/r-m-f1-s1"), **fields) -> list:
     "Complete run folders (a record and a weights file each) as the runner's jobs name them."
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     runs = []
     for name in names:
         run = tmp_path / "runs" / name
         run.mkdir(parents=True, exist_ok=True)
-        (run / RECORD).write_text(json.dumps(dict(status="complete", kind="student", params=dict(seed=0), **fields,
-                                                  finished=f"2026-11-{29 + len(runs)}T10:00:00+0000",
-                                                  versions=dict(code=dict(commit=head, dirty=False)))))
+        (run / RECORD).write_text(json.dumps(complete("student", _params(name), **fields,
+                                                      finished=f"2026-11-{29 + len(runs)}T10:00:00+0000",
+                                                      versions=dict(code=dict(commit=head, dirty=False)))))
         (run / "teacher.pth").write_bytes(b"weights")
         runs.append(SimpleNamespace(name=name, run=run, config=SimpleNamespace(params=lambda: {}, changed=lambda: {})))
     return runs
@@ -125,14 +137,15 @@ def repo(tmp_path, monkeypatch):
 
 def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
     runs = _runs(tmp_path)
-    unfinished = tmp_path / "runs" / "a" / "s2"
+    unfinished = tmp_path / "runs" / "a" / "r-m-f1-s2"
     unfinished.mkdir()
-    runs.append(SimpleNamespace(name="a/s2", run=unfinished, config=SimpleNamespace(params=lambda: {}, changed=lambda: {})))
+    runs.append(SimpleNamespace(name="a/r-m-f1-s2", run=unfinished,
+                                config=SimpleNamespace(params=lambda: {}, changed=lambda: {})))
     dest = keep_records(dict(keep="results/x"), runs, verdicts=lambda folder: {"1": "reproduced"},
                         note="two cores, stopped and resumed twice")
     assert dest == repo / "results" / "x"
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
-        [MANIFEST, "a/s1/record.json", "a/teacher/record.json", LOG]
+        [MANIFEST, "a/r-m-f1-s1/record.json", "a/teacher/record.json", LOG]
     assert check_kept(dest) == []
     logged = json.loads((dest / LOG).read_text())["sets"][-1]
     assert logged["verdicts"] == {"1": "reproduced"} and logged["note"] == "two cores, stopped and resumed twice"
@@ -141,15 +154,14 @@ def test_keep_records_copies_the_records_only_and_seals_them(tmp_path, repo):
 
 def test_a_kept_teacher_keeps_its_weights_and_a_set_being_made_keeps_what_it_names(tmp_path, repo):
     "Set 4's teacher is kept with its fp16 weights (sealed), so the set can be extended on any machine."
-    runs = _runs(tmp_path, ("a/teacher", "a/teacher-x2", "a/s1", "a/s2"))
-    for r, budget in zip(runs[:2], (1, 2)):
+    runs = _runs(tmp_path, ("a/teacher", "a/teacher-x2", "a/r-m-f1-s1", "a/r-m-f1-s2"))
+    for r in runs[:2]:
         record = json.loads((r.run / RECORD).read_text())
-        (r.run / RECORD).write_text(json.dumps(dict(record, kind="teacher", weights="teacher.pth",
-                                                    params=dict(seed=0, budget=budget))))
-    dest = keep_records(dict(keep="results/x"), runs, only={"a/teacher", "a/teacher-x2", "a/s1"})
+        (r.run / RECORD).write_text(json.dumps(dict(record, kind="teacher", weights="teacher.pth")))
+    dest = keep_records(dict(keep="results/x"), runs, only={"a/teacher", "a/teacher-x2", "a/r-m-f1-s1"})
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
-        [MANIFEST, "a/s1/record.json", "a/teacher-x2/record.json", "a/teacher/record.json", "a/teacher/teacher.pth",
-         LOG]  # the long twin's weights stay out: no student distils it; s2 was not asked for
+        [MANIFEST, "a/r-m-f1-s1/record.json", "a/teacher-x2/record.json", "a/teacher/record.json",
+         "a/teacher/teacher.pth", LOG]  # the long twin's weights stay out: no student distils it; s2 was not asked for
     assert "a/teacher/teacher.pth" in json.loads((dest / MANIFEST).read_text())["files"] and check_kept(dest) == []
     (dest / "a" / "teacher" / "teacher.pth").write_bytes(b"other weights")
     assert check_kept(dest) == [f"{dest / 'a' / 'teacher' / 'teacher.pth'}: changed since the records were kept"]
@@ -176,25 +188,27 @@ def test_a_kept_set_is_logged_with_the_verdicts_of_its_records(monkeypatch):
 
 def test_a_set_made_apart_is_added_beside_the_kept_records(tmp_path, repo):
     "Long twins made later (in a worktree of another commit, say) join the kept folder as a set of their own."
-    jobs = _runs(tmp_path, ("a/teacher", "a/s1", "a/s1-x2"))
+    jobs = _runs(tmp_path, ("a/teacher", "a/r-m-f1-s1", "a/r-m-f1-s1-x2"))
     dest = keep_records(dict(keep="results/x"), jobs[:2], verdicts=lambda folder: {"1": "inconclusive"})
     seal(dest, kept.settings_hash(jobs))  # sealed for the profile with its twins, as results/cifar10 is
     jobs[2].run.rename(tmp_path / "worktree")  # made elsewhere
     before = {p: p.read_bytes() for p in dest.rglob(RECORD)}
-    kept.add_set(dict(keep="results/x"), jobs, {"a/s1-x2": tmp_path / "worktree"}, note="commit 07275b6, 1 thread",
+    kept.add_set(dict(keep="results/x"), jobs, {"a/r-m-f1-s1-x2": tmp_path / "worktree"},
+                 note="commit 07275b6, 1 thread",
                  verdicts=lambda folder: {"1": f"{len(list(kept_records(folder)))} records"})
-    assert {p: p.read_bytes() for p in before} == before and (dest / "a" / "s1-x2" / RECORD).exists()
+    assert {p: p.read_bytes() for p in before} == before and (dest / "a" / "r-m-f1-s1-x2" / RECORD).exists()
     sets = json.loads((dest / LOG).read_text())["sets"]
     assert [s["runs"] for s in sets] == [2, 1] and sets[-1]["verdicts"] == {"1": "3 records"}
     assert sets[-1]["note"] == "commit 07275b6, 1 thread" and check_kept(dest) == []
-    for runs, why in (({"a/s1-x2": tmp_path / "worktree"}, "is kept already"), ({"b/s9": jobs[0].run}, "not one of"),
-                      ({"a/s1": tmp_path / "nothing"}, "is kept already")):
+    for runs, why in (({"a/r-m-f1-s1-x2": tmp_path / "worktree"}, "is kept already"),
+                      ({"b/r-m-f1-s9": jobs[0].run}, "not one of"),
+                      ({"a/r-m-f1-s1": tmp_path / "nothing"}, "is kept already")):
         with pytest.raises(ProfileError, match=why): kept.add_set(dict(keep="results/x"), jobs, runs, note="")
-    (dest / "a" / "s1-x2" / RECORD).unlink()
+    (dest / "a" / "r-m-f1-s1-x2" / RECORD).unlink()
     seal(dest, kept.settings_hash(jobs))
     (tmp_path / "worktree" / RECORD).write_text(json.dumps(dict(status="running")))
     with pytest.raises(ProfileError, match="is not complete"):
-        kept.add_set(dict(keep="results/x"), jobs, {"a/s1-x2": tmp_path / "worktree"}, note="")
+        kept.add_set(dict(keep="results/x"), jobs, {"a/r-m-f1-s1-x2": tmp_path / "worktree"}, note="")
 
 
 @pytest.mark.parametrize("keep", ["/tmp/kept-elsewhere", "results", ".", "results/../kd_lib"])
@@ -205,13 +219,13 @@ def test_keep_writes_nowhere_but_a_folder_of_its_own_in_results(keep, tmp_path, 
 
 
 def test_keep_deletes_only_the_stale_records_it_wrote(tmp_path, repo, monkeypatch):
-    dest = keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/s1", "a/s2")))
+    dest = keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/r-m-f1-s1", "a/r-m-f1-s2")))
     mine = dest / "notes.txt"
     mine.write_text("a file of a person's own")
     monkeypatch.setattr(kept, "_committed", lambda path: True)  # as git holds them (test_kept_safety: else refused)
-    keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/s1")), replace=True)  # a/s2 is no run now
-    assert mine.read_text() == "a file of a person's own" and not (dest / "a" / "s2" / RECORD).exists()
-    assert (dest / "a" / "s1" / RECORD).exists() and len(json.loads((dest / LOG).read_text())["sets"]) == 2
+    keep_records(dict(keep="results/x"), _runs(tmp_path, ("a/teacher", "a/r-m-f1-s1")), replace=True)  # s2: no run now
+    assert mine.read_text() == "a file of a person's own" and not (dest / "a" / "r-m-f1-s2" / RECORD).exists()
+    assert (dest / "a" / "r-m-f1-s1" / RECORD).exists() and len(json.loads((dest / LOG).read_text())["sets"]) == 2
     assert check_kept(dest) == []  # the person's file was there when the folder was sealed again
 
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from test_kept import _chapter, _runs, _set2, repo  # noqa: F401 -- repo: the fixture of a stand-in repository
 
-from kd_lib.records import RECORD
-from kd_lib.runner import ROOT, ProfileError, check_kept, keep_records, kept, kept_records, load_profile
+from kd_lib.records import RECORD, CorruptFile
+from kd_lib.runner import ROOT, ProfileError, check_kept, keep_records, kept, kept_records, load_profile, seal
 from kd_lib.runner.cli import main
-from kd_lib.runner.kept import MANIFEST, keep_plan
+from kd_lib.runner.kept import LOG, MANIFEST, keep_plan
 
 X = dict(keep="results/x")
 
@@ -132,3 +132,47 @@ def test_a_set_whose_records_are_all_deleted_is_refused_by_the_chapter(tmp_path)
     assert "refused: the kept records fail their check" in texts["kept_check"]
     assert "missing (the manifest lists it)" in texts["kept_check"]
 
+
+
+# ---- Nothing lost III (issue 38, items 3 and 6): each test below failed before its fix.
+
+def test_the_seal_binds_each_record_to_its_place(tmp_path, repo):  # noqa: F811
+    "Two kept records swapped, one edited, and the folder sealed again with its old hash once passed check_kept."
+    runs = _runs(tmp_path)
+    dest = keep_records(X, runs)
+    settings = json.loads((dest / MANIFEST).read_text())["settings_sha256"]
+    teacher, student = (dest / r.name / RECORD for r in runs)
+    kept_as = teacher.read_text(), student.read_text()
+    teacher.write_text(json.dumps(dict(json.loads(kept_as[1]), test_accuracy=99.9)))
+    student.write_text(kept_as[0])
+    with pytest.raises(ProfileError, match=f"Not sealing {dest}: .*{teacher}: its params make it the record of "
+                                           "a/r-m-f1-s1, not of a/teacher"):
+        seal(dest, settings)
+    assert any(f"{student}: its params make it the record of a/teacher" in p for p in check_kept(dest))
+    teacher.write_text(kept_as[0])
+    student.write_text(kept_as[1])
+    assert check_kept(dest) == [] and check_kept(dest, runs[1:]) == [
+        f"{teacher}: not a run of the profile",
+        f"{dest}: kept for other run settings than the profile's now (make book PROFILE=... makes and keeps them "
+        "again)"]
+
+
+@pytest.mark.parametrize("crafted", ["folder", "nul", "log"])
+def test_keeping_checks_everything_before_its_first_write(crafted, tmp_path, repo):  # noqa: F811
+    "A manifest naming a folder or a name with a NUL, or a log of {'sets': 5}, once stopped keeping half-way."
+    runs = _runs(tmp_path)
+    dest = keep_records(X, runs)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    if crafted == "log": (dest / LOG).write_text(json.dumps(dict(sets=5)))
+    else:
+        name = "a/folder" if crafted == "folder" else "a/x\0y"
+        (dest / "a" / "folder").mkdir()
+        (dest / MANIFEST).write_text(json.dumps(dict(manifest, files=dict(manifest["files"], **{name: "0" * 64}))))
+    record = json.loads((runs[1].run / RECORD).read_text())
+    (runs[1].run / RECORD).write_text(json.dumps(dict(record, test_accuracy=1.0)))  # what keeping would write
+    before = _files(dest)
+    with pytest.raises((ProfileError, CorruptFile), match={"folder": "lists 'a/folder', a folder",
+                                                           "nul": "holds a NUL byte",
+                                                           "log": "its `sets` is not a list of entries"}[crafted]):
+        keep_records(X, runs)
+    assert _files(dest) == before

@@ -12,6 +12,7 @@ from torchvision.models import ResNet
 from torchvision.models.resnet import BasicBlock
 
 import kd_lib.train
+from conftest import complete
 from kd_lib.data import get_data
 from kd_lib.folders import read_tree
 from kd_lib.models import resnet
@@ -123,8 +124,8 @@ def test_a_teacher_of_ones_own_trains_is_recorded_and_loads_with_its_model(tmp_p
 def _finished_student(folder):
     "A finished resnet10 run as train_student leaves one (its record and the weights of its last step)."
     (folder / "stages").mkdir(parents=True)
-    write_json(folder / RECORD, dict(status="complete", kind="student", params=dict(student="resnet10"),
-                                     data=dict(vocab=[str(i) for i in range(10)]), stages=[dict(name="all")]))
+    write_json(folder / RECORD, complete("student", dict(student="resnet10"), stages=[dict(name="all")],
+                                         data=dict(vocab=[str(i) for i in range(10)], sizes=dict(train=8, test=2))))
     torch.save(resnet("resnet10", 10).state_dict(), folder / "stages" / "all.pth")
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from fastai.callback.core import Callback
 
+from conftest import complete
 from kd_lib import runner as rp
 from kd_lib.data import DatasetError, get_data
 from kd_lib.locks import LOCK, RunLock, RunLocked, lock_holder
@@ -151,7 +152,7 @@ def test_a_second_runner_waits_for_a_locked_run_and_does_not_train_it_again(writ
         deadline = time.time() + 30
         while "waiting: " + busy.name not in stream.getvalue() and time.time() < deadline: time.sleep(0.02)
         assert "is being trained by pid" in stream.getvalue() and busy.name not in executed
-        write_json(busy.run / "record.json", dict(kind="student", status="complete", params=busy.config.params()))
+        write_json(busy.run / "record.json", complete("student", busy.config.params()))
     finally:
         other.kill()
         other.wait()

@@ -9,6 +9,7 @@ import papermill as pm
 import pytest
 import yaml
 
+from conftest import complete
 from kd_lib import runner as rp
 from kd_lib.config import StudentConfig
 from kd_lib.runner.cli import main
@@ -31,7 +32,7 @@ def tiny(tmp_path, **changes) -> dict:
 def write_record(job, status="complete", **changes):
     params = dict(job.config.params(), **changes)
     job.run.mkdir(parents=True, exist_ok=True)
-    (job.run / "record.json").write_text(json.dumps(dict(kind=job.kind, status=status, params=params)))
+    (job.run / "record.json").write_text(json.dumps(complete(job.kind, params, status=status)))
 
 
 @pytest.mark.parametrize("name", ["smoke", "digits", "paper"])

@@ -4,7 +4,8 @@ style), `slots` (runs at once), `queues` (whether it takes more than `slots` and
 
 * `LocalExecutor` (the default): `n_jobs` runs at once on this machine, the cores shared between them, each slot a
   worker process that lives as long as the executor (torch and fastai imported once, not once a run); on a
-  machine with GPUs, each slot sees one of them (`CUDA_VISIBLE_DEVICES`).
+  machine with GPUs, each slot sees one of them (`CUDA_VISIBLE_DEVICES`). A worker killed during a run (by the
+  OOM killer, say) fails that run, naming the signal, and the slot's next run gets a new worker.
 * `DaskExecutor`: every run goes to a worker of a Dask scheduler (``--scheduler tcp://host:8786``), with a
   ``GPU: 1`` worker resource when runs need a GPU. Dask moves the runs of a worker that died to another one
   (up to its ``distributed.scheduler.allowed-failures``), where they resume. The workers must see the
@@ -13,10 +14,12 @@ style), `slots` (runs at once), `queues` (whether it takes more than `slots` and
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = ["cores", "visible_gpus", "host_slots", "LocalExecutor", "DaskExecutor"]
 
@@ -51,12 +54,28 @@ def _worker_started(parent: int, threads: int, gpu) -> None:
     threading.Thread(target=_watch, args=(parent,), daemon=True, name="watch the runner").start()
 
 
+class WorkerLost(RuntimeError):
+    "A slot's worker process died during a run (killed by a signal, say): that run failed, the slot gets a new one."
+
+
+def _lost(worker) -> str:
+    "What became of the dead process of `worker` (a pool of one), for the message of the run it was running."
+    codes = [p.exitcode for p in (worker._processes or {}).values()]  # noqa: SLF001 -- the pool gives no exit code
+    code = next((c for c in codes if c), None)
+    if code is None: return "its worker process died"
+    if code > 0: return f"its worker process exited with status {code}"
+    how = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    oom = "; the kernel's OOM killer does this" if -code == signal.SIGKILL else ""
+    return f"its worker process was killed by signal {-code} ({how}{oom})"
+
+
 class LocalExecutor:
     """`n_jobs` runs at once on this machine, each with `threads` torch threads (default: cores / `n_jobs`) and,
     when `gpus` (default: `visible_gpus()`) lists any, one GPU. With `workers` (the default), each slot runs its
     runs in a worker process of its own, started (forked) at its first run and kept until `shutdown`: the function
     a run executes must then be picklable (a module's function); without, in a thread of this process (a run that
-    starts a process of its own, papermill say, or a test's stand-in)."""
+    starts a process of its own, papermill say, or a test's stand-in). A worker that dies during a run (killed by
+    the OOM killer, say) fails that run (`WorkerLost`, naming the signal) and is replaced at the slot's next run."""
     queues, verb = False, "start"
 
     def __init__(self, n_jobs: int = 1, gpus: list = None, threads: int = None, workers: bool = True):
@@ -91,7 +110,14 @@ class LocalExecutor:
         gpu = self.gpus[k % len(self.gpus)] if self.gpus else None
         try:
             if self.workers is None: return fn(job, threads=threads, gpu=gpu)
-            return self._worker(k, gpu).submit(fn, job, threads=threads, gpu=gpu).result()
+            worker = self._worker(k, gpu)
+            try: return worker.submit(fn, job, threads=threads, gpu=gpu).result()
+            except BrokenProcessPool as e:
+                lost = WorkerLost(f"{_lost(worker)}. Start the runner again: the run resumes from its last saved "
+                                  "state.")
+                del self.workers[k]  # the slot's next run starts a new worker
+                worker.shutdown(wait=True)
+                raise lost from e
         finally: self._free.put(k)
 
     def submit(self, fn, job, threads: int = None):

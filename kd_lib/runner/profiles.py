@@ -31,7 +31,9 @@ KEPT_ROOT = "results"  # a profile's `keep` folder is a folder inside this one o
 MAX_ALIASES = 20  # YAML aliases a profile may use: a few anchors, never a "billion laughs"
 MAX_RUNS = 10_000  # runs a profile may expand to (the paper's matrix is a few hundred)
 MAX_JOBS = 256  # runs a profile (or --jobs) may execute at once
-NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # a profile's name: it names folders
+NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}"  # a profile's name: it names folders (runs/<name>-own_models, ...)
+NAME_MAX = 255  # the bytes a file or folder name may have (Linux's, and most file systems')
+MODULE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"  # a module of `imports`: an absolute, dotted name
 _DATASET = {"dataset", "data_path", "common", "teacher", "students"}  # the keys of one of its datasets
 
 
@@ -145,8 +147,9 @@ def _typed(where: str, prof: dict) -> None:
         if key == "jobs" and v > MAX_JOBS:
             raise ProfileError(f"{where}: jobs={v}: at most {MAX_JOBS} runs at once (each holds a process).")
     imports = prof.get("imports") or []
-    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
-        raise ProfileError(f"{where}: imports={imports!r}: imports takes a list of module names, e.g. [mypkg.methods].")
+    if not isinstance(imports, list) or not all(isinstance(m, str) and re.fullmatch(MODULE, m) for m in imports):
+        raise ProfileError(f"{where}: imports={imports!r}: imports takes a list of module names (absolute, dotted), "
+                           "e.g. [mypkg.methods].")
     for m in imports:  # methods registered there must be known here (to check the runs) and in every kernel
         try: importlib.import_module(m)
         except ImportError as e:
@@ -158,12 +161,25 @@ def _typed(where: str, prof: dict) -> None:
         raise ProfileError(f"{where}: long_twins: unknown key(s) {sorted(bad)}; it names the runs to twin by their "
                            "settings, e.g. {fraction: 0.25, kind: student}.")
     if (keep := prof.get("keep")) is not None: kept_folder(keep, ROOT, where)
+    if own := prof.get("own_models"):  # the page's parameters, but its out_dir, which the book sets
+        import papermill
+        _unknown(f"{where}, own_models", own,
+                 set(papermill.inspect_notebook(str(NOTEBOOKS / "own_models.ipynb"))) - {"out_dir"})
+
+
+def _path_setting(where: str, key: str, value: str) -> None:
+    "Refuse a path setting that no file system takes: a NUL byte, or a name of more than `NAME_MAX` bytes."
+    if "\0" in value: raise ProfileError(f"{where}: {key} holds a NUL byte (\\0), which no path has: remove it.")
+    if long := next((part for part in Path(value).parts if len(part.encode()) > NAME_MAX), None):
+        raise ProfileError(f"{where}: {key}: the name {long[:40]}... is {len(long.encode())} bytes long, and a file "
+                           f"or folder name has at most {NAME_MAX}: shorten it.")
 
 
 def kept_folder(keep: str, root: Path = ROOT, where: str = None) -> Path:
     """`root / keep` (normalised, not resolved), when `keep` names a folder of its own directly inside the
     `KEPT_ROOT` folder of `root` (not that folder itself, nor one outside it or nested in another); else a
     `ProfileError` (`where`: the profile file, for the message)."""
+    _path_setting(where or "the profile", "keep", keep)
     folder = Path(os.path.normpath(root / keep))
     if Path(keep).is_absolute() or folder.parent != root / KEPT_ROOT:
         raise ProfileError(f"{where + ': ' if where else ''}keep={keep!r}: kept records go to a folder of their "
@@ -190,8 +206,9 @@ def load_profile(profile) -> dict:
     _typed(str(path), prof)
     prof.setdefault("name", path.stem)
     if not re.fullmatch(NAME, prof["name"]):
-        raise ProfileError(f"{path}: name={prof['name']!r}: a profile's name names its folders (runs/<name>, "
-                           "notebooks/<name>.ipynb): letters, digits and _.- only, not starting with a dot.")
+        raise ProfileError(f"{path}: name={prof['name'][:40]!r}: a profile's name names its folders (runs/<name>, "
+                           "notebooks/<name>.ipynb): letters, digits and _.- only, not starting with a dot, at most "
+                           "200 of them.")
     prof.setdefault("out_dir", f"runs/{prof['name']}")
     prof["path"] = str(path)
     datasets = prof.get("datasets")
@@ -237,8 +254,7 @@ def expand(prof: dict, out_dir=None) -> list:
     product of the group's `student`, `method`, `fraction` and `seed` lists). Every run's settings are checked by
     its configuration: a bad one is a `ProfileError` naming its place, as is a run that two groups (or one list
     twice) make, and a budget control whose twin the profile does not run."""
-    out = Path(out_dir or prof["out_dir"])
-    out = out if out.is_absolute() else ROOT / out
+    out = _out_dir(prof["path"], str(out_dir or prof["out_dir"]))
     teachers, students, seen = [], [], {}
     defaults = StudentConfig.defaults()
 
@@ -277,6 +293,19 @@ def expand(prof: dict, out_dir=None) -> list:
             raise ProfileError(f"{prof['path']}: {j.name} spends the budget of {missing[0]}, which the profile does "
                                "not run: add that run, or remove this one.")
     return teachers + students
+
+
+def _out_dir(where: str, out_dir: str) -> Path:
+    """The absolute folder of `out_dir` (relative to the repository), a path a file system takes and outside the
+    repository's `KEPT_ROOT`: the kept records are read-only to runs (`kd_lib.runner.kept` writes them)."""
+    _path_setting(where, "out_dir", out_dir)
+    out = ROOT / out_dir  # an absolute out_dir stays as it is
+    kept = (ROOT / KEPT_ROOT).resolve()
+    if out.resolve() == kept or kept in out.resolve().parents:
+        raise ProfileError(f"{where}: out_dir={out_dir!r} lies inside {kept}, which holds the kept records: runs "
+                           f"never write there (keeping copies their records in). Give an out_dir outside "
+                           f"{KEPT_ROOT}/, e.g. runs/<profile> (the default).")
+    return out
 
 
 def _with_long_twins(jobs: list, job, which=True) -> list:
