@@ -195,3 +195,17 @@ def test_the_selection_table():
     r["best_test_accuracy"], r["unused_accuracy"] = r["test_accuracy"] + 1.5, np.nan
     s = selection(r).set_index("method")
     assert np.isclose(s.loc["stagewise", "added"], 1.5) and s.loc["stagewise", "runs"] == 9
+
+
+def test_claim_1_is_also_checked_at_the_smallest_fraction_with_its_own_stronger_baseline():
+    """Imagewoof's protocol: stagewise against the stronger baseline at a quarter, beside full data; a dataset run
+    at full data only has no such row."""
+    acc = dict(no_teacher=lambda f: 60 if f < 1 else 85, no_teacher_budget=lambda f: 70 if f < 1 else 84,
+               stagewise=lambda f: 80 if f < 1 else 83)
+    table = claims(runs(acc, fractions=(1.0, 0.25)))
+    less, full = row(table, "1_less"), row(table, 1)
+    assert less["verdict"] == "supported" and less["mean"] == pytest.approx(10, abs=1)  # against the budget control
+    assert "no_teacher_budget" in less["note"] and less["claim"].endswith("(25% of the data)")
+    assert full["verdict"] == "contradicted" and "no_teacher," in full["note"]  # at full data no_teacher is stronger
+    assert less["at_2x"] == pytest.approx(less["at_1x"])  # both arms of the seed-0 pair doubled alike (+0.5)
+    assert "1_less" not in set(claims(runs(dict(no_teacher=80, stagewise=90)))["id"])
