@@ -8,7 +8,8 @@
 * `fit`: a fit with those, resumed from its state file when one is there, stopped early with `patience`;
   `convergence` says whether it converged by `CONVERGENCE_RULE`, judged from its curve's own scatter;
   `forget_fit` deletes its resume state once what it produced is written.
-* `evaluate`: valid and test accuracy; `accuracy_of`: a model's accuracy on any loader, random states untouched.
+* `evaluate`: valid and test accuracy, and the test predictions; `accuracy_of` and `predictions_of`: a model's
+  accuracy and predictions on any loader, random states untouched.
 """
 import math
 import os
@@ -36,8 +37,8 @@ from .memory import FreedMemory
 from .models import evaluating
 from .records import save_weights
 
-__all__ = ["paper_adam", "fastai_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "WINDOW",
-           "STATE_EVERY_S",
+__all__ = ["paper_adam", "fastai_adam", "StopOnNaN", "seed_everything", "step_seed", "accuracy_of", "predictions_of",
+           "WINDOW", "STATE_EVERY_S",
            "CONVERGENCE_ERROR", "CONVERGENCE_RULE",
            "MonitorNoise", "last_gain", "convergence", "BestCheckpoint", "one_cycle", "fit", "forget_fit", "evaluate",
            "quiet"]
@@ -112,19 +113,30 @@ def _set_rng_state(s: dict, dls=None) -> None:
 
 
 @torch.no_grad()
-def accuracy_of(model: torch.nn.Module, dl) -> float:
-    """Accuracy (%) of `model` on the batches of `dl`, in eval mode (its modes restored after), leaving every
-    global random state as it was (so a fit that measures it each epoch trains exactly as one that does not). The
-    batches go in as plain tensors , as a `Learner` gives them: fastai's `TensorImage` would send every torch
+def _predicted(model: torch.nn.Module, dl):
+    """(predicted classes, labels) of each batch of `dl` by `model`, in eval mode (its modes restored after), leaving
+    every global random state as it was (so a fit that measures each epoch trains exactly as one that does not). The
+    batches go in as plain tensors, as a `Learner` gives them: fastai's `TensorImage` would send every torch
     operation of the model through Python (`__torch_function__`), a third more time for resnet10 at 16 px."""
-    state, correct, n = _rng_state(), 0, 0
+    state = _rng_state()
     try:
         with evaluating(model):
-            for xb, yb in dl:
-                correct += int((model(_untyped(xb)).argmax(1) == _untyped(yb)).sum())
-                n += len(yb)
+            for xb, yb in dl: yield model(_untyped(xb)).argmax(1), _untyped(yb)
     finally: _set_rng_state(state)
+
+
+def accuracy_of(model: torch.nn.Module, dl) -> float:
+    "Accuracy (%) of `model` on the batches of `dl` (`_predicted`)."
+    correct, n = 0, 0
+    for p, y in _predicted(model, dl): correct, n = correct + int((p == y).sum()), n + len(y)
     return 100 * correct / max(n, 1)
+
+
+def predictions_of(model: torch.nn.Module, dl) -> dict:
+    "The `labels` of `dl`'s items and the classes `model` `predicted` for them, in the loader's order (`_predicted`)."
+    out = dict(labels=[], predicted=[])
+    for p, y in _predicted(model, dl): out["predicted"] += p.tolist(); out["labels"] += y.tolist()
+    return out
 
 
 WINDOW = 5  # the fewest last epochs whose trend judges a fit's convergence
@@ -344,7 +356,10 @@ def forget_fit(learn: Learner, name: str, run: Path) -> None:
 
 
 def evaluate(learn: Learner) -> dict:
-    "Valid and test accuracy (%) of the learner's model (loaders 1 and 2 of `learn.dls`; None without a test one)."
+    """Valid and test accuracy (%) of the learner's model (loaders 1 and 2 of `learn.dls`; None without a test one),
+    and with a test loader its `test_predictions` (`predictions_of`: what the model called each test image)."""
     with learn.no_bar():
-        return {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) if i < len(learn.dls.loaders)
-                else None for k, i in (("valid", 1), ("test", 2))}
+        scores = {f"{k}_accuracy": round(100 * float(learn.validate(ds_idx=i)[1]), 4) if i < len(learn.dls.loaders)
+                  else None for k, i in (("valid", 1), ("test", 2))}
+    if len(learn.dls.loaders) > 2: scores["test_predictions"] = predictions_of(learn.model, learn.dls.loaders[2])
+    return scores

@@ -149,7 +149,8 @@ def _rerun(path: Path) -> str:
 
 _NUMBER = (int, float)
 _TYPES = dict(kind=str, params=dict, data=dict, stages=list, versions=dict, models=dict, teacher=dict,
-              wall_time_s=_NUMBER, valid_accuracy=_NUMBER, test_accuracy=(*_NUMBER, type(None)))  # of a record
+              wall_time_s=_NUMBER, valid_accuracy=_NUMBER, test_accuracy=(*_NUMBER, type(None)),
+              test_predictions=dict)  # of a record
 _RESULTS = ("params", "data", "wall_time_s", "valid_accuracy", "test_accuracy")  # what `collect` reads of a record
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import _api as tv_api
@@ -203,6 +204,11 @@ def test_teacher_recipe_trains_records_and_loads(tmp_path, tiny, monkeypatch):
     assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(t.state_dict().values(), kept.values()))
     dls = get_data("digits", size=16, bs=32, selection="valid")  # the teacher evaluated is the one kept
     assert round(accuracy_of(t, dls.loaders[2]), 4) == pytest.approx(r["test_accuracy"], abs=1e-3)
+    # what it called each test image, in the order of the test split's items, its accuracy the record's
+    said = r["test_predictions"]
+    assert said["labels"] == [list(dls.vocab).index(c) for _, c in dls.items["test"]]
+    right = np.mean(np.array(said["predicted"]) == np.array(said["labels"]))
+    assert 100 * right == pytest.approx(r["test_accuracy"], abs=1e-3) and len(set(said["predicted"])) > 1
     # students find the dataset's teacher in out_dir by default, and record its accuracy
     s = train_student(**(tiny | dict(method="simultaneous", epochs=1, out_dir=tmp_path, progress=False)))
     assert s["teacher"]["test_accuracy"] == r["test_accuracy"]
