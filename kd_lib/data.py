@@ -36,7 +36,7 @@ from .resident import TensorLoader, decode, decoded_bytes, resident_loader
 
 __all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError",
            "DatasetNotFoundError", "DownloadError", "LeakageError", "KDDataLoaders", "data_dir", "get_data",
-           "trained_on", "check_no_leak"]
+           "split_items", "trained_on", "check_no_leak"]
 
 DATASETS = ("digits", *URLS, "folder")
 SELECTIONS = ("valid", "test")
@@ -224,19 +224,24 @@ def get_data(name: str = "digits", path=None, size: int = None, bs: int = 64, fr
     return dls
 
 
-def trained_on(info: dict, root) -> set:
-    """The `(relative path, class)` items a run trained on, drawn again from its record's `split_info` (`info`)
-    in the tree at `root`, and checked against the record's hash of its train split (a `DatasetError` when they
-    differ: other data, or a record of other code)."""
+def split_items(info: dict, root, split: str = "train") -> list:
+    """The `(relative path, class)` items of a run's `split` (train/valid/test/unused), in its loader's order, drawn
+    again from its record's `split_info` (`info`) in the tree at `root` and checked against the record's hash of that
+    split (a `DatasetError` when they differ: other data, or a record of other code)."""
     _, train, test, _, _, _ = read_tree(Path(root), bool(info.get("skipped_bad")), CLASS_NAMES.get(info.get("name")))
     seed = info["seed"]
     items = _splits(train, test, info["selection"], info.get("valid_pct") or 0.2, info["fraction"], seed,
-                    info.get("per_class"), info.get("split_seed", seed))["train"]  # no split_seed: `seed` drew it
-    if _hash(items) != info["hashes"]["train"]:
-        raise DatasetError(f"Cannot tell which images of {root} the run recorded with train hash "
-                           f"{info['hashes']['train']} trained on: drawn again here they hash to {_hash(items)} "
+                    info.get("per_class"), info.get("split_seed", seed))[split]  # no split_seed: `seed` drew it
+    if _hash(items) != info["hashes"][split]:
+        raise DatasetError(f"Cannot tell which images of {root} the run recorded with {split} hash "
+                           f"{info['hashes'][split]} used: drawn again here they hash to {_hash(items)} "
                            "(other images in the folder, or a run of other code).")
-    return set(items)
+    return items
+
+
+def trained_on(info: dict, root) -> set:
+    "The `(relative path, class)` items a run trained on (`split_items` of its train split)."
+    return set(split_items(info, root, "train"))
 
 
 def check_no_leak(teacher_info: dict, dls: KDDataLoaders, where: str = "the teacher") -> None:

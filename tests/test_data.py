@@ -18,7 +18,7 @@ from torch import nn
 
 import kd_lib.folders as kd_folders
 from kd_lib.data import (CIFAR_STATS, DATASETS, DatasetError, DatasetNotFoundError, DownloadError, data_dir,
-                         get_data)
+                         get_data, split_items)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"a": 13, "b": 7, "c": 9}  # odd class sizes
@@ -134,6 +134,16 @@ def test_selection_test_is_the_papers_protocol(tree):
     assert len(dls.train_ds) == sum(TRAIN.values())
     info = dls.split_info
     assert info["hashes"]["valid"] == info["hashes"]["test"] and info["valid_pct"] is None
+
+
+def test_a_records_splits_are_drawn_again_in_their_loaders_order(tree, tmp_path):
+    "split_items gives each split's items in its loader's order from a record's split info, or names other data."
+    dls = load(tree, fraction=0.5, seed=3, selection="valid", split_seed=1)
+    info = dls.split_info
+    for split in ("train", "valid", "test", "unused"): assert split_items(info, tree, split) == dls.items[split]
+    assert [dls.vocab[int(y)] for _, y in dls.loaders[2].dataset] == [c for _, c in dls.items["test"]]
+    other = make_tree(tmp_path / "other", test={"a": 3, "b": 5, "c": 2})  # one test image more
+    with pytest.raises(DatasetError, match="test hash"): split_items(info, other, "test")
 
 
 def test_deterministic_across_calls_and_processes(tree):

@@ -46,8 +46,10 @@ def _teacher_fit_text(record: dict) -> str:
     "The teacher's test accuracy, its epochs and what the convergence diagnostic says of its last window."
     fit = record["stages"][0]
     judged = convergence([h["accuracy"] for h in fit["history"]], lower=False)
-    return (f"{record['test_accuracy']:.2f}% on the test set after {fit['epochs_run']} epochs (best epoch "
-            f"{fit['best_epoch'] + 1}); its last {judged['window']} epochs rose {100 * judged['slope']:+.2f} points "
+    start = f"{record['test_accuracy']:.2f}% on the test set after {fit['epochs_run']} epochs (best epoch " \
+            f"{fit['best_epoch'] + 1})"
+    if judged["slope"] is None: return f"{start}; too few epochs for the convergence diagnostic to judge"
+    return (f"{start}; its last {judged['window']} epochs rose {100 * judged['slope']:+.2f} points "
             f"an epoch, t = {judged['t']:.1f} against their own scatter ("
             + ("converged" if judged["converged"] else "not converged") + " by the diagnostic)")
 
