@@ -45,7 +45,8 @@ def _arms(records: pd.DataFrame) -> pd.DataFrame:
     "`records` with the teacher's row as an arm of its own (student resnet34, method teacher, full data)."
     r = records.copy()
     teacher = r["kind"] == "teacher"
-    for col, value in zip(ARM[1:], TEACHER): r[col] = r[col].astype(object).where(~teacher, value)
+    for col, value in zip(ARM[1:], TEACHER):  # a column no student gave (a teacher alone) is the teacher's
+        r[col] = r[col].astype(object).where(~teacher, value) if col in r else value
     r["fraction"] = r["fraction"].astype(float)
     return r
 

@@ -2,6 +2,7 @@
 of the profile as it stands, and enough for the profile's chapter, which builds from them."""
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -364,3 +365,10 @@ def test_the_imagewoof_chapter_builds_from_a_kept_set_being_made(tmp_path):
     assert "resnet10 stagewise at 50% of the data (n=2)" in html  # the per-class table, arms over their seeds
     pictures = sum("image/png" in o.get("data", {}) for o in outputs if "scrapbook" not in o.get("metadata", {}))
     assert pictures >= 3  # the claims figure, the grid and a panel of fit curves
+    alone = tmp_path / "alone" / "folder"  # the set's first record: its teacher, with no claim to test yet
+    alone.mkdir(parents=True)
+    shutil.copytree(folder / "folder" / "teacher", alone / "teacher")
+    seal(alone.parent, kept.settings_hash(jobs))
+    out = run_notebook("imagewoof", tmp_path / "alone.ipynb", threads=1, records_dir=str(alone.parent),
+                       profile_name=str(profile), data_path=str(tree))
+    assert "No student is kept yet." in json.dumps(nbformat.read(out, as_version=4).cells)
