@@ -11,14 +11,14 @@ from PIL import Image
 from .data import split_items
 from .figures import Figure
 from .records import read_json
-from .results import fraction_label, method_order
+from .results import method_order
+from .saturation import arm_label
 
 __all__ = ["answers", "class_accuracy", "predictions_grid"]
 
 
 def _model(row) -> str:
-    return "teacher" if row["kind"] == "teacher" else \
-        f"{row['student']} {row['method']} at {fraction_label(row['fraction'])}"
+    return "teacher" if row["kind"] == "teacher" else arm_label(row["student"], row["method"], row["fraction"])
 
 
 def answers(records: pd.DataFrame) -> pd.DataFrame:
