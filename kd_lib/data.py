@@ -19,6 +19,7 @@ is what fastai v1's ``rand_crop`` did in the paper; there is no scale augmentati
 (``RandomResizedCrop``), as in the paper.
 """
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -67,9 +68,12 @@ class _CenterResize(Resize):
 
 
 def _portable(root: Path) -> str:
-    "`root` relative to `data_dir()` when inside it (as a record names it: no machine's folders), else as given."
-    try: return Path(root).resolve().relative_to(data_dir().resolve()).as_posix()
-    except ValueError: return str(root)
+    """`root` relative to `data_dir()` when inside it (as a record names it: no machine's folders), else as given;
+    a tree linked into the data folder is inside it, by its link's name."""
+    for here, data in ((os.path.abspath(root), os.path.abspath(data_dir())), (Path(root).resolve(), data_dir().resolve())):
+        try: return Path(here).relative_to(data).as_posix()
+        except ValueError: pass
+    return str(root)
 
 
 def _splits(train: list, test: list, selection: str, valid_pct: float, fraction: float, seed: int,

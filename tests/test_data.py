@@ -240,6 +240,18 @@ def test_extracted_dataset_is_used_without_download(tmp_path):
     assert info["size"] == 224 and info["stats"]["mean"] == imagenet_stats[0]
 
 
+def test_a_tree_linked_into_the_data_folder_is_named_by_its_link(tmp_path):
+    """A record names its data relative to the data folder, also when the tree there is a link to another disk
+    (a worktree's data/ linked to a checkout's once wrote the worktree's absolute path into a kept record)."""
+    make_tree(tmp_path / "elsewhere" / "mini", test_name="test")
+    (tmp_path / "kd_data").mkdir(exist_ok=True)
+    (tmp_path / "kd_data" / "mini").symlink_to(tmp_path / "elsewhere" / "mini")
+    info = get_data("folder", path=tmp_path / "kd_data" / "mini", size=16, bs=4).split_info
+    assert info["path"] == "mini"
+    assert get_data("folder", path=tmp_path / "elsewhere" / "mini", size=16, bs=4).split_info["path"] == \
+        str(tmp_path / "elsewhere" / "mini")  # outside it: as given
+
+
 def test_bad_arguments(tree):
     with pytest.raises(DatasetError, match="choose one of digits, imagenette") as e: get_data("mnist")
     assert all(n in str(e.value) for n in DATASETS)

@@ -58,10 +58,11 @@ class WorkerLost(RuntimeError):
     "A slot's worker process died during a run (killed by a signal, say): that run failed, the slot gets a new one."
 
 
-def _lost(worker) -> str:
-    "What became of the dead process of `worker` (a pool of one), for the message of the run it was running."
-    codes = [p.exitcode for p in (worker._processes or {}).values()]  # noqa: SLF001 -- the pool gives no exit code
-    code = next((c for c in codes if c), None)
+def _lost(processes: list) -> str:
+    """What became of a dead worker, from its pool's `processes` as they were at the run's start (the broken pool
+    may already have dropped them; each is waited for a moment, as the kernel may not have reported its end yet)."""
+    for p in processes: p.join(timeout=5)
+    code = next((p.exitcode for p in processes if p.exitcode), None)
     if code is None: return "its worker process died"
     if code > 0: return f"its worker process exited with status {code}"
     how = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
@@ -111,9 +112,11 @@ class LocalExecutor:
         try:
             if self.workers is None: return fn(job, threads=threads, gpu=gpu)
             worker = self._worker(k, gpu)
-            try: return worker.submit(fn, job, threads=threads, gpu=gpu).result()
+            future = worker.submit(fn, job, threads=threads, gpu=gpu)
+            processes = list((worker._processes or {}).values())  # noqa: SLF001 -- the pool gives no exit code
+            try: return future.result()
             except BrokenProcessPool as e:
-                lost = WorkerLost(f"{_lost(worker)}. Start the runner again: the run resumes from its last saved "
+                lost = WorkerLost(f"{_lost(processes)}. Start the runner again: the run resumes from its last saved "
                                   "state.")
                 del self.workers[k]  # the slot's next run starts a new worker
                 worker.shutdown(wait=True)
