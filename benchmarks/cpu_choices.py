@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from kd_lib.fitting import paper_adam
-from kd_lib.models import resnet
-from kd_lib.records import versions, write_json
+from kd_lib.core.optim import paper_adam
+from kd_lib.core.models import resnet
+from kd_lib.recipes.records import versions
+from kd_lib.infra.files import write_json
 
 STEPS = 30
 

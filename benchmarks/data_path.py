@@ -1,4 +1,4 @@
-"""The data path: images opened per item (fastai's DataBlock) against images decoded once (`kd_lib.resident`), in one
+"""The data path: images opened per item (fastai's DataBlock) against images decoded once (`kd_lib.data.resident`), in one
 run, on the same split, at 16 px (digits) and 32 px (CIFAR-10, when `data/cifar10` is there).
 
 For each dataset and path it measures, with one torch thread and the paper's augmentation, the CPU time of
@@ -16,10 +16,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from kd_lib.data import data_dir, get_data
-from kd_lib.fitting import paper_adam, seed_everything
-from kd_lib.models import resnet
-from kd_lib.records import versions, write_json
+from kd_lib.data.loaders import data_dir, get_data
+from kd_lib.core.optim import paper_adam
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.core.models import resnet
+from kd_lib.recipes.records import versions
+from kd_lib.infra.files import write_json
 
 
 def _cpu(fn) -> float:

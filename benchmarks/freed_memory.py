@@ -1,4 +1,4 @@
-"""What keeping freed memory (`kd_lib.memory.keep_freed_memory`, which every fit does) saves a training step.
+"""What keeping freed memory (`kd_lib.speed.memory.keep_freed_memory`, which every fit does) saves a training step.
 
 For each of `--models` at 16 px, batch 32 (the digits profile) and 32 px, batch 64 (CIFAR-10): CPU milliseconds and
 page faults of a training step (forward, backward, the student's fused Adam), one torch thread, with glibc's malloc
@@ -23,8 +23,8 @@ def measure(mode: str, models: list, steps: int) -> dict:
     "In this process: CPU ms and page faults of a training step of each model and setting, memory `mode`."
     import torch
     import torch.nn.functional as F
-    from kd_lib.memory import keep_freed_memory
-    from kd_lib.models import resnet, teacher
+    from kd_lib.speed.memory import keep_freed_memory
+    from kd_lib.core.models import resnet, teacher
     torch.set_num_threads(1)
     if mode == "kept": keep_freed_memory()
     out = {}
@@ -77,7 +77,8 @@ def main(argv=None):
         print(f"  {key:14s} default {v['default_ms']:7.1f} ms {v['default_faults']:7.0f} faults   kept "
               f"{v['kept_ms']:7.1f} ms {v['kept_faults']:5.0f} faults   {v['speedup']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
-    from kd_lib.records import versions, write_json
+    from kd_lib.recipes.records import versions
+    from kd_lib.infra.files import write_json
     write_json(args.out / "freed_memory.json", dict(rows=rows, isa=isa, load=[load0, os.getloadavg()[0]],
                                                      versions=versions()))
 

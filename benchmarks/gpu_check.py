@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from kd_lib.complexity import table1
-from kd_lib.records import versions, write_json
+from kd_lib.evidence.complexity import table1
+from kd_lib.recipes.records import versions
+from kd_lib.infra.files import write_json
 from kd_lib.runner import expand, load_profile
-from kd_lib.train import train_student, train_teacher
+from kd_lib.recipes.train import train_student, train_teacher
 
 
 def settings() -> dict:

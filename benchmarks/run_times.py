@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from kd_lib.records import complete_record
+from kd_lib.recipes.records import complete_record
 
 
 def run_times(out_dir: Path) -> dict:

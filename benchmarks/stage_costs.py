@@ -1,11 +1,11 @@
 """What each stage of the paper's models costs on this machine, and what the centre tap saves, measured in one run.
 
 For the teacher and students at 16 px (batch 32, the digits profile) and 32 px (batch 64, CIFAR-10): CPU
-milliseconds per batch of each stage's forward and backward (`kd_lib.stages.Stages.paper`, each stage on the
+milliseconds per batch of each stage's forward and backward (`kd_lib.core.stages.Stages.paper`, each stage on the
 previous stage's map, train mode), and of a whole training step (forward, backward, the paper's Adam), with the
-models' `TapConv2d`s (`tap`) and with every tap computed (`plain`, `kd_lib.models.untapped`), the two taking turns
+models' `TapConv2d`s (`tap`) and with every tap computed (`plain`, `kd_lib.speed.taps.untapped`), the two taking turns
 (each first in every other round; the median of the rounds), and the whole training step of the tapped model
-training only the taps that meet its inputs (`live`, `kd_lib.models.live_taps`); one torch thread. Each oneDNN
+training only the taps that meet its inputs (`live`, `kd_lib.speed.taps.live_taps`); one torch thread. Each oneDNN
 instruction set asked for (`--isa`: the machine's own, and AVX2 as an AVX2-only CPU has it, by ONEDNN_MAX_CPU_ISA)
 runs in a process of its own, and the table names the set oneDNN reports (ONEDNN_VERBOSE) and the kernels it picks
 for a 3x3 convolution on a 1x1 map.
@@ -26,11 +26,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from kd_lib.fitting import paper_adam
-from kd_lib.memory import keep_freed_memory
-from kd_lib.models import live_taps, resnet, teacher, untapped
-from kd_lib.records import versions, write_json
-from kd_lib.stages import Stages
+from kd_lib.core.optim import paper_adam
+from kd_lib.speed.memory import keep_freed_memory
+from kd_lib.speed.taps import live_taps, untapped
+from kd_lib.core.models import resnet, teacher
+from kd_lib.recipes.records import versions
+from kd_lib.infra.files import write_json
+from kd_lib.core.stages import Stages
 
 STAGES = Stages.paper()
 SETTINGS = ((16, 32), (32, 64))  # (size, batch): the digits profile's, CIFAR-10's
@@ -40,7 +42,7 @@ torch.set_num_threads(1)
 x, w = torch.randn(32, 512, 1, 1, requires_grad=True), torch.randn(512, 512, 3, 3, requires_grad=True)
 F.conv2d(x, w, padding=1).sum().backward()
 print("TAPPED", flush=True)
-from kd_lib.models import TapConv2d
+from kd_lib.speed.taps import TapConv2d
 tap = TapConv2d(512, 512, 3, padding=1, bias=False)
 tap(x).sum().backward()
 """

@@ -43,13 +43,14 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
 
-from kd_lib.data import get_data
-from kd_lib.distill import stage_features
-from kd_lib.fitting import evaluate, seed_everything, step_seed
-from kd_lib.models import resnet
-from kd_lib.records import run_name, versions, write_json
-from kd_lib.stages import Stages
-from kd_lib.train import load_teacher, run_dir, train_student, train_teacher
+from kd_lib.data.loaders import get_data
+from kd_lib.core.distill import stage_features
+from kd_lib.recipes.fitting import evaluate, seed_everything, step_seed
+from kd_lib.core.models import resnet
+from kd_lib.recipes.records import run_name, versions
+from kd_lib.infra.files import write_json
+from kd_lib.core.stages import Stages
+from kd_lib.recipes.train import load_teacher, run_dir, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
             "cached": "(b) cache", "forced": "(c) teacher-forced", "forced_ft": "(c) +fine-tune",

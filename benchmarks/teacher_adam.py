@@ -1,5 +1,5 @@
 """What the teacher's optimizer step costs: fastai's Adam (a loop over parameters, what a `Learner` without `opt_func`
-uses) against `kd_lib.fitting.fastai_adam` (the same updates as one fused torch AdamW), in one run.
+uses) against `kd_lib.core.optim.fastai_adam` (the same updates as one fused torch AdamW), in one run.
 
 For the teacher (ResNet34, 21.3M parameters) and resnet10: CPU milliseconds of one optimizer step (gradients
 given), one torch thread, the two taking turns (each first in every other round), the median of `--rounds`; and of a
@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from fastai.optimizer import Adam
 from fastai.torch_core import norm_bias_params
 
-from kd_lib.fitting import fastai_adam
-from kd_lib.models import resnet, teacher
-from kd_lib.records import versions, write_json
+from kd_lib.core.optim import fastai_adam
+from kd_lib.core.models import resnet, teacher
+from kd_lib.recipes.records import versions
+from kd_lib.infra.files import write_json
 
 
 def _fastai(model):

@@ -1,30 +1,27 @@
-"""kd_lib: Stagewise Knowledge Distillation on fastai. One concept per module, in the order the data flows:
+"""kd_lib: Stagewise Knowledge Distillation on fastai, in wings by what each may import (nothing imports upward):
 
-* `folders`: the datasets' image trees on disk: the digits written once, downloads, layout and image checks.
-* `data`: the datasets as fastai DataLoaders (train, valid, test) with split metadata.
-* `augment`: the paper's augmentation as one batched transform.
-* `resident`: data held as tensors: images decoded once, batches indexed out of them.
-* `models`: the paper's teacher and student ResNets.
-* `stages`: where a teacher and a student are cut into stages (dotted module paths), presets, adapters.
-* `distill`: the distillation as fastai callbacks (teacher targets, freezing, teacher losses).
-* `forced`: teacher-forced stages (all feature stages at once, on the teacher's inputs).
-* `steps`: the kinds of step (labels, features, forced), each building its fastai Learner.
-* `methods`: the method registry (`METHODS`), each method defined once.
-* `config`: every setting of a teacher or student run (`TeacherConfig`, `StudentConfig`).
-* `cache`: what frozen parts compute, computed once (the fast path).
-* `fitting`: one fit with best-epoch checkpoints and exact resume.
-* `heartbeat`: the progress lines a fit writes under the runner.
-* `memory`: freed memory kept for the next training step (no page faults a step).
-* `locks`: one process trains a run folder at a time.
-* `train`: the recipes, `train_teacher` and `train_student`, and loading their results.
-* `records`: run folders and records, written atomically, read by one reader, collected into a DataFrame.
-* `results`: analysis of records: summaries, gaps, convergence, what test-set selection adds.
-* `saturation`: what doubling each arm's budget gave (the long twins), a diagnostic.
-* `claims`: the paper's claims, each checked by a rule on paired runs, with its interval and budget column.
-* `tables`: the book's tables as a reader sees them; `figures`: the book's figures, from records.
-* `complexity`: parameters and FLOPs (Table 1's counting rule); `paper`: the paper's published numbers.
-* `runner`: profiles, jobs and the book behind `make book` (`python -m kd_lib.runner`).
+* `core`: the distillation itself, on torch and fastai alone (copy its files into your own fastai project):
+  `models` (the paper's ResNets, plain `nn.Conv2d`), `stages` (where a pair is cut, adapters), `distill` (the
+  callbacks), `forced` (teacher-forced stages), `steps` (the kinds of step, each building its Learner), `methods`
+  (the registry), `optim` (the optimizers).
+* `data`: `folders` (image trees on disk, the digits, downloads, checks), `loaders` (fastai DataLoaders with split
+  metadata), `augment` (the paper's augmentation), `resident` (images held as tensors). Imports `infra`.
+* `speed`: opt-in CPU speed, applied by the recipes on every run: `taps` (tap convolutions), `cache` (what frozen
+  parts compute, computed once), `memory` (freed memory kept). Imports `core`, `data`, `infra`.
+* `infra`: `files` (atomic writes, one JSON reader), `locks` (one process per run folder), `heartbeat` (progress
+  lines). Imports nothing of kd_lib.
+* `recipes`: `config` (every setting of a run), `records` (run folders and records), `budget` (budget twins),
+  `fitting` (one fit with best-epoch checkpoints and exact resume), `train` (`train_teacher`, `train_student`),
+  `loading`. Imports the wings above.
+* `evidence`: `collect` (records into a DataFrame), `results`, `saturation`, `claims`, `fits`, `figures`, `style`,
+  `tables`, `complexity` (Table 1), `paper` (the paper's numbers), `predictions`. Imports the wings above; the
+  claims import no torch.
+* `runner`: profiles, jobs, kept record sets and the book behind `make book` (`python -m kd_lib.runner`).
+
+What the README and the book show is importable from here (``from kd_lib import train_student, Stages``); it is
+loaded on first use, so importing one wing does not import the others.
 """
+import importlib
 import warnings
 
 __version__ = "0.1.0"
@@ -32,3 +29,30 @@ __version__ = "0.1.0"
 # fastai's layers module compiles a helper with torch.jit.script on import, which torch now deprecates: a warning a
 # user of kd_lib can do nothing about, printed on every import (and into every notebook of the book)
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+_PUBLIC = {  # name -> the module that defines it
+    **dict.fromkeys(["resnet", "teacher", "student_head", "evaluating", "BLOCKS", "STUDENTS"], "core.models"),
+    **dict.fromkeys(["Stages", "Stage", "StageMismatch", "adapter"], "core.stages"),
+    **dict.fromkeys(["StudentStage", "TeacherFeatures", "FreezeOthers", "FeatureLoss", "SoftTargets", "frozen",
+                     "stage_features"], "core.distill"),
+    **dict.fromkeys(["Labels", "Features", "Forced", "Setting"], "core.steps"),
+    **dict.fromkeys(["Method", "METHODS", "register", "get_method"], "core.methods"),
+    **dict.fromkeys(["paper_adam", "fastai_adam"], "core.optim"),
+    **dict.fromkeys(["get_data", "DATASETS", "data_dir"], "data.loaders"),
+    **dict.fromkeys(["TeacherConfig", "StudentConfig"], "recipes.config"),
+    **dict.fromkeys(["train_teacher", "train_student", "RunExists"], "recipes.train"),
+    **dict.fromkeys(["load_teacher", "load_student"], "recipes.loading"),
+    "seed_everything": "recipes.fitting",
+    "collect": "evidence.collect",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC: raise AttributeError(f"module 'kd_lib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__(): return sorted([*globals(), *_PUBLIC])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from kd_lib.models import teacher
+from kd_lib.core.models import teacher
 
 # One thread: these tiny convolutions gain nothing from two, and two threads slow to a crawl
 # whenever another process holds a core (OpenMP workers spin on the busy one).
@@ -66,11 +66,11 @@ def write_profile(tmp_path):
 
 
 def step_learner(step, config, student, tchr, dls, run=None, cache=None, stages=None):
-    "The Learner of one `step` (kd_lib.steps) of `config.method` on the paper's stages, outside a run."
+    "The Learner of one `step` (kd_lib.core.steps) of `config.method` on the paper's stages, outside a run."
     from torch import nn
-    from kd_lib.methods import get_method
-    from kd_lib.stages import Stages
-    from kd_lib.steps import Setting
+    from kd_lib.core.methods import get_method
+    from kd_lib.core.stages import Stages
+    from kd_lib.core.steps import Setting
     setting = Setting(config, get_method(config.method), student, tchr, stages or Stages.paper(), nn.ModuleDict(), dls,
                       run)
     return step.learner(setting, cache)

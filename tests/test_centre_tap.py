@@ -1,4 +1,4 @@
-"""The centre tap (`kd_lib.models.TapConv2d`): where a convolution's output map is 1x1 it multiplies the input by
+"""The centre tap (`kd_lib.speed.taps.TapConv2d`): where a convolution's output map is 1x1 it multiplies the input by
 only the kernel taps that meet it, as a matrix product, and gives the plain convolution's outputs, gradients and
 trained weights within float rounding; elsewhere it is the plain convolution; the models keep their state dicts."""
 import copy
@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lib.data import get_data
-from kd_lib.fitting import paper_adam, seed_everything
-from kd_lib.models import TapConv2d, resnet, teacher, untapped
+from kd_lib.data.loaders import get_data
+from kd_lib.core.optim import paper_adam
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.speed.taps import TapConv2d, tapped, untapped
+from kd_lib.core.models import resnet, teacher
 
 ROUNDING = 1e-5  # float32 rounding through a ResNet: a tensor's difference over its norm (measured: about 2e-6)
 
 
 def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return teacher(10, pretrained=False) if name == "teacher" else resnet(name)
+    return tapped(teacher(10, pretrained=False) if name == "teacher" else resnet(name))  # as the recipes build them
 
 
 def _step(model: nn.Module, x, y) -> list:
@@ -119,10 +121,14 @@ def test_elsewhere_it_is_the_plain_convolution(size, kw):
 
 
 def test_the_models_keep_their_state_dicts_and_modules():
-    model = resnet("resnet18")
+    """kd_lib's models are plain `nn.Conv2d` ResNets; `tapped` (what the recipes apply) swaps in `TapConv2d`s in
+    place, keeping every module and tensor."""
+    assert all(type(m) is nn.Conv2d for m in resnet("resnet18").modules() if isinstance(m, nn.Conv2d))
+    assert all(type(m) is nn.Conv2d for m in teacher(pretrained=False).modules() if isinstance(m, nn.Conv2d))
+    model = tapped(resnet("resnet18"))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is TapConv2d for m in convs)
-    plain = resnet("resnet18")
+    plain = tapped(resnet("resnet18"))
     with untapped(plain):  # a plain model's weights load, and the modules are swapped back after the block
         assert all(type(m) is nn.Conv2d for m in plain.modules() if isinstance(m, nn.Conv2d))
         model.load_state_dict(plain.state_dict())

@@ -7,9 +7,9 @@ import pytest
 
 from scipy import stats
 
-from kd_lib.claims import IdenticalArms, budget_flag, claims, interval, mde, paired, stronger_baseline, verdict
-from kd_lib.results import selection
-from kd_lib.saturation import saturation
+from kd_lib.evidence.claims import IdenticalArms, budget_flag, claims, interval, mde, paired, stronger_baseline, verdict
+from kd_lib.evidence.results import selection
+from kd_lib.evidence.saturation import saturation
 
 STUDENTS = ["resnet10", "resnet14", "resnet18"]
 
@@ -116,7 +116,7 @@ def test_the_budget_column_may_come_from_another_set():
 
 def test_the_doubling_gate_is_gone():
     "An arm that gained from twice its budget no longer blanks a verdict: the interval decides."
-    import kd_lib.saturation as saturation_module
+    import kd_lib.evidence.saturation as saturation_module
     assert not hasattr(saturation_module, "unsaturated")
     table = claims(runs(dict(no_teacher=80, stagewise=90), doubling=dict(stagewise=5.0, teacher=5.0)))
     assert set(table["verdict"]) <= {"supported", "contradicted", "undetermined"}

@@ -1,9 +1,9 @@
-"""Table 1 comes out exactly as the paper printed it (kd_lib.complexity)."""
+"""Table 1 comes out exactly as the paper printed it (kd_lib.evidence.complexity)."""
 import pytest
 from torch import nn
 
-from kd_lib.complexity import compare_with_paper, modern_macs, paper_flops, table1
-from kd_lib.paper import paper_table1
+from kd_lib.evidence.complexity import compare_with_paper, modern_macs, paper_flops, table1
+from kd_lib.evidence.paper import paper_table1
 
 PAPER_EXACT = {  # params, flops at 224 px, 10 classes (the paper's Table 1, exact counts)
     "resnet34": (21_549_642, 3_678_756_864),

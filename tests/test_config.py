@@ -6,8 +6,8 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from kd_lib.config import GROUPS, StudentConfig, TeacherConfig, parameters_cell
-from kd_lib.methods import METHODS
+from kd_lib.recipes.config import GROUPS, StudentConfig, TeacherConfig, parameters_cell
+from kd_lib.core.methods import METHODS
 from kd_lib.runner import NOTEBOOKS
 
 NOTEBOOK_ONLY = {"teacher": {"out_dir", "imports"}, "student": {"out_dir", "image_index", "imports"}}  # not settings
@@ -24,7 +24,7 @@ def test_notebook_parameters_are_the_configuration_fields(config):
     "Names, types, defaults and meanings: the cell is what `parameters_cell` writes, then the notebook's own."
     source = _parameters_source(config.kind)
     own = [line for line in source.splitlines() if line.split(":")[0].split(" =")[0] in NOTEBOOK_ONLY[config.kind]]
-    assert source == parameters_cell(config, own), "regenerate the cell with kd_lib.config.parameters_cell"
+    assert source == parameters_cell(config, own), "regenerate the cell with kd_lib.recipes.config.parameters_cell"
     names = set(pm.inspect_notebook(str(NOTEBOOKS / f"{config.kind}.ipynb")))
     assert names == set(config.names()) | NOTEBOOK_ONLY[config.kind]
 
@@ -79,7 +79,7 @@ def test_gpu_options_are_settings_that_only_the_run_checks_against_the_device():
 
 
 def test_a_setting_passed_by_position_is_a_clear_error(tmp_path):
-    from kd_lib.train import train_student
+    from kd_lib.recipes.train import train_student
     with pytest.raises(TypeError, match="pass the settings as keywords"): train_student("resnet10", out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 

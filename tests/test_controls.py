@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kd_lib.data import LeakageError, get_data
-from kd_lib.fitting import CONVERGENCE_ERROR, convergence
-from kd_lib.records import write_json
-from kd_lib.train import train_student
+from kd_lib.data.loaders import LeakageError, get_data
+from kd_lib.recipes.fitting import CONVERGENCE_ERROR, convergence
+from kd_lib.infra.files import write_json
+from kd_lib.recipes.train import train_student
 
 
 def _teacher_with_split(tmp_path, teacher_path, **data) -> str:

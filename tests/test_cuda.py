@@ -4,7 +4,7 @@ the resident data on the device. Skipped without a GPU; `benchmarks/gpu_check.sh
 import pytest
 import torch
 
-from kd_lib.train import train_student
+from kd_lib.recipes.train import train_student
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TINY = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, progress=False)
@@ -19,7 +19,7 @@ def test_mixed_precision_runs_learn(amp, tmp_path, teacher_path):
 
 def test_a_resumed_fp16_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     "fp16's loss scale is part of the resume state: without it a resumed run scales (and skips) differently."
-    from kd_lib import fitting
+    from kd_lib.recipes import fitting
     args = dict(TINY, method="no_teacher", epochs=3, amp="fp16")
     whole = train_student(**args, out_dir=tmp_path / "a")
     real, n = fitting.BestCheckpoint.after_epoch, []
@@ -37,7 +37,7 @@ def test_a_resumed_fp16_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_cached_run_resumed_past_its_first_step_runs_on_the_gpu(channels_last, tmp_path, teacher_path, monkeypatch):
     "Its weights load on the CPU: the cache once applied that CPU prefix to the CUDA tensors it holds."
-    from kd_lib import records
+    from kd_lib.recipes import records
     args = dict(TINY, method="stagewise", epochs=1, augment=False, cache=True, cache_dtype="float32",
                 channels_last=channels_last, teacher_path=str(teacher_path))
     whole = train_student(**args, out_dir=tmp_path / "a")
@@ -53,7 +53,7 @@ def test_a_cached_run_resumed_past_its_first_step_runs_on_the_gpu(channels_last,
 
 
 def test_resident_images_live_on_the_gpu():
-    from kd_lib.data import get_data
+    from kd_lib.data.loaders import get_data
     dls = get_data("digits", size=16, bs=32, augment=True)
     assert dls.split_info["resident"] and dls.train.dataset[0].device.type == "cuda"
     x, y = dls.one_batch()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kd_lib import runner as rp
-from kd_lib.locks import LOCK, lock_holder
+from kd_lib.infra.locks import LOCK, lock_holder
 
 distributed = pytest.importorskip("distributed", reason="the Dask tests need the cluster extra: "
                                                         "pip install -e '.[cluster]'")

@@ -16,9 +16,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-import kd_lib.folders as kd_folders
-from kd_lib.data import (CIFAR_STATS, DATASETS, DatasetError, DatasetNotFoundError, DownloadError, data_dir,
-                         get_data, split_items)
+import kd_lib.data.folders as kd_folders
+from kd_lib.data.loaders import CIFAR_STATS, DATASETS, DatasetError, DatasetNotFoundError, DownloadError, data_dir, get_data, split_items
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"a": 13, "b": 7, "c": 9}  # odd class sizes
@@ -150,7 +149,7 @@ def test_deterministic_across_calls_and_processes(tree):
     a, b = load(tree, fraction=0.5).split_info, load(tree, fraction=0.5).split_info
     assert a == b
     assert load(tree, fraction=0.5, seed=1).split_info["hashes"]["train"] != a["hashes"]["train"]
-    code = ("import json; from kd_lib.data import get_data; print(json.dumps(get_data("
+    code = ("import json; from kd_lib.data.loaders import get_data; print(json.dumps(get_data("
             f"'folder', path={str(tree)!r}, size=16, bs=4, fraction=0.5).split_info['hashes']))")
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONHASHSEED="123")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=REPO, capture_output=True,

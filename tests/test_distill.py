@@ -9,14 +9,14 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
-from kd_lib.data import get_data
-from kd_lib.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
-from kd_lib.models import evaluating, resnet, teacher
-from kd_lib.stages import Stages
-from kd_lib.steps import Features
-from kd_lib.config import StudentConfig
-from kd_lib.fitting import seed_everything
-from kd_lib.methods import METHODS
+from kd_lib.data.loaders import get_data
+from kd_lib.core.distill import FeatureLoss, FreezeOthers, SoftTargets, stage_features
+from kd_lib.core.models import evaluating, resnet, teacher
+from kd_lib.core.stages import Stages
+from kd_lib.core.steps import Features
+from kd_lib.recipes.config import StudentConfig
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.core.methods import METHODS
 from conftest import step_learner
 
 PAPER = Stages.paper()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib.records import complete_record
+from kd_lib.recipes.records import complete_record
 from kd_lib.runner.estimate import Estimate
 from kd_lib.runner.profiles import ROOT, expand, load_profile
 

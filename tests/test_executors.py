@@ -16,9 +16,9 @@ import psutil
 import pytest
 import torch
 
-from kd_lib import locks
+from kd_lib.infra import locks
 from kd_lib import runner as rp
-from kd_lib.locks import INHERIT, LOCK, RunLock, RunLocked, handed_down, lock_holder
+from kd_lib.infra.locks import INHERIT, LOCK, RunLock, RunLocked, handed_down, lock_holder
 from kd_lib.runner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_a_held_lock_beats(tmp_path, monkeypatch):
     assert not lock.path.exists()
 
 
-HANDED = ("import sys\nfrom kd_lib.locks import RunLock\n"
+HANDED = ("import sys\nfrom kd_lib.infra.locks import RunLock\n"
           "with RunLock(sys.argv[1]) as l: print(l.inherited, flush=True)")
 
 

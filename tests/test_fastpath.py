@@ -8,13 +8,14 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 
-from kd_lib.cache import FeatureCache, Store
-from kd_lib.config import StudentConfig
-from kd_lib.fitting import StopOnNaN, seed_everything
-from kd_lib.data import data_dir, get_data
-from kd_lib.models import resnet, teacher
-from kd_lib.steps import Features, Labels
-from kd_lib.train import load_teacher, train_student
+from kd_lib.speed.cache import FeatureCache, Store
+from kd_lib.recipes.config import StudentConfig
+from kd_lib.core.steps import StopOnNaN
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.data.loaders import data_dir, get_data
+from kd_lib.core.models import resnet, teacher
+from kd_lib.core.steps import Features, Labels
+from kd_lib.recipes.train import load_teacher, train_student
 
 from conftest import step_learner
 
@@ -239,7 +240,7 @@ def test_a_steps_cache_is_freed_before_the_next_one_is_built(tmp_path, tiny, tea
     "cache_bytes bounds the cache: the step before's Learner once held its tensors while the next were built (2x)."
     import gc
     import weakref
-    from kd_lib import cache
+    from kd_lib.speed import cache
     real, alive, refs = cache.FeatureCache._step, [], []
     def spy(self, first, target):
         out = real(self, first, target)  # the step before's inputs, mapped to this step's, are given back to the store

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import complete
-from kd_lib.fits import calibration, fit_curves, fit_table, step_convergence
-from kd_lib.fitting import CONVERGENCE_ERROR, convergence
+from kd_lib.evidence.fits import calibration, fit_curves, fit_table, step_convergence
+from kd_lib.recipes.fitting import CONVERGENCE_ERROR, convergence
 
 
 def fit(name, values, cap, stopped=False, target="labels", monitor="accuracy"):

@@ -4,11 +4,11 @@ keeps each stage's best epoch, and its fine-tune variant trains the stages again
 import pytest
 import torch
 
-from kd_lib.forced import ForcedStages, forced_loss
-from kd_lib.distill import stage_features
-from kd_lib.models import resnet, teacher
-from kd_lib.stages import Stages
-from kd_lib.train import train_student
+from kd_lib.core.forced import ForcedStages, forced_loss
+from kd_lib.core.distill import stage_features
+from kd_lib.core.models import resnet, teacher
+from kd_lib.core.stages import Stages
+from kd_lib.recipes.train import train_student
 
 PAPER = Stages.paper()
 FEATURE_STAGES = PAPER.names
@@ -75,8 +75,8 @@ def test_the_cached_path_gives_the_plain_paths_numbers(forced_teacher, cache):
 
 def test_each_stage_keeps_the_weights_of_its_own_best_epoch(forced_teacher):
     "Each stage of the trained student gives, teacher-forced on the valid split, the lowest MSE of its history."
-    from kd_lib.data import get_data
-    from kd_lib.train import load_student, load_teacher
+    from kd_lib.data.loaders import get_data
+    from kd_lib.recipes.train import load_student, load_teacher
     record = _run(forced_teacher, "teacher_forced", seed=2, epochs=4)
     history = record["stages"][0]["history"]
     run = forced_teacher / "runs" / "digits" / "resnet10-teacher_forced-f0.25-s2"
@@ -94,10 +94,10 @@ def test_each_stage_keeps_the_weights_of_its_own_best_epoch(forced_teacher):
 
 
 def test_a_fine_tune_step_feeds_each_stage_the_students_own_features(forced_teacher):
-    from kd_lib.config import StudentConfig
-    from kd_lib.data import get_data
-    from kd_lib.methods import get_method
-    from kd_lib.train import load_teacher
+    from kd_lib.recipes.config import StudentConfig
+    from kd_lib.data.loaders import get_data
+    from kd_lib.core.methods import get_method
+    from kd_lib.recipes.train import load_teacher
     from conftest import step_learner
     torch.manual_seed(0)
     student, tchr = resnet("resnet10"), load_teacher(forced_teacher / "teacher.pth", 10)

@@ -1,4 +1,4 @@
-"""`kd_lib.fitting.fastai_adam`, the teacher's optimizer: fastai's default Adam as one fused torch AdamW. Its updates
+"""`kd_lib.core.optim.fastai_adam`, the teacher's optimizer: fastai's default Adam as one fused torch AdamW. Its updates
 are fastai's within float rounding (norm layers and biases not decayed, as a `Learner` has it, and the scheduled
 momentum followed), and the teacher's Learner trains with it."""
 import pytest
@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from fastai.optimizer import Adam
 from fastai.torch_core import norm_bias_params
 
-from kd_lib.data import get_data
-from kd_lib.fitting import fastai_adam, seed_everything
-from kd_lib.models import resnet, teacher
-from kd_lib.train import train_teacher
+from kd_lib.data.loaders import get_data
+from kd_lib.core.optim import fastai_adam
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.core.models import resnet, teacher
+from kd_lib.recipes.train import train_teacher
 
 
 def _fastai(model, lr):
@@ -70,7 +71,7 @@ def test_norm_layers_and_biases_are_not_decayed():
 def test_the_teacher_trains_with_it(tmp_path, monkeypatch):
     "train_teacher's Learner gets `fastai_adam`'s optimizer (a fused AdamW), and the teacher learns."
     made = []
-    import kd_lib.train as train
+    import kd_lib.recipes.train as train
     monkeypatch.setattr(train, "fastai_adam", lambda m: (lambda *a, **k: made.append(fastai_adam(m)(*a, **k))
                                                          or made[-1]))
     record = train_teacher(dataset="digits", size=16, bs=32, epochs=2, lr=3e-3, out_dir=tmp_path, pretrained=False,

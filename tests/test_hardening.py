@@ -18,10 +18,12 @@ from conftest import complete
 from test_kept import _runs, repo  # noqa: F401 -- repo: the fixture of a stand-in repository
 from test_reliability import _jpeg_tree
 
-from kd_lib.data import get_data
-from kd_lib.folders import _listing, digits_tree
-from kd_lib.locks import LOCK, STALE_S, RunLock, lock_holder
-from kd_lib.records import RECORD, CorruptFile, DiskFull, collect, complete_record
+from kd_lib.data.loaders import get_data
+from kd_lib.data.folders import _listing, digits_tree
+from kd_lib.infra.locks import LOCK, STALE_S, RunLock, lock_holder
+from kd_lib.recipes.records import RECORD, complete_record
+from kd_lib.infra.files import CorruptFile, DiskFull
+from kd_lib.evidence.collect import collect
 from kd_lib.runner import ROOT, ProfileError, check_kept, keep_records, kept_records, load_profile, profiles
 from kd_lib.runner.cli import main
 from kd_lib.runner.kept import LOG, MANIFEST
@@ -225,7 +227,7 @@ def test_an_unreadable_resume_state_is_named_and_its_fit_trains_from_its_start(c
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
-    from kd_lib.fitting import fit
+    from kd_lib.recipes.fitting import fit
     torch.manual_seed(0)
     x = torch.randn(32, 4)
     data = list(zip(x, (x[:, 0] > 0).long()))

@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from kd_lib.heartbeat import ProgressLines
+from kd_lib.infra.heartbeat import ProgressLines
 from kd_lib.runner.executors import LocalExecutor
 from kd_lib.runner.jobs import kernel_env, run_jobs
 from kd_lib.runner.profiles import expand, load_profile, plan
-from kd_lib.train import train_student
+from kd_lib.recipes.train import train_student
 
 LINE = re.compile(r"^  digits/resnet10-no_teacher-f0.25-s0 all: epoch (\d)/2(, batch \d+/\d+)?, accuracy "
                   r"(\d\.\d+|not yet measured), elapsed \dm\d\ds$")

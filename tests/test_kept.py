@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from conftest import complete
 
-from kd_lib.records import RECORD
+from kd_lib.recipes.records import RECORD
 from kd_lib.runner import ROOT, ProfileError, check_kept, expand, keep_records, kept, kept_profiles, kept_records, \
     run_notebook
 from kd_lib.runner.kept import LOG, MANIFEST, chapter, seal
@@ -278,7 +278,7 @@ def _chapter(records: Path, out: Path) -> tuple:
 
 
 def test_a_record_names_the_commit_of_the_code_that_made_it():
-    from kd_lib.records import code_version, versions
+    from kd_lib.recipes.records import code_version, versions
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "kd_lib", "notebooks"],
                              capture_output=True, text=True).stdout.strip()

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from test_kept import _chapter, _runs, _set2, repo  # noqa: F401 -- repo: the fixture of a stand-in repository
 
-from kd_lib.records import RECORD, CorruptFile
+from kd_lib.recipes.records import RECORD
+from kd_lib.infra.files import CorruptFile
 from kd_lib.runner import ROOT, ProfileError, check_kept, keep_records, kept, kept_records, load_profile, seal
 from kd_lib.runner.cli import main
 from kd_lib.runner.kept import LOG, MANIFEST, keep_plan

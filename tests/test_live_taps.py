@@ -1,4 +1,4 @@
-"""`kd_lib.models.live_taps`: a model trains only the kernel taps that meet its inputs (at 16 px, one of nine in
+"""`kd_lib.speed.taps.live_taps`: a model trains only the kernel taps that meet its inputs (at 16 px, one of nine in
 layer3 and layer4), with the whole model's outputs, gradients and trained weights, and the whole kernel in its state
 dict; another input size is refused in training, not trained wrongly."""
 import copy
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lib.fitting import fastai_adam, paper_adam
-from kd_lib.models import TapConv2d, live_taps, n_params, resnet, teacher, untapped
+from kd_lib.core.optim import fastai_adam, paper_adam
+from kd_lib.speed.taps import TapConv2d, live_taps, n_params, tapped, untapped
+from kd_lib.core.models import resnet, teacher
 
 X = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(1))
@@ -17,7 +18,7 @@ Y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(1))
 
 def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return teacher(10, pretrained=False) if name == "teacher" else resnet(name)
+    return tapped(teacher(10, pretrained=False) if name == "teacher" else resnet(name))  # as the recipes build them
 
 
 def _live(model: nn.Module) -> dict:

@@ -1,4 +1,4 @@
-"""Freed memory kept for reuse (`kd_lib.memory.keep_freed_memory`) and handed back after each epoch
+"""Freed memory kept for reuse (`kd_lib.speed.memory.keep_freed_memory`) and handed back after each epoch
 (`hand_back_freed_memory`): the weights training steps make are the same to the last bit, every fit keeps the memory
 and hands it back each epoch, and handing back returns freed pages from the middle of the heap. Each case in a fresh
 process (the setting is process-wide and kept).
@@ -18,10 +18,11 @@ SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
-    from kd_lib.fitting import fit, paper_adam
-    import kd_lib.memory
-    from kd_lib.memory import keep_freed_memory
-    from kd_lib.models import resnet
+    from kd_lib.recipes.fitting import fit
+    from kd_lib.core.optim import paper_adam
+    import kd_lib.speed.memory
+    from kd_lib.speed.memory import keep_freed_memory
+    from kd_lib.core.models import resnet
     torch.set_num_threads(1)
     mode, out = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
@@ -34,7 +35,7 @@ SCRIPT = textwrap.dedent("""
                         loss_func=F.cross_entropy, opt_func=paper_adam, path=Path(out).parent)
         assert keep_freed_memory.cache_info().currsize == 0
         handed = []
-        kd_lib.memory.hand_back_freed_memory = lambda: handed.append(learn.epoch)
+        kd_lib.speed.memory.hand_back_freed_memory = lambda: handed.append(learn.epoch)
         fit(learn, "fit", 3, 1e-3, "valid_loss", Path(out).parent, progress=False)
         print(json.dumps(dict(kept=keep_freed_memory.cache_info().currsize == 1, answer=keep_freed_memory(),
                               handed_back_after=handed)))
@@ -70,21 +71,21 @@ def test_kept_memory_trains_the_same_weights(tmp_path):
 
 
 def test_every_fit_keeps_the_memory_and_hands_it_back_each_epoch(tmp_path):
-    """A fit (`kd_lib.fitting.fit`, which every recipe's training goes through) sets the process to keep the memory,
+    """A fit (`kd_lib.recipes.fitting.fit`, which every recipe's training goes through) sets the process to keep the memory,
     and hands it back after every epoch (a long fit's heap otherwise fragments, its free pages adding up)."""
     said, _ = _run("fit", tmp_path)
     assert said == dict(kept=True, answer=True, handed_back_after=[0, 1, 2, 2])  # each epoch, and the fit's end
 
 
 def test_it_answers_where_malloc_is_glibcs():
-    from kd_lib.memory import hand_back_freed_memory, keep_freed_memory
+    from kd_lib.speed.memory import hand_back_freed_memory, keep_freed_memory
     assert keep_freed_memory() is True and keep_freed_memory() is True  # once per process, the same answer
     assert hand_back_freed_memory() is True
 
 
 HAND_BACK = textwrap.dedent("""
     import json, sys, torch
-    from kd_lib.memory import hand_back_freed_memory, keep_freed_memory
+    from kd_lib.speed.memory import hand_back_freed_memory, keep_freed_memory
     def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
     keep_freed_memory()
     big, pins = [], []

@@ -2,24 +2,28 @@
 import pytest
 import torch
 
-from kd_lib.config import StudentConfig
-from kd_lib.figures import figure4
-from kd_lib.fitting import seed_everything
-from kd_lib.methods import METHODS, Method, get_method, register
-from kd_lib.models import resnet
-from kd_lib.records import collect, read_json
-from kd_lib.steps import Labels
+from kd_lib.recipes.config import StudentConfig
+from kd_lib.evidence.figures import figure4
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.core.methods import METHODS, Method, get_method, register
+from kd_lib.core.models import resnet
+from kd_lib.evidence.collect import collect
+from kd_lib.infra.files import read_json
+from kd_lib.core.steps import Labels
+from kd_lib.evidence.style import STYLES, Style, method_order
+from kd_lib.runner.estimate import COSTS
 from kd_lib.runner import expand, load_profile
-from kd_lib.train import load_student, train_student
+from kd_lib.recipes.train import load_student, train_student
 
 
 @pytest.fixture()
 def head_only():
     "A toy method, registered for one test: only the head trains, on the labels, with the body left random."
     m = register(Method("head_only", (Labels("head", ("head",)),), needs_teacher=False, cacheable=True,
-                        color="tab:pink", marker="*", description="the head alone"))
+                        description="the head alone"))
+    STYLES["head_only"] = Style("tab:pink", "*")  # how the figures draw it: presentation, beside the figures
     yield m
-    del METHODS["head_only"]
+    del METHODS["head_only"], STYLES["head_only"]
 
 
 def test_the_papers_methods_are_registered_in_display_order():
@@ -31,6 +35,14 @@ def test_the_papers_methods_are_registered_in_display_order():
     assert {m for m in METHODS if not METHODS[m].cacheable} == {"simultaneous", "hinton"}
     assert not METHODS["no_teacher_budget"].needs_teacher
     with pytest.raises(ValueError, match="choose one of no_teacher"): get_method("stagewize")
+
+
+def test_each_registered_method_has_its_style_and_cost_in_the_registrys_order():
+    """Presentation (the figures' style) and cost (the runner's estimate) live beside their users, out of `Method`:
+    the three lists name the same methods, in the same order."""
+    assert list(STYLES) == list(METHODS) == list(COSTS)
+    assert method_order(["stagewise", "zz_mine", "no_teacher", "aa_mine"]) == ["no_teacher", "stagewise", "aa_mine",
+                                                                               "zz_mine"]
 
 
 def test_a_new_method_is_one_definition_and_runs_end_to_end(head_only, tmp_path, tiny):
@@ -54,7 +66,7 @@ def test_a_method_registered_in_a_module_reaches_the_runners_kernels(tmp_path, m
     import io
     from kd_lib import runner as rp
     (tmp_path / "my_methods.py").write_text(
-        "from kd_lib.methods import Method, register\nfrom kd_lib.steps import Labels\n"
+        "from kd_lib.core.methods import Method, register\nfrom kd_lib.core.steps import Labels\n"
         "register(Method('head_only', (Labels('head', ('head',)),), needs_teacher=False))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the kernels find it as the repository's root would

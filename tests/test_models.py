@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision.models import _api as tv_api
 
-from kd_lib.models import BLOCKS, PretrainedUnavailable, resnet, teacher
+from kd_lib.core.models import BLOCKS, PretrainedUnavailable, resnet, teacher
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))

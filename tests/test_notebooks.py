@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_lib.models import teacher
+from kd_lib.core.models import teacher
 from kd_lib.runner import NOTEBOOKS, run_notebook
 
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -40,8 +40,8 @@ def test_one_documented_parameters_cell_and_no_outputs(path):
 
 
 def test_the_figures_margin_defaults_to_the_claims_own():
-    "One margin: the figures notebook's default is kd_lib.claims.MARGIN, and a profile's `margin` reaches it."
-    from kd_lib.claims import MARGIN
+    "One margin: the figures notebook's default is kd_lib.evidence.claims.MARGIN, and a profile's `margin` reaches it."
+    from kd_lib.evidence.claims import MARGIN
     assert pm.inspect_notebook(str(NOTEBOOKS / "figures.ipynb"))["margin"]["default"] == repr(MARGIN)
 
 
@@ -91,7 +91,7 @@ def test_figures_notebook_draws_from_a_single_run(student_run):
 
 
 def _reads_as_a_book(outputs) -> None:
-    "No table of the book shows a 6-decimal number, NaN, True or False (its tables are `kd_lib.tables.book_table`s)."
+    "No table of the book shows a 6-decimal number, NaN, True or False (its tables are `kd_lib.evidence.tables.book_table`s)."
     import re
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
@@ -109,8 +109,8 @@ def test_a_notebook_logs_into_a_folder_not_made_yet(tmp_path):
 
 def test_figures_and_claims_from_the_papers_numbers_and_from_nothing():
     import pandas as pd
-    from kd_lib import claims, figures, results
-    from kd_lib.paper import paper_results
+    from kd_lib.evidence import claims, figures, results
+    from kd_lib.evidence.paper import paper_results
     paper = paper_results()
     as_runs = results.paper_as_records(paper)
     g = results.gaps(as_runs)

@@ -11,15 +11,16 @@ from torch import nn
 from torchvision.models import ResNet
 from torchvision.models.resnet import BasicBlock
 
-import kd_lib.train
+import kd_lib.recipes.train
 from conftest import complete
-from kd_lib.data import get_data
-from kd_lib.folders import read_tree
-from kd_lib.models import resnet
-from kd_lib.records import RECORD, complete_record, write_json
+from kd_lib.data.loaders import get_data
+from kd_lib.data.folders import read_tree
+from kd_lib.core.models import resnet
+from kd_lib.recipes.records import RECORD, complete_record
+from kd_lib.infra.files import write_json
 from kd_lib.runner import ROOT
-from kd_lib.stages import Stage, Stages
-from kd_lib.train import load_student, load_teacher, train_student, train_teacher
+from kd_lib.core.stages import Stage, Stages
+from kd_lib.recipes.train import load_student, load_teacher, train_student, train_teacher
 
 TV = Stages.torchvision_resnet()
 X = torch.zeros(1, 3, 16, 16)
@@ -58,7 +59,7 @@ def test_empty_teacher_paths_are_refused_not_taken_for_the_students():
 
 def test_an_own_models_mistake_stops_the_run_before_any_training_and_leaves_no_folder(tmp_path, tiny, monkeypatch):
     def trained(*args, **kwargs): raise AssertionError("a step was trained")
-    monkeypatch.setattr(kd_lib.train, "fit", trained)
+    monkeypatch.setattr(kd_lib.recipes.train, "fit", trained)
     with pytest.raises(ValueError, match="Stage 'head' of the student: 'fcc'"), pytest.warns(UserWarning):
         train_student(**(tiny | dict(epochs=1, out_dir=tmp_path, progress=False)), student=_tv(), teacher=_tv(),
                       stages=_with(head=("avgpool", "fcc")), method="stagewise")
@@ -79,7 +80,7 @@ def test_a_teacher_at_chance_is_warned_of(tmp_path, tiny, teacher_path, monkeypa
     "A teacher of 10.6% on 10 classes once distilled without a word."
     class Stop(Exception): pass
     def stop(*args, **kwargs): raise Stop
-    monkeypatch.setattr(kd_lib.train, "_train_steps", stop)
+    monkeypatch.setattr(kd_lib.recipes.train, "_train_steps", stop)
     args = tiny | dict(method="stagewise", epochs=1, out_dir=tmp_path / "runs", progress=False)
     with pytest.warns(UserWarning, match=r"reached 10.6% on its valid split, not clearly above chance \(10.0% on "
                                          r"10 classes; a teacher to distil has at least 1.5 x chance"), \
@@ -117,7 +118,7 @@ def test_a_teacher_of_ones_own_trains_is_recorded_and_loads_with_its_model(tmp_p
         load_teacher(tmp_path / "digits" / "teacher", 10)
     loaded = load_teacher(tmp_path / "digits" / "teacher", 10, model=Tiny())
     assert torch.equal(loaded.fc.weight, torch.load(tmp_path / "digits" / "teacher" / "teacher.pth")["fc.weight"])
-    with pytest.raises(kd_lib.train.RunExists, match="model"):
+    with pytest.raises(kd_lib.recipes.train.RunExists, match="model"):
         train_teacher(**args)  # the paper's teacher is another run than this one
 
 

@@ -1,12 +1,12 @@
-"""`kd_lib.fitting.accuracy_of` (the test set every epoch, `test_each_epoch`) gives the model plain tensors, as a
+"""`kd_lib.recipes.fitting.accuracy_of` (the test set every epoch, `test_each_epoch`) gives the model plain tensors, as a
 fastai `Learner` does, not the loader's `TensorImage`s (whose every torch operation goes through Python), and counts
 the same accuracy as the typed batches give."""
 import torch
 from fastai.torch_core import TensorImage
 
-from kd_lib.data import get_data
-from kd_lib.fitting import accuracy_of, seed_everything
-from kd_lib.models import evaluating, resnet
+from kd_lib.data.loaders import get_data
+from kd_lib.recipes.fitting import accuracy_of, seed_everything
+from kd_lib.core.models import evaluating, resnet
 
 
 def test_accuracy_of_feeds_plain_tensors_and_counts_the_same(tiny):

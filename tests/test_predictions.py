@@ -3,10 +3,10 @@ the test predictions the records keep, checked against the split they claim."""
 import numpy as np
 import pytest
 
-from kd_lib.data import DatasetError
-from kd_lib.predictions import answers, class_accuracy, predictions_grid
-from kd_lib.records import collect
-from kd_lib.train import train_student, train_teacher
+from kd_lib.data.loaders import DatasetError
+from kd_lib.evidence.predictions import answers, class_accuracy, predictions_grid
+from kd_lib.evidence.collect import collect
+from kd_lib.recipes.train import train_student, train_teacher
 from test_data import make_tree
 
 SET = dict(dataset="folder", size=16, bs=4, lr=1e-3)

@@ -24,13 +24,14 @@ from fastai.callback.core import Callback
 
 from conftest import complete
 from kd_lib import runner as rp
-from kd_lib.data import DatasetError, get_data
-from kd_lib.locks import LOCK, RunLock, RunLocked, lock_holder
-from kd_lib.models import resnet, teacher
-from kd_lib.records import CorruptFile, DiskFull, atomic_write, collect, read_json, write_json
+from kd_lib.data.loaders import DatasetError, get_data
+from kd_lib.infra.locks import LOCK, RunLock, RunLocked, lock_holder
+from kd_lib.core.models import resnet, teacher
+from kd_lib.infra.files import CorruptFile, DiskFull, atomic_write, read_json, write_json
+from kd_lib.evidence.collect import collect
 from kd_lib.runner import jobs as runner_jobs
 from kd_lib.runner.cli import main
-from kd_lib.train import train_student, train_teacher
+from kd_lib.recipes.train import train_student, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = dict(dataset="digits", size=16, bs=32, epochs=3, lr=1e-3, pretrained=False, progress=False)
@@ -46,7 +47,7 @@ def _start_and_kill(code: str, out_dir: Path, state: Path) -> None:
 
 KILLED_TEACHER = f"""
 import sys, torch
-from kd_lib.train import train_teacher
+from kd_lib.recipes.train import train_teacher
 torch.set_num_threads(1)
 train_teacher(**{TEACHER!r}, out_dir=sys.argv[1])
 """
@@ -69,9 +70,9 @@ def test_a_teacher_killed_mid_fit_resumes_to_the_uninterrupted_weights(tmp_path)
 
 def test_any_exception_in_a_run_fails_that_run_and_the_runner(tmp_path, monkeypatch, write_profile):
     "An OSError (a read-only out_dir) once killed the worker thread and the runner said 'all complete'."
-    import kd_lib.train
+    import kd_lib.recipes.train
     def read_only(config, out_dir, **kw): raise OSError(errno.EROFS, "Read-only file system", str(out_dir))
-    for recipe in ("train_teacher", "train_student"): monkeypatch.setattr(kd_lib.train, recipe, read_only)
+    for recipe in ("train_teacher", "train_student"): monkeypatch.setattr(kd_lib.recipes.train, recipe, read_only)
     jobs = rp.plan(rp.expand(rp.load_profile(write_profile())))
     with pytest.raises(RuntimeError) as e: rp.run_jobs(jobs, n_jobs=2, stream=io.StringIO())  # in forked workers
     lines = dict(re.findall(r"\* (\S+): (.*)", str(e.value)))
@@ -102,7 +103,7 @@ def test_a_folder_with_params_json_only_blocks_nothing(tmp_path, tiny):
     assert train_student(**args)["params"]["epochs"] == 1
 
 
-HOLD = ("import sys, time\nfrom kd_lib.locks import RunLock\n"
+HOLD = ("import sys, time\nfrom kd_lib.infra.locks import RunLock\n"
         "with RunLock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(120)")
 
 
@@ -257,12 +258,12 @@ def test_weights_and_resume_states_saved_on_a_gpu_load_here(tmp_path, tiny, save
     path.parent.mkdir()
     saved_on_a_gpu(teacher(10, pretrained=False).state_dict(), path)
     with pytest.raises(RuntimeError, match="CUDA"): torch.load(path, weights_only=True)  # what a plain load does
-    from kd_lib.train import load_student, load_teacher
+    from kd_lib.recipes.train import load_student, load_teacher
     load_teacher(path, 10)
     args = tiny | dict(method="no_teacher", epochs=2, out_dir=tmp_path, progress=False)
     run = tmp_path / "digits" / "resnet10-no_teacher-f0.25-s0"
     with pytest.MonkeyPatch.context() as mp:  # stop after the first epoch, its resume state written as a GPU would
-        from kd_lib import fitting
+        from kd_lib.recipes import fitting
         def stop(path, obj):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             saved_on_a_gpu(obj, path)
@@ -294,7 +295,7 @@ STUDENT = dict(dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, method=
                progress=False)
 KILLED_AFTER_FIT = f"""
 import os, sys, torch
-import kd_lib.records as records, kd_lib.train as train
+import kd_lib.recipes.records as records, kd_lib.recipes.train as train
 torch.set_num_threads(1)
 def die(*args, **kwargs): os.kill(os.getpid(), 9)  # the fit is over, its outputs and record not yet written
 if sys.argv[2] == "teacher": train.evaluate = die; train.train_teacher(**{TEACHER!r}, out_dir=sys.argv[1])
@@ -378,9 +379,9 @@ def test_a_run_filling_the_disk_stops_with_disk_full_and_leaves_no_half_file(tin
 
 def test_atomic_write_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
     "A rename survives a kill; only a flushed file and folder survive a power loss."
-    from kd_lib import records
+    from kd_lib.infra import files
     synced = []
-    monkeypatch.setattr(records, "_fsync", lambda path, directory=False: synced.append((Path(path).parent, directory)))
+    monkeypatch.setattr(files, "_fsync", lambda path, directory=False: synced.append((Path(path).parent, directory)))
     write_json(tmp_path / "r.json", {})
     assert synced == [(tmp_path, False), (tmp_path.parent, True)]  # the temporary file, then the folder
 
@@ -432,7 +433,7 @@ def test_records_name_data_by_a_path_relative_to_the_data_root(tmp_path, kd_data
     assert get_data("digits", size=16, bs=32).split_info["path"] == "digits"
     root = _jpeg_tree(tmp_path / "mine")  # a folder of the user's own, outside the data root: as given
     assert get_data("folder", root, size=16, bs=4).split_info["path"] == str(root)
-    from kd_lib.records import versions
+    from kd_lib.recipes.records import versions
     assert "/" not in versions()["argv"][0]
 
 
@@ -448,7 +449,7 @@ def test_a_corrupt_teacher_says_to_train_it_again(tmp_path, tiny):
 
 def test_an_image_replaced_by_one_of_the_same_size_and_time_is_checked_again(tmp_path, monkeypatch):
     "The unreadable-image memo was keyed on size and modification time only."
-    from kd_lib import resident
+    from kd_lib.data import resident
     def replace(img: Path, data: bytes, stat) -> None:
         new = img.with_name("new.tmp")
         new.write_bytes(data)
@@ -499,7 +500,7 @@ def test_a_resumed_fit_carries_on_the_loss_scalers_state(tmp_path):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
-    from kd_lib.fitting import fit
+    from kd_lib.recipes.fitting import fit
     def learner(path):
         torch.manual_seed(0)
         x = torch.randn(64, 4)

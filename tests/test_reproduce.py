@@ -11,9 +11,9 @@ import yaml
 
 from conftest import complete
 from kd_lib import runner as rp
-from kd_lib.config import StudentConfig
+from kd_lib.recipes.config import StudentConfig
 from kd_lib.runner.cli import main
-from kd_lib.records import run_name
+from kd_lib.recipes.records import run_name
 
 TINY = dict(name="tiny", datasets=[dict(
     dataset="digits", common=dict(size=16, bs=16, lr=1e-3),

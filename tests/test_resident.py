@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_lib.data import DatasetError, get_data
-from kd_lib.fitting import seed_everything
-from kd_lib.resident import TensorLoader
+from kd_lib.data.loaders import DatasetError, get_data
+from kd_lib.recipes.fitting import seed_everything
+from kd_lib.data.resident import TensorLoader
 
 
 def _batches(dl, n=None):
@@ -70,7 +70,7 @@ def test_images_that_are_not_square_stay_per_item_under_augmentation(tmp_path):
 
 def test_decoded_images_are_kept_for_the_next_run_and_made_again_when_a_file_changes(tmp_path, kd_data,
                                                                                      monkeypatch):
-    from kd_lib import resident
+    from kd_lib.data import resident
     monkeypatch.setattr(resident, "RACY_S", 0.0)  # files just written are trusted here: their copy is kept at once
     root = _tree(tmp_path / "t", size=(12, 12))
     first = get_data("folder", root, size=8, bs=4, augment=False)

@@ -5,11 +5,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_lib.config import LONG_BUDGET, StudentConfig, TeacherConfig
-from kd_lib.records import run_name
+from kd_lib.recipes.budget import LONG_BUDGET
+from kd_lib.recipes.config import StudentConfig, TeacherConfig
+from kd_lib.recipes.records import run_name
 from kd_lib.runner import expand, load_profile
-from kd_lib.saturation import SATURATED_BELOW, long_twins, normal_runs, saturation
-from kd_lib.train import train_student, train_teacher
+from kd_lib.evidence.saturation import SATURATED_BELOW, long_twins, normal_runs, saturation
+from kd_lib.recipes.train import train_student, train_teacher
 
 
 def test_a_profile_with_long_twins_runs_one_per_arm_and_one_for_the_teacher(write_profile):

@@ -7,13 +7,13 @@ from torch import nn
 from torchvision.models import ResNet, resnet18
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from kd_lib.config import StudentConfig
-from kd_lib.data import get_data
-from kd_lib.methods import METHODS
-from kd_lib.models import resnet, teacher
-from kd_lib.stages import Stage, StageMismatch, Stages, module_table, outputs
-from kd_lib.steps import Features, Setting
-from kd_lib.train import load_student, train_student
+from kd_lib.recipes.config import StudentConfig
+from kd_lib.data.loaders import get_data
+from kd_lib.core.methods import METHODS
+from kd_lib.core.models import resnet, teacher
+from kd_lib.core.stages import Stage, StageMismatch, Stages, module_table, outputs
+from kd_lib.core.steps import Features, Setting
+from kd_lib.recipes.train import load_student, train_student
 
 PAPER = Stages.paper()
 EXPECTED_SHAPES = {  # (channels, side) of each stage output, per input side

@@ -14,12 +14,14 @@ from torchvision.models import _api as tv_api
 
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from kd_lib.models import PretrainedUnavailable, resnet, teacher
-from kd_lib.records import collect, read_json
-from kd_lib.data import get_data
-from kd_lib.fitting import StopOnNaN, accuracy_of
-from kd_lib.methods import METHODS
-from kd_lib.train import RunExists, load_teacher, train_student, train_teacher
+from kd_lib.core.models import PretrainedUnavailable, resnet, teacher
+from kd_lib.evidence.collect import collect
+from kd_lib.infra.files import read_json
+from kd_lib.data.loaders import get_data
+from kd_lib.core.steps import StopOnNaN
+from kd_lib.recipes.fitting import accuracy_of
+from kd_lib.core.methods import METHODS
+from kd_lib.recipes.train import RunExists, load_teacher, train_student, train_teacher
 
 
 def _student(tmp, tiny, teacher_path, **kw):
@@ -134,7 +136,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny, teache
 
 KILLED = """
 import sys, torch
-from kd_lib.train import train_student
+from kd_lib.recipes.train import train_student
 torch.set_num_threads(1)
 train_student(method="no_teacher", dataset="digits", size=16, bs=32, fraction=0.25, lr=1e-3, epochs=4,
               out_dir=sys.argv[1], progress=False)
@@ -159,15 +161,15 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny):
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, tiny, monkeypatch):
-    import kd_lib.steps
-    monkeypatch.setattr(kd_lib.steps, "CrossEntropyLossFlat", lambda: (lambda pred, y: pred.sum() * float("nan")))
+    import kd_lib.core.steps
+    monkeypatch.setattr(kd_lib.core.steps, "CrossEntropyLossFlat", lambda: (lambda pred, y: pred.sum() * float("nan")))
     with pytest.raises(FloatingPointError, match="Lower the learning rate"):
         train_student(**(tiny | dict(method="no_teacher", epochs=1, out_dir=tmp_path, progress=False)))
     assert not list(tmp_path.rglob("record.json"))
 
 
 def test_mismatched_stage_shapes_are_a_clear_error():
-    from kd_lib.stages import StageMismatch, Stages
+    from kd_lib.core.stages import StageMismatch, Stages
     t = teacher(10, pretrained=False)
     t.body.layer4 = torch.nn.Identity()
     with pytest.raises(StageMismatch, match=r"layer4: student \(512, 1, 1\), teacher \(256, 2, 2\)"):
@@ -220,7 +222,7 @@ def test_patience_stops_a_flat_fit_and_lets_a_learning_one_run(tmp_path, lr, sto
     valid loss falls by more than its standard error, runs on, and is judged unconverged: still falling."""
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
-    from kd_lib.fitting import fit
+    from kd_lib.recipes.fitting import fit
     torch.manual_seed(0)
     x = torch.randn(1024, 4)
     data = list(zip(x, (x[:, 0] > 0).long()))
@@ -253,7 +255,7 @@ class _Lrs(Callback):
 
 def test_one_cycle_follows_fastais_schedule_and_a_resumed_fit_the_same_curve(tmp_path):
     "It was once checked by counting epochs: here every batch's lr and momentum are fastai's fit_one_cycle's."
-    from kd_lib.fitting import fit, one_cycle
+    from kd_lib.recipes.fitting import fit, one_cycle
     ours, theirs = _Lrs(), _Lrs()
     learn = _toy_learner(tmp_path / "a")
     learn.add_cb(ours)

@@ -11,13 +11,13 @@
 A profile (``kd_lib/profiles/<name>.yaml``) names, per dataset, the teacher's settings and groups of
 student runs; list-valued ``student``, ``method``, ``fraction`` and ``seed`` of a group expand to every
 combination. The runner trains each dataset's teacher, then each student run, with the recipes the notebooks
-call (`kd_lib.train`), in worker processes that live as long as the runner (``--notebooks``: by executing
+call (`kd_lib.recipes.train`), in worker processes that live as long as the runner (``--notebooks``: by executing
 ``notebooks/teacher.ipynb`` and ``notebooks/student.ipynb`` with papermill, a kernel per run, into
 ``<out_dir>/notebooks/``); ``out_dir`` is ``runs/<profile>`` unless the profile says otherwise, and the records
 land in ``<out_dir>/<dataset>/...``. A run whose record is complete is not started again. The runs execute on
 this machine, a few at a time (one per GPU where there are GPUs), or on the workers of a Dask cluster
 (`kd_lib.runner.executors`). On stderr it says when each run starts and ends, with an estimate of the time
-left (`kd_lib.runner.estimate`), and each run says where it is every 30 s (`kd_lib.heartbeat`). Then it writes
+left (`kd_lib.runner.estimate`), and each run says where it is every 30 s (`kd_lib.infra.heartbeat`). Then it writes
 the book's notebooks into ``book/generated/`` (Table 1, the method diagram, the figures, models of one's own, and
 the notebooks of one teacher and one student run, executed from their records) and builds the book with
 ``jupyter-book build . -W -n --keep-going``.

@@ -7,8 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from ..claims import MARGIN
-from ..heartbeat import every_s
+from ..evidence.claims import MARGIN
+from ..infra.heartbeat import every_s
 from .executors import cores
 from .jobs import run_notebook
 from .kept import chapter, kept_profiles

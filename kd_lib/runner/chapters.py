@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..fitting import convergence
-from ..records import collect, read_json
+from ..evidence.collect import collect
+from ..infra.files import read_json
+from ..recipes.fitting import convergence
 from .kept import LOG, MANIFEST, check_kept
 from .profiles import ROOT, expand, load_profile
 

@@ -4,13 +4,13 @@ import os
 import sys
 
 from .. import runner
-from ..claims import MARGIN
-from ..heartbeat import EVERY_S, LINES_ENV
+from ..data.folders import where_data_is
+from ..evidence.claims import MARGIN
+from ..infra.files import CorruptFile
+from ..infra.heartbeat import EVERY_S, LINES_ENV
 from .book import build_book, write_book_notebooks
 from .executors import DaskExecutor, LocalExecutor, visible_gpus
 from .jobs import run_job, run_jobs, train_job
-from ..folders import where_data_is
-from ..records import CorruptFile
 from .kept import claim_verdicts, keep_plan, keep_records
 from .profiles import MAX_JOBS, ProfileError, RunConflict, example, expand, load_profile, plan, profiles, strays
 

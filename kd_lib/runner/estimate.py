@@ -5,9 +5,10 @@ alone on every core (a teacher its students wait for) apart from those that ran 
 and a long teacher, which no student waits for): two threads on one run are not twice one thread's speed. Early
 stopping is a guess until runs of the method have stopped: `FILL` of the epochs allowed, then what the finished
 runs of that method (else of any) used."""
-from ..methods import get_method
+from ..core.methods import get_method
+from ..recipes.budget import epochs_run, twin_epochs
 
-__all__ = ["FILL", "START_COST", "ALONE_GAIN", "epoch_cost", "allowed_epochs", "run_cost", "Estimate"]
+__all__ = ["FILL", "START_COST", "ALONE_GAIN", "COSTS", "method_cost", "epoch_cost", "allowed_epochs", "run_cost", "Estimate"]
 
 FILL = 0.7  # the share of its allowed epochs a run with early stopping is taken to use, until runs have shown theirs
 START_COST = 2.0  # a run's start, imports and record, in units of one no_teacher epoch of resnet10 on all the data
@@ -16,13 +17,29 @@ ALONE_GAIN = 0.65  # a run alone: each slot's cores beyond one add this much of 
 #   run were 1.49x one thread at 16 px and 1.82x at 32 px, book/performance.md "Choices for training on a CPU": 1.65)
 
 
+COSTS = {  # method -> the time of one epoch relative to no_teacher's, and with the feature cache (cache=True)
+    "no_teacher": (1.0, None), "no_teacher_budget": (1.0, None), "simultaneous": (1.4, None),
+    "stagewise": (3.4, 1.3), "teacher_forced": (1.5, None), "teacher_forced_finetune": (2.0, None),
+    "hinton": (1.3, None), "fitnets": (2.0, None),
+}  # a method of your own costs as much as no_teacher unless added here
+
+
+def method_cost(name: str, cached: bool = False) -> float:
+    """The relative time of one epoch (`epochs` of the configuration) of method `name`, with the cache when `cached`;
+    a budget control's is that of one epoch per step of the method whose budget it takes."""
+    method = get_method(name)
+    steps = len(get_method(method.budget_of).steps_for()) if method.budget_of else 1
+    cost, cached_cost = COSTS.get(name, (1.0, None))
+    return steps * (cached_cost if cached and cached_cost is not None else cost)
+
+
 def epoch_cost(config, kind: str, needs_teacher: bool = False) -> float:
     """The work of one epoch of one step of a run, relative to an epoch of resnet10 without a teacher on all the data:
     its model's depth, its method's cost (the teacher's work each batch, the cache) and the images of an epoch."""
     if kind == "teacher": return TEACHER_EPOCH
     depth = 1 + 0.1 * (int(config.student.removeprefix("resnet")) - 10)  # resnet26 ~ 2.6 x resnet10
     valid = 0.35 if needs_teacher else 0.1  # the validation share, which no fraction shrinks
-    per_step = get_method(config.method).epoch_cost(config.cache is True) / len(_steps(config))
+    per_step = method_cost(config.method, config.cache is True) / len(_steps(config))
     return per_step * depth * (config.fraction + valid) / (1 + valid)
 
 
@@ -40,9 +57,6 @@ def allowed_epochs(config, kind: str) -> int:
 def run_cost(config, kind: str, needs_teacher: bool = False) -> float:
     "A run's work were every step to run to its cap (`Job.cost`)."
     return START_COST + allowed_epochs(config, kind) * epoch_cost(config, kind, needs_teacher)
-
-
-def _ran(record: dict) -> int: return sum(s["epochs_run"] for s in record.get("stages") or [])
 
 
 def _stops(config, kind: str) -> bool:
@@ -68,7 +82,7 @@ class Estimate:
     def finished(self, job, seconds: float, record: dict) -> None:
         "Learn from `job`, finished in `seconds` with its `record` (None: nothing to learn, a failed run)."
         if record is None: return
-        ran, c = _ran(record), job.config
+        ran, c = epochs_run(record), job.config
         self.ran[job.name] = ran
         self.seconds[self.where(job)] += seconds
         self.work[self.where(job)] += START_COST + ran * epoch_cost(c, job.kind, job.needs_teacher)
@@ -81,7 +95,7 @@ class Estimate:
         c = job.config
         if job.kind == "student" and get_method(c.method).budget_of:
             twin = next((j for j in self.jobs if j.name in job.after and not j.name.endswith("/teacher")), None)
-            if twin is not None: return c.budget * (self.ran.get(twin.name) or self.epochs(twin))  # a long twin: x2
+            if twin is not None: return twin_epochs(c, self.ran.get(twin.name) or self.epochs(twin))
         if not _stops(c, job.kind): return allowed_epochs(c, job.kind)
         fill = self.used[c.method] / self.allowed[c.method] if c.method in self.allowed else FILL
         return fill * allowed_epochs(c, job.kind)

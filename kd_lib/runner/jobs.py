@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..locks import INHERIT, RunLock, RunLocked, handed_down, lock_holder
-from ..records import CorruptFile, complete_record
+from ..infra.files import CorruptFile
+from ..infra.locks import INHERIT, RunLock, RunLocked, handed_down, lock_holder
+from ..recipes.records import complete_record
 from .estimate import Estimate
 from .executors import LocalExecutor, cores as _cores
-from .profiles import NOTEBOOKS, ROOT, Job
+from .profiles import Job, NOTEBOOKS, ROOT
 
 __all__ = ["kernel_env", "run_notebook", "Progress", "run_job", "train_job", "run_jobs"]
 
@@ -191,7 +192,7 @@ def train_job(job: Job, threads: int = None, gpu: str = None, poll_s: float = 2.
     its run folder's lock. What its notebook would do, without a kernel per run; the book re-executes the notebooks
     of the runs it shows, from their records."""
     def work(token):
-        from ..train import train_student, train_teacher
+        from ..recipes.train import train_student, train_teacher
         for m in job.imports: importlib.import_module(m)
         if threads: torch.set_num_threads(threads)
         recipe = train_teacher if job.kind == "teacher" else train_student

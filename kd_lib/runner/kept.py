@@ -19,10 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..claims import MARGIN, IdenticalArms, claims, verdicts
-from ..records import (RECORD, CorruptFile, atomic_write, checked_record, collect, complete_record, git, read_json,
-                       run_name, write_json)
-from .profiles import KEPT_ROOT, NOTEBOOKS, ROOT, ProfileError, kept_folder, load_profile, profiles
+from ..evidence.claims import IdenticalArms, MARGIN, claims, verdicts
+from ..evidence.collect import collect
+from ..infra.files import CorruptFile, atomic_write, read_json, write_json
+from ..recipes.records import RECORD, checked_record, complete_record, git, run_name
+from .profiles import KEPT_ROOT, NOTEBOOKS, ProfileError, ROOT, kept_folder, load_profile, profiles
 
 __all__ = ["MANIFEST", "LOG", "kept_profiles", "settings_hash", "claim_verdicts", "keep_plan", "keep_records",
            "add_set", "seal", "reseal", "replace_rule",
@@ -213,7 +214,7 @@ def add_set(prof: dict, jobs: list, runs: dict, note: str, verdicts=None) -> Pat
 
 def _teacher_weights(run: Path, record: dict) -> Path:
     """The weights of a teacher its students distil (kind teacher, budget 1), which a kept set keeps beside its
-    record so it can be extended on any machine: the fp16 state dict `train_teacher` keeps (`kd_lib.train`), the
+    record so it can be extended on any machine: the fp16 state dict `train_teacher` keeps (`kd_lib.recipes.train`), the
     exact teacher its students distilled, at half the size. None for another run; a `ProfileError` when missing."""
     if record.get("kind") != "teacher" or record["params"].get("budget", 1) != 1: return None
     source = run / (record.get("weights") or "teacher.pth")

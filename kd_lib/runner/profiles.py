@@ -1,6 +1,6 @@
 """Profiles: YAML files that name, per dataset, the teacher's settings and groups of student runs;
 loaded and checked whole (`load_profile`), expanded into jobs (`expand`), planned against what already ran
-(`plan`). Every setting is a field of `kd_lib.config.TeacherConfig` or `StudentConfig`, checked by them."""
+(`plan`). Every setting is a field of `kd_lib.recipes.config.TeacherConfig` or `StudentConfig`, checked by them."""
 import importlib
 import itertools
 import math
@@ -11,10 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from ..config import LONG_BUDGET, StudentConfig, TeacherConfig
-from ..methods import get_method
-from ..models import STUDENTS
-from ..records import RECORD, CorruptFile, complete_record, recorded_params, run_name
+from ..core.methods import get_method
+from ..core.models import STUDENTS
+from ..infra.files import CorruptFile
+from ..recipes.budget import LONG_BUDGET, twin_name
+from ..recipes.config import StudentConfig, TeacherConfig
+from ..recipes.records import RECORD, complete_record, recorded_params
 from .estimate import run_cost
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "MAX_RUNS", "MAX_JOBS",
@@ -79,7 +81,7 @@ class Job:
         if self.kind == "teacher": return []
         c, of = self.config, get_method(self.config.method).budget_of
         return ([f"{c.dataset}/teacher"] if self.needs_teacher else []) + \
-            ([f"{c.dataset}/{run_name(dict(c.params(), method=of, budget=1))}"] if of else [])
+            ([f"{c.dataset}/{twin_name(c, of)}"] if of else [])
 
     @property
     def needs_teacher(self) -> bool:
@@ -277,7 +279,7 @@ def expand(prof: dict, out_dir=None) -> list:
                 if j.config.student not in STUDENTS:
                     raise ProfileError(f"{where}, student group {i + 1}: student={j.config.student!r}: a profile's "
                                        f"runs build their students by name, one of {', '.join(STUDENTS)} (a model of "
-                                       "your own trains with kd_lib.train.train_student(student=<nn.Module>)).")
+                                       "your own trains with kd_lib.recipes.train.train_student(student=<nn.Module>)).")
                 if j.name in seen:
                     raise ProfileError(f"{where}: student groups {seen[j.name]} and {i + 1} both make the run "
                                        f"{j.name}, which can have one set of settings: remove it from one of them."

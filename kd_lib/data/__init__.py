@@ -1,0 +1,1 @@
+"""Data: image trees on disk, fastai DataLoaders with split metadata, the paper's augmentation, resident tensors."""
