@@ -159,7 +159,9 @@ class Stages:
         `n_classes` (when given). Then compare the student's and the teacher's map at every stage for the input
         batch `x`. Where they differ, `adapters` (True: `adapter`, 1x1 convolution and BatchNorm; or a function
         (stage, student shape, teacher shape) -> module) makes the module that maps the student's to the teacher's
-        for the loss: returned by stage name. Without `adapters`, a difference is a `StageMismatch` naming each
+        for the loss. Returns an `nn.ModuleDict` keyed by stage name, holding the adapters of the mismatched
+        stages only (empty when every map matches, or without a teacher): `name in adapters` says whether stage
+        `name` has one, `adapters[name]` is it. Without `adapters`, a difference is a `StageMismatch` naming each
         stage and both shapes."""
         s, out = self.trace(student, x)
         if n_classes is not None: check_classes(out, n_classes)

@@ -63,8 +63,12 @@ def _start(run: RunFolder, config, force: bool, extra: dict = None):
         for p in run.path.glob("*"):
             if p.name != LOCK: shutil.rmtree(p) if p.is_dir() else p.unlink()
     if (old := run.params()) is not None and (diff := config.conflicts(old, extra)):
-        raise RunExists(f"{run.path} holds a run with other parameters (was, now: {diff}); "
-                        "pass force=True to replace it, or choose another out_dir.")
+        folders = (f" Runs of two image folders (dataset='folder') in one out_dir share {run.path.parent}: give "
+                   "each folder an out_dir of its own." if "data_path" in diff and config.dataset == "folder" else "")
+        raise RunExists(f"{run.path} holds a run with other parameters (was, now: {diff}).{folders} To replace it, "
+                        "pass force=True (train_teacher/train_student), or, in a notebook or with papermill (which "
+                        f"have no force parameter), remove the run folder {run.path}; to keep it, choose another "
+                        "out_dir (papermill: -p out_dir <folder>).")
     return run.record()
 
 
@@ -94,7 +98,13 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     `teacher.pth` and `record.json`; returns the record. `progress=False` (or the environment's
     `KD_PROGRESS=0`, which the runner sets) turns fastai's progress bars and epoch tables off. A teacher of your
     own is recorded with its name (`params["model"]`, and `model`: its class and size); `load_teacher` then
-    needs it passed.
+    needs it passed. `model` is trained in place; when the run in `out_dir` is already finished (a re-run), its
+    record is returned and its trained weights (`teacher.pth`) are loaded into `model` (`load_teacher`), so the
+    module passed always ends trained.
+
+    `seed` seeds the batch order and augmentation (and the paper's ResNet34's initialisation, built here); a
+    `model` of your own is initialised when you build it, before anything here seeds, so `seed=0` alone does not
+    reproduce its run: call `kd_lib.seed_everything(seed)` before building it.
     """
     c = _config(TeacherConfig, config, changes)
     if model is not None and c.pretrained:
@@ -103,7 +113,9 @@ def train_teacher(config: TeacherConfig = None, out_dir="runs", force: bool = Fa
     extra = dict(model=name or type(model).__name__.lower()) if model is not None else {}
     run = RunFolder(run_dir(out_dir, c.dataset, c.run_name))
     with RunLock(run.path):  # one process trains a run folder at a time
-        if (done := _start(run, c, force, extra)) is not None: return done
+        if (done := _start(run, c, force, extra)) is not None:
+            if model is not None: load_teacher(run.path, len(done["data"]["vocab"]), model=model)  # trained, as kept
+            return done
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, seed=c.seed, selection=c.selection,
                        augment=c.augment, num_workers=c.num_workers, per_class=c.per_class, split_seed=c.split_seed,
                        resident=c.resident)
@@ -151,25 +163,33 @@ def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tupl
     tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
     tchr = load_teacher(tpath, dls.c)
     record = read_json((tpath if tpath.is_dir() else tpath.parent) / "record.json") or {}
-    _above_chance(record, tpath, dls.c)
+    _above_chance(record, f"at {tpath}", dls.c)
     vocab, theirs = dls.split_info["vocab"], (record.get("data") or {}).get("vocab")
     if theirs is not None and list(theirs) != vocab:
         raise ValueError(f"The teacher at {tpath} was trained on the classes {theirs}, this run's data has {vocab}: "
                          "a teacher labels its own classes. Train a teacher on this dataset (teacher.ipynb) or "
                          "pass the teacher_path of one.")
+    there, here = (record.get("params") or {}).get("data_path"), c.data_path  # as each run was given it
+    if c.dataset == "folder" and there and here and Path(there).resolve() != Path(here).resolve():
+        warnings.warn(f"The teacher at {tpath} was trained on the image folder {there}, this run is on {here}: runs "
+                      f"of every image folder (dataset='folder') share {Path(out_dir) / 'folder'}. Unless it is the "
+                      "same folder moved, give each folder an out_dir of its own (its teacher, then its students), "
+                      "or pass the teacher_path of this folder's teacher.")
     if record.get("data"): check_no_leak(record["data"], dls, f"The teacher at {tpath}")
     else: warnings.warn(f"The teacher at {tpath} has no record beside it, so nothing can check that it did not train "
                         "on this run's valid or test images.")
     return tchr, tpath, record
 
 
-def _above_chance(record: dict, where, n_classes: int) -> None:
-    "Warn when the teacher's recorded valid accuracy is below `ABOVE_CHANCE` times chance on `n_classes` classes."
+def _above_chance(record: dict, where: str, n_classes: int, split: str = "its valid split",
+                  fix: str = "Train it longer or at another lr, or check its data.") -> None:
+    """Warn when the teacher's (`where`: "at <path>", or how it was given) valid accuracy (the record's, or
+    measured on `split`) is below `ABOVE_CHANCE` times chance on `n_classes` classes, saying the `fix`."""
     acc, chance = record.get("valid_accuracy"), 100 / n_classes
     if isinstance(acc, (int, float)) and acc < ABOVE_CHANCE * chance:
-        warnings.warn(f"The teacher at {where} reached {acc:.1f}% on its valid split, not clearly above chance "
+        warnings.warn(f"The teacher {where} reached {acc:.1f}% on {split}, not clearly above chance "
                       f"({chance:.1f}% on {n_classes} classes; a teacher to distil has at least {ABOVE_CHANCE:g} x "
-                      "chance): it has little to teach. Train it longer or at another lr, or check its data.")
+                      f"chance): it has little to teach. {fix}")
 
 
 def _dry_batch(dls) -> torch.Tensor:
@@ -263,6 +283,12 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
     tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
     made = stages.check(model, tchr, _dry_batch(dls), adapters, n_classes=dls.c)  # before any training
+    if teacher is not None and tchr is not None:  # a module passed has no record: its accuracy measured, once
+        device = next(iter(teacher.parameters()), torch.zeros(0)).device  # eval mode, no_grad: `accuracy_of`
+        acc = accuracy_of(teacher, ((x.to(device), y.to(device)) for x, y in dls.valid))
+        _above_chance(dict(valid_accuracy=acc), f"given as teacher= (a {type(teacher).__name__})", dls.c,
+                      split="this run's valid split", fix="Pass a trained teacher: train it first (train_teacher("
+                      "model=<it>) trains a teacher of your own and leaves it trained), or load its weights into it.")
     for m in (model, tchr if teacher is None else None):  # the student's optimizer, and the teacher kd_lib loaded,
         if m is not None: live_taps(m, _dry_batch(dls))  # skip the taps that only ever meet padding (bit for bit)
     if tchr is not None and c.channels_last: tchr.to(memory_format=torch.channels_last)
@@ -296,14 +322,21 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     Every step of the method trains for `epochs` (per stage for stagewise) with the paper's Adam at `lr`,
     and starts from the best checkpoint of the step before. Feature steps keep the epoch with the lowest
     valid MSE, label steps the best valid accuracy. A killed run started again with the same settings
-    resumes from its last finished epoch; a finished run is returned, not retrained. The fields of
+    resumes from its last finished epoch; a finished run is returned, not retrained (a student module passed then
+    gets the run's trained weights loaded, `load_student`, and is left in eval mode). The fields of
     `StudentConfig` say what each setting does; book/performance.md explains the fast path.
 
-    Models and data of your own: `student=<nn.Module>` (its run is named by `name=`, default its class),
-    `teacher=<nn.Module>` (trained, frozen here), `stages` (a `kd_lib.core.stages.Stages`; torchvision's ResNets are
-    recognised), `dls` (fastai `DataLoaders` of train, valid and, optionally, test) and `adapters` (True, or a
+    Models and data of your own: `student=<nn.Module>` (its run is named by `name=`, default its class; trained in
+    place, or given the finished run's weights), `teacher=<nn.Module>` (trained, frozen here; its accuracy on the
+    run's valid split is measured once, and a teacher not clearly above chance is warned of), `stages` (a
+    `kd_lib.core.stages.Stages`; torchvision's ResNets are recognised), `dls` (fastai `DataLoaders` of train,
+    valid and, optionally, test) and `adapters` (True, or a
     factory, where the student's maps differ from the teacher's). `progress=False` (or `KD_PROGRESS=0`) turns
     fastai's progress bars off; the digits and downloads live in `KD_DATA` (default: the repository's `data/`).
+
+    `seed` seeds the fraction sampled, the batch order and a Table 1 student's initialisation (built here after
+    seeding); a `student` module of your own was initialised when you built it, before anything here seeds, so
+    `seed=0` alone does not reproduce its run: call `kd_lib.seed_everything(seed)` before building it.
     """
     own = changes.pop("student") if isinstance(changes.get("student"), nn.Module) else None
     name = changes.pop("name", None)
@@ -313,7 +346,9 @@ def train_student(config: StudentConfig = None, out_dir="runs", force: bool = Fa
     c.check_device()
     run = RunFolder(run_dir(out_dir, c.dataset, c.run_name))
     with RunLock(run.path):  # one process trains a run folder at a time
-        if (done := _start(run, c, force)) is not None: return done
+        if (done := _start(run, c, force)) is not None:
+            if own is not None: load_student(run.path, model=own)  # the module passed ends trained, as the run kept it
+            return done
         s = setting(c, out_dir, own, teacher, stages, dls, adapters)
         s.run = run.path
         budget = _budget(c, out_dir)
