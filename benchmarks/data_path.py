@@ -1,5 +1,5 @@
-"""The data path: images opened per item (fastai's DataBlock) against images decoded once (`kd_lib.data.resident`), in one
-run, on the same split, at 16 px (digits) and 32 px (CIFAR-10, when `data/cifar10` is there).
+"""The data path: images opened per item (fastai's DataBlock) against images decoded once (`kd_lib.data.resident`), in
+one run, on the same split, at 16 px (digits) and 32 px (CIFAR-10, when `data/cifar10` is there).
 
 For each dataset and path it measures, with one torch thread and the paper's augmentation, the CPU time of
 * the loader alone: every training batch of an epoch produced (decoding, resizing, augmentation, normalisation);

@@ -50,7 +50,8 @@ from kd_lib.core.models import resnet
 from kd_lib.recipes.records import run_name, versions
 from kd_lib.infra.files import write_json
 from kd_lib.core.stages import Stages
-from kd_lib.recipes.train import load_teacher, run_dir, train_student, train_teacher
+from kd_lib.recipes.records import run_dir
+from kd_lib.recipes.train import load_teacher, train_student, train_teacher
 
 VARIANTS = {"paper": "(a)", "plain": "(a')", "truncate": "(b) truncate", "fast": "(b) +valid cache",
             "cached": "(b) cache", "forced": "(c) teacher-forced", "forced_ft": "(c) +fine-tune",

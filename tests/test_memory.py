@@ -71,8 +71,8 @@ def test_kept_memory_trains_the_same_weights(tmp_path):
 
 
 def test_every_fit_keeps_the_memory_and_hands_it_back_each_epoch(tmp_path):
-    """A fit (`kd_lib.recipes.fitting.fit`, which every recipe's training goes through) sets the process to keep the memory,
-    and hands it back after every epoch (a long fit's heap otherwise fragments, its free pages adding up)."""
+    """A fit (`kd_lib.recipes.fitting.fit`, which every recipe's training goes through) sets the process to keep the
+    memory, and hands it back after every epoch (a long fit's heap otherwise fragments, its free pages adding up)."""
     said, _ = _run("fit", tmp_path)
     assert said == dict(kept=True, answer=True, handed_back_after=[0, 1, 2, 2])  # each epoch, and the fit's end
 

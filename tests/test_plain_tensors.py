@@ -1,5 +1,5 @@
-"""`kd_lib.recipes.fitting.accuracy_of` (the test set every epoch, `test_each_epoch`) gives the model plain tensors, as a
-fastai `Learner` does, not the loader's `TensorImage`s (whose every torch operation goes through Python), and counts
+"""`kd_lib.recipes.fitting.accuracy_of` (the test set every epoch, `test_each_epoch`) gives the model plain tensors, as
+a fastai `Learner` does, not the loader's `TensorImage`s (whose every torch operation goes through Python), and counts
 the same accuracy as the typed batches give."""
 import torch
 from fastai.torch_core import TensorImage

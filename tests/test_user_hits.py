@@ -5,11 +5,13 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -60,8 +62,11 @@ def test_the_wheel_is_named_stagewise_kd_and_holds_kd_lib(tmp_path):
         names = z.namelist()
         meta = Parser().parsestr(z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
     assert meta["Name"] == NAME and wheel.name.startswith("stagewise_kd-")
-    assert "kd_lib/__init__.py" in names and "kd_lib/train.py" in names
+    assert "kd_lib/__init__.py" in names and "kd_lib/recipes/train.py" in names
+    assert {f"kd_lib/{w}/__init__.py" for w in ("core", "data", "speed", "infra", "recipes", "evidence", "runner")} \
+        <= set(names)  # every wing
     assert any(n.startswith("kd_lib/profiles/") and n.endswith(".yaml") for n in names)  # package data too
+    assert any(n.startswith("kd_lib/evidence/paper_numbers/") and n.endswith(".csv") for n in names)
     assert all(NAME not in r or "[book]" in r for r in meta.get_all("Requires-Dist"))  # `test` asks for its own book
 
 
@@ -99,7 +104,27 @@ def test_a_rerun_of_a_finished_student_loads_its_weights_into_the_student_passed
     assert _same(s1, s2)
 
 
-# 3. A teacher passed as a module is measured
+# 3. A teacher passed as a module is measured, or checked by its record
+
+def test_a_teacher_of_ones_own_that_train_teacher_made_is_checked_by_its_record(tmp_path, tiny):
+    """A teacher module was always warned of as coming without a record, even one train_teacher(model=) made:
+    with teacher_path= its record checks it (classes, no leak), and its weights load into the module passed."""
+    torch.manual_seed(0)
+    made = _tv(0)
+    train_teacher(dataset="digits", size=16, bs=32, epochs=1, lr=3e-3, out_dir=tmp_path / "t", progress=False,
+                  model=made, name="tvres10")
+    given = _tv(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = train_student(**tiny, method="stagewise", epochs=1, out_dir=tmp_path / "s", progress=False,
+                          student=_tv(2), name="student", teacher=given,
+                          teacher_path=tmp_path / "t" / "digits" / "teacher")
+    assert [str(w.message) for w in caught if "teacher" in str(w.message).lower()] == []
+    assert _same(given, made) and r["models"]["teacher"]["name"] == "tvres10" and r["teacher"]["path"]
+    with pytest.warns(UserWarning, match="pass the folder it wrote as teacher_path"):
+        train_student(**tiny, method="stagewise", epochs=1, out_dir=tmp_path / "s2", progress=False, student=_tv(2),
+                      name="student", teacher=made)
+
 
 def test_a_teacher_module_at_chance_is_warned_of_with_its_accuracy_and_the_fix(tmp_path, tiny, monkeypatch):
     "train_student(teacher=<untrained module>) distilled it without a word."
@@ -130,7 +155,7 @@ def test_the_docs_say_how_to_reproduce_a_run_of_ones_own_model():
         assert "seed_everything(seed)" in doc and "before building it" in doc
     nb = json.loads((ROOT / "notebooks" / "own_models.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
-    assert "kd_lib.recipes.fitting.seed_everything(seed)" in text and "does not by itself reproduce" in text
+    assert "kd_lib.seed_everything(seed)" in text and "does not by itself reproduce" in text
     assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # committed unexecuted
 
 

@@ -61,7 +61,8 @@ def test_no_wing_imports_upward():
         own = _wing("kd_lib." + ".".join(path.relative_to(PKG).parts))
         if own is None: continue  # kd_lib/__init__.py: the public face, loaded lazily
         for mod, line in _imports(path):
-            if mod.split(".")[0] == "kd_lib" and mod not in ("kd_lib", "kd_lib.__version__") and (w := _wing(mod)) != own \
+            if mod.split(".")[0] == "kd_lib" and mod not in ("kd_lib", "kd_lib.__version__") \
+                    and (w := _wing(mod)) != own \
                     and w not in MAY_IMPORT[own]:
                 wrong.append(f"{path.relative_to(PKG)}:{line} imports {mod}")
     assert wrong == []

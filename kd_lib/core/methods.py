@@ -1,6 +1,7 @@
 """The distillation methods, each defined once: a `Method` says what a method trains, step by step (the steps
-of `kd_lib.core.steps`, made for the run's `kd_lib.core.stages.Stages`), which callbacks it adds and what it needs (how the
-book draws it is `kd_lib.evidence.style`'s; what an epoch costs, the runner's estimate's). `METHODS` is the registry, in display order.
+of `kd_lib.core.steps`, made for the run's `kd_lib.core.stages.Stages`), which callbacks it adds and what it needs (how
+the book draws it is `kd_lib.evidence.style`'s; what an epoch costs, the runner's estimate's). `METHODS` is the
+registry, in display order.
 
     from kd_lib.core.methods import Method, register
     from kd_lib.core.steps import Labels
@@ -28,10 +29,10 @@ class Method:
     trains on the MSE to the teacher's map there; a `Labels` step trains on the cross entropy, plus what
     `callbacks(setting)` adds (fastai callbacks given the run's `kd_lib.core.steps.Setting`, e.g. a teacher term).
     `needs_teacher`: a trained teacher must exist before the method runs. `cacheable`: every step trains
-    some stages on one target, so `kd_lib.speed.cache.FeatureCache` can serve it (`config.cache`). `budget_of`: the name of another method; this
-    one's single step then trains for as many epochs as that method's run of the same dataset, student, fraction
-    and seed used in all (its `budget twin`, which must be complete first), with a one-cycle schedule and no early
-    stopping: a control given the other method's budget of optimizer steps on the same data.
+    some stages on one target, so `kd_lib.speed.cache.FeatureCache` can serve it (`config.cache`). `budget_of`: the
+    name of another method; this one's single step then trains for as many epochs as that method's run of the same
+    dataset, student, fraction and seed used in all (its `budget twin`, which must be complete first), with a one-cycle
+    schedule and no early stopping: a control given the other method's budget of optimizer steps on the same data.
     """
     name: str
     steps: object

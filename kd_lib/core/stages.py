@@ -229,9 +229,9 @@ def outputs(model: nn.Module, x: torch.Tensor, modules: list, truncate: bool = T
     return hooks.stored
 
 
-def module_table(model: nn.Module, x: torch.Tensor) -> "pandas.DataFrame":
-    """Every named module of `model` with its class, parameters and output shape for the batch `x` (in the order
-    they run), to pick stage points: a stage ends at a module whose output is the map to match."""
+def module_table(model: nn.Module, x: torch.Tensor):
+    """A pandas DataFrame of every named module of `model`: its class, parameters and output shape for the batch `x`
+    (in the order they run), to pick stage points: a stage ends at a module whose output is the map to match."""
     from .models import evaluating
     order, shapes = [], {}
     named = dict(model.named_modules())

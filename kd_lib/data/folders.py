@@ -28,8 +28,8 @@ from ..infra.files import DiskFull, disk_full_said
 from .resident import file_key
 
 __all__ = ["URLS", "BREEDS", "CLASS_NAMES", "TEST_FOLDERS", "DatasetError", "DatasetNotFoundError", "DownloadError", "data_dir",
-           "sample_per_class", "digits_images", "digits_stats", "digits_tree", "where_data_is", "dataset_root", "copies",
-           "read_tree"]
+           "sample_per_class", "digits_images", "digits_stats", "digits_tree", "where_data_is", "dataset_root",
+           "copies", "read_tree"]
 
 URLS = {
     "imagenette": URLs.IMAGENETTE, "imagenette-160": URLs.IMAGENETTE_160, "imagenette-320": URLs.IMAGENETTE_320,

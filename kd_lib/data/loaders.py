@@ -31,7 +31,8 @@ from fastai.vision.all import (CategoryBlock, DataBlock, DataLoaders, ImageBlock
 from PIL import Image
 
 from .augment import PAPER_AUG, PaperAugment
-from .folders import CLASS_NAMES, DatasetError, DatasetNotFoundError, DownloadError, URLS, data_dir, dataset_root, digits_stats, read_tree, sample_per_class
+from .folders import (CLASS_NAMES, URLS, DatasetError, DatasetNotFoundError, DownloadError, data_dir, dataset_root,
+                      digits_stats, read_tree, sample_per_class)
 from .resident import TensorLoader, decode, decoded_bytes, resident_loader
 
 __all__ = ["DATASETS", "SELECTIONS", "URLS", "CIFAR_STATS", "PAPER_AUG", "RESIDENT_BYTES", "DatasetError",
@@ -69,7 +70,8 @@ class _CenterResize(Resize):
 def _portable(root: Path) -> str:
     """`root` relative to `data_dir()` when inside it (as a record names it: no machine's folders), else as given;
     a tree linked into the data folder is inside it, by its link's name."""
-    for here, data in ((os.path.abspath(root), os.path.abspath(data_dir())), (Path(root).resolve(), data_dir().resolve())):
+    for here, data in ((os.path.abspath(root), os.path.abspath(data_dir())),
+                       (Path(root).resolve(), data_dir().resolve())):
         try: return Path(here).relative_to(data).as_posix()
         except ValueError: pass
     return str(root)

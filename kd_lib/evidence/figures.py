@@ -52,7 +52,8 @@ def _errorbar(ax, rows: pd.DataFrame, method: str, label: str, dashed=False, pap
     r = rows[rows["method"] == method].sort_values("layers")
     if r.empty: return
     m = style(method)
-    ax.errorbar(r["layers"], r["mean"], yerr=None if paper else r["std"], color=m.color, marker=m.marker, ls=":" if paper else "--" if dashed else "-",
+    ax.errorbar(r["layers"], r["mean"], yerr=None if paper else r["std"], color=m.color, marker=m.marker, ls=":" if
+    paper else "--" if dashed else "-",
                 alpha=0.45 if dashed else 1.0, capsize=3, lw=1.1 if paper else 1.6, ms=5,
                 mfc="white" if paper else None, label=label)
 
@@ -174,8 +175,8 @@ VERDICT_COLOURS = {"supported": "#1b7837", "contradicted": "#b2182b", "undetermi
 
 
 def claims_figure(table: pd.DataFrame, title: str = "The paper's claims: our paired differences") -> Figure:
-    """A `kd_lib.evidence.claims.claims` table drawn: a row per claim in points (claim 3's share of the gap aside, it is not
-    in points), our mean and 95% interval coloured by its verdict, the claim's threshold as a red tick, and the
+    """A `kd_lib.evidence.claims.claims` table drawn: a row per claim in points (claim 3's share of the gap aside, it is
+    not in points), our mean and 95% interval coloured by its verdict, the claim's threshold as a red tick, and the
     seed-0 differences at the normal and at twice the budget (the budget column) as hollow markers."""
     t = table[table["id"] != "3_share"].reset_index(drop=True)
     fig = Figure(figsize=(7.6, 0.55 * max(len(t), 1) + 1.5), layout="constrained")

@@ -1,7 +1,7 @@
 """Every fit's convergence, judged again from its curve by `kd_lib.recipes.fitting.CONVERGENCE_RULE` (whatever rule the
 record was made under), so a reader can look at the curves instead of trusting a flag. A diagnostic: the verdicts
-rest on the doubling check (`kd_lib.evidence.saturation`). A stagewise run has six fits, one per step; the other methods one.
-These show which steps still improved when they ended, and how they ended:
+rest on the doubling check (`kd_lib.evidence.saturation`). A stagewise run has six fits, one per step; the other
+methods one. These show which steps still improved when they ended, and how they ended:
 
 * `fit_table`: one row per fit of the complete records under a folder: the run's settings, the step, its epoch cap,
   the epochs it ran, whether early stopping ended it, its convergence (the projected gain, the curve's own noise, the
@@ -115,9 +115,9 @@ def fit_curves(fits: pd.DataFrame, dataset: str, method: str, fraction: float = 
 
 
 def calibration(epochs=(10, 30, 60), rise: float = 2.0, n: int = 4000, seed: int = 0) -> pd.DataFrame:
-    """How `kd_lib.recipes.fitting.convergence` judges simulated fits of known state (Gaussian epoch-to-epoch noise, seeded),
-    per number of epochs: the share of truly flat fits it calls converged (1 - `CONVERGENCE_ERROR` by design, whatever
-    the noise's size), and the share of fits still rising by `rise` noise units over one window that it calls
+    """How `kd_lib.recipes.fitting.convergence` judges simulated fits of known state (Gaussian epoch-to-epoch noise,
+    seeded), per number of epochs: the share of truly flat fits it calls converged (1 - `CONVERGENCE_ERROR` by design,
+    whatever the noise's size), and the share of fits still rising by `rise` noise units over one window that it calls
     unconverged (its power against them)."""
     rng, rows = np.random.default_rng(seed), []
     for e in epochs:

@@ -1,6 +1,6 @@
 """What the models of a record set called each test image, from the `test_predictions` their records keep
-(`kd_lib.recipes.fitting.predictions_of`: labels and predicted classes in the test split's order), so a page shows a model's
-answers without its weights: `class_accuracy`, the accuracy per class of the teacher and of each arm, and
+(`kd_lib.recipes.fitting.predictions_of`: labels and predicted classes in the test split's order), so a page shows a
+model's answers without its weights: `class_accuracy`, the accuracy per class of the teacher and of each arm, and
 `predictions_grid`, a few test images per class with each model's answer (where the images are at hand)."""
 from pathlib import Path
 
@@ -22,8 +22,8 @@ def _model(row) -> str:
 
 
 def answers(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per record of `records` (`kd_lib.evidence.collect.collect`) that keeps its test predictions, at its normal
-    budget: `model` (the teacher, or '<student> <method> at <fraction>'), `seed`, `vocab`, `labels`, `predicted`,
+    """One row per record of `records` (`kd_lib.evidence.collect.collect`) that keeps its test predictions, at its
+    normal budget: `model` (the teacher, or '<student> <method> at <fraction>'), `seed`, `vocab`, `labels`, `predicted`,
     `data` (its record's split info), `record` (its path), in the order of the book's tables (the teacher first)."""
     rows = []
     for _, row in records.iterrows():

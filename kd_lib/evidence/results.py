@@ -16,8 +16,8 @@ import pandas as pd
 
 from .style import method_order
 
-__all__ = ["PAPER_DATASETS", "BASELINES", "stronger_baseline", "n_layers", "fraction_label", "method_order", "summary", "teachers", "gaps", "comparison",
-           "provenance", "provenance_text", "paper_as_records", "selection", "teacher_forcing",
+__all__ = ["PAPER_DATASETS", "BASELINES", "stronger_baseline", "n_layers", "fraction_label", "summary", "teachers",
+           "gaps", "comparison", "provenance", "provenance_text", "paper_as_records", "selection", "teacher_forcing",
            "headline"]
 
 PAPER_DATASETS = ["imagenette", "imagewoof", "cifar10"]

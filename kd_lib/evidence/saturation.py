@@ -1,8 +1,8 @@
 """Was each arm's budget enough? Its long twin is a diagnostic: the arm's first seed run again with every budget
-doubled (`kd_lib.recipes.budget.LONG_BUDGET`: every epoch cap and patience, a fixed schedule's epochs, a budget control's
-twin epochs; a profile's `long_twins`). What doubling adds to its test accuracy (same seed) is the arm's `gain`.
-One seed's gain is about as noisy as the difference of two seeds, so it gates nothing: the claims show the budget
-as a column of their own (`kd_lib.evidence.claims`).
+doubled (`kd_lib.recipes.budget.LONG_BUDGET`: every epoch cap and patience, a fixed schedule's epochs, a budget
+control's twin epochs; a profile's `long_twins`). What doubling adds to its test accuracy (same seed) is the arm's
+`gain`. One seed's gain is about as noisy as the difference of two seeds, so it gates nothing: the claims show the
+budget as a column of their own (`kd_lib.evidence.claims`).
 
 * `normal_runs`, `long_twins`: a `collect` table's runs at budget 1 and its long twins.
 * `saturation`: a row per arm with a long twin: normal and long accuracy, the gain, whether it was under a point.

@@ -33,8 +33,8 @@ def _budget_cell(r) -> str:
 
 
 def claims_summary(table: pd.DataFrame, dataset: bool = False) -> pd.DataFrame:
-    """A `kd_lib.evidence.claims.claims` table in the results' form: the claim, ours (mean and 95% interval), n pairs, the
-    minimum detectable effect, the paper's difference, the verdict and the budget column (the seed-0 difference at
+    """A `kd_lib.evidence.claims.claims` table in the results' form: the claim, ours (mean and 95% interval), n pairs,
+    the minimum detectable effect, the paper's difference, the verdict and the budget column (the seed-0 difference at
     the normal budget -> at twice it, and the flag); `dataset`: a column naming it."""
     rows = [{"claim": r["claim"], **({"dataset": r["dataset"]} if dataset else {}),
              "ours": (f"{r['mean']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]" if np.isfinite(r["low"])

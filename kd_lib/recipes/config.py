@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.methods import METHODS, get_method
+from ..core.methods import METHODS, Method, get_method
 from ..core.models import STUDENTS
 from ..data.loaders import DATASETS, SELECTIONS
 from ..speed.cache import AMP_DTYPES, CACHE_DTYPES
@@ -227,7 +227,8 @@ class StudentConfig(RunConfig):
     finetune_epochs: int = option(3, "optimisation", "epochs per stage of the sequential fine-tune on the "
                                                      "student's own inputs (method teacher_forced_finetune)")
     patience: typing.Optional[int] = option(None, "optimisation", "stop a step once its monitored value has not "
-                                                                  "really improved (kd_lib.recipes.fitting.last_gain) for "
+                                                                  "really improved (kd_lib.recipes.fitting.last_gain) "
+                                                                  "for "
                                                                   "this many epochs, epochs being the most (None: "
                                                                   "all epochs, the paper's protocol)")
     test_each_epoch: bool = option(False, "evaluation", "record the test accuracy at every epoch of the label "
@@ -246,9 +247,14 @@ class StudentConfig(RunConfig):
     channels_last: bool = option(False, "speed", "student and teacher in channels_last memory format (for "
                                                  "GPUs)")
 
+    @property
+    def method_def(self) -> Method:
+        "The registered `Method` this run's `method` names: where every user of a configuration resolves it."
+        return get_method(self.method)
+
     def check(self) -> None:
         super().check()
-        method = get_method(self.method)
+        method = self.method_def
         _need(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.student) is not None,
               f"student={self.student!r}: choose one of {', '.join(STUDENTS)}, or name a model of your own with "
               "letters, digits and _.+- only (it names the run's folder).")

@@ -34,6 +34,7 @@ from ..core.models import evaluating
 from ..infra.files import save_weights
 from ..infra.heartbeat import ProgressLines, every_s
 from ..speed.memory import FreedMemory
+from .records import RunFolder
 
 __all__ = ["seed_everything", "step_seed", "accuracy_of", "predictions_of",
            "WINDOW", "STATE_EVERY_S",
@@ -111,7 +112,8 @@ CONVERGENCE_RULE = ("a fit converged unless the least-squares slope of its monit
                     f"k - 2 degrees of freedom, at {CONVERGENCE_ERROR:.1%}, the share of truly flat fits called "
                     "unconverged). The projected gain is the slope carried on for k epochs more. A fit of fewer than "
                     f"{WINDOW} epochs is not judged. Why the fit stopped (early stopping, or its last epoch) plays no "
-                    "part. A diagnostic: the verdicts rest on the doubling check (kd_lib.evidence.saturation), not on it")
+                    "part. A diagnostic: the verdicts rest on the doubling check (kd_lib.evidence.saturation), not "
+                    "on it")
 
 
 class MonitorNoise(Callback):
@@ -280,7 +282,7 @@ def fit(learn: Learner, name: str, epochs: int, lr: float, monitor: str, run: Pa
     before that resumes the finished fit, not a new one. Under the runner (`KD_LINES` set), a line on stderr at least
     that often says where it is (`ProgressLines`). The process keeps the memory its steps free for the next step,
     and hands it back after each epoch (`FreedMemory`)."""
-    state_path = run / f"{name}.state.pth"
+    state_path = RunFolder(run).state_file(name)
     state = _resume_state(state_path, name)
     done = len(state["history"]) if state else 0
     noise = MonitorNoise(monitor)
@@ -314,7 +316,7 @@ def _resume_state(path: Path, name: str):
 
 def forget_fit(learn: Learner, name: str, run: Path) -> None:
     "Delete fit `name`'s resume state and best-epoch file: call it once what the fit produced is written."
-    (run / f"{name}.state.pth").unlink(missing_ok=True)
+    RunFolder(run).state_file(name).unlink(missing_ok=True)
     (learn.path / learn.model_dir / f"{name}.pth").unlink(missing_ok=True)
 
 

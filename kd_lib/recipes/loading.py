@@ -75,7 +75,8 @@ def load_student(run, model: nn.Module = None) -> nn.Module:
     `run` may write its fraction as given (`-f1.0-`) or as the folder is named (`-f1-`)."""
     run = _run_folder(run)
     if (record := run.record()) is None:
-        raise FileNotFoundError(f"No finished student run in {run.path}: train it with kd_lib.recipes.train.train_student.")
+        raise FileNotFoundError(f"No finished student run in {run.path}: train it with "
+                                "kd_lib.recipes.train.train_student.")
     name = record["params"]["student"]
     if model is None:
         if name not in STUDENTS:

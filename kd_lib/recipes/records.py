@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..infra.files import CorruptFile, _rerun, read_json, write_json
 
-__all__ = ["versions", "git", "code_version", "run_name", "param_conflicts", "RunFolder", "checked_record",
+__all__ = ["versions", "git", "code_version", "run_name", "param_conflicts", "run_dir", "RunFolder", "checked_record",
            "complete_record", "recorded_params", "RECORD"]
 
 RECORD = "record.json"  # the file name of a run's record inside its run folder
@@ -95,8 +95,8 @@ def code_version() -> dict:
 
 def run_name(params: dict) -> str:
     """The name of a run's folder under `<out_dir>/<dataset>/`, from its parameters (a record's `params`):
-    'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.recipes.train.train_student` names it; a long twin
-    (`budget` 2) adds '-x2'."""
+    'teacher', or '<student>-<method>-f<fraction:g>-s<seed>' as `kd_lib.recipes.train.train_student` names it; a long
+    twin (`budget` 2) adds '-x2'."""
     twin = f"-x{params['budget']}" if params.get("budget", 1) != 1 else ""
     if params.get("kind") == "teacher" or "student" not in params: return f"teacher{twin}"
     return f"{params['student']}-{params['method']}-f{float(params['fraction']):g}-s{params['seed']}{twin}"
@@ -110,6 +110,11 @@ def param_conflicts(recorded: dict, wanted: dict, ignore=(), defaults: dict = No
     old = dict(defaults or {}, **recorded)
     return {k: (old.get(k), wanted.get(k)) for k in dict.fromkeys([*wanted, *old])
             if k not in ignore and old.get(k) != wanted.get(k)}
+
+
+def run_dir(out_dir, dataset: str, name: str) -> Path:
+    "The folder of one run: `<out_dir>/<dataset>/<name>` (a `RunFolder`'s path)."
+    return Path(out_dir) / dataset / name
 
 
 class RunFolder:

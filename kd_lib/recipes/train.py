@@ -6,8 +6,8 @@ self-describing record::
     record = train_student(student=my_net, teacher=my_big_net, stages=Stages.torchvision_resnet(), dls=my_dls,
                            adapters=True, method="stagewise", epochs=5)     # models and data of your own
 
-A method's steps (`kd_lib.core.steps`) are fits of one Learner each; `kd_lib.recipes.fitting.fit` runs them. What a run saved
-loads with `kd_lib.recipes.loading` (`load_teacher`, `load_student`, importable from here too).
+A method's steps (`kd_lib.core.steps`) are fits of one Learner each; `kd_lib.recipes.fitting.fit` runs them. What a run
+saved loads with `kd_lib.recipes.loading` (`load_teacher`, `load_student`, importable from here too).
 """
 import gc
 import shutil
@@ -24,7 +24,6 @@ from fastai.metrics import accuracy
 from torch import nn
 
 from ..core.distill import feature_mse, frozen
-from ..core.methods import get_method
 from ..core.models import PretrainedUnavailable, evaluating, resnet, teacher
 from ..core.optim import fastai_adam
 from ..core.stages import Stages, check_classes
@@ -38,9 +37,9 @@ from .budget import epochs_run, twin_epochs, twin_name
 from .config import CUSTOM, StudentConfig, TeacherConfig
 from .fitting import accuracy_of, evaluate, fit, forget_fit, seed_everything, step_seed
 from .loading import load_student, load_teacher, load_weights  # noqa: F401 -- load_student: importable from here too
-from .records import RunFolder
+from .records import RunFolder, run_dir
 
-__all__ = ["ABOVE_CHANCE", "RunExists", "run_dir", "train_teacher", "train_student", "setting", "describe_model"]
+__all__ = ["ABOVE_CHANCE", "RunExists", "train_teacher", "train_student", "setting", "describe_model"]
 
 
 ABOVE_CHANCE = 1.5  # a teacher whose valid accuracy is below this many times chance is warned of: it teaches little
@@ -48,11 +47,6 @@ ABOVE_CHANCE = 1.5  # a teacher whose valid accuracy is below this many times ch
 
 class RunExists(RuntimeError):
     "A run folder holds a run with other parameters."
-
-
-def run_dir(out_dir, dataset: str, name: str) -> Path:
-    "The folder of one run: `<out_dir>/<dataset>/<name>`."
-    return Path(out_dir) / dataset / name
 
 
 def _start(run: RunFolder, config, force: bool, extra: dict = None):
@@ -152,16 +146,18 @@ def _rounded_to_fp16(model: nn.Module) -> dict:
 
 
 def _teacher_of(c: StudentConfig, out_dir, dls, given: nn.Module = None) -> tuple:
-    """The teacher a student run distils: `given` (a model of your own), or the one `train_teacher` saved (at
-    `teacher_path`, or the dataset's in `out_dir`), checked (same classes, no leak of its training images into this
-    run's valid or test split), with its path (None when `given`) and record; (None, None, {}) without a teacher."""
-    if not get_method(c.method).needs_teacher: return None, None, {}
-    if given is not None:
+    """The teacher a student run distils: the one `train_teacher` saved (at `teacher_path`, or the dataset's in
+    `out_dir`), loaded into `given` when given (a model of your own, built as it was), checked (same classes, no leak
+    of its training images into this run's valid or test split), with its path and record; `given` alone (no
+    `teacher_path`: no record to check), with path None; (None, None, {}) without a teacher."""
+    if not c.method_def.needs_teacher: return None, None, {}
+    if given is not None and not c.teacher_path:
         warnings.warn("A teacher of your own comes without a record, so nothing can check that it did not train on "
-                      "this run's valid or test images.")
+                      "this run's valid or test images: train it with train_teacher(model=...) and pass the folder it "
+                      "wrote as teacher_path= too.")
         return given, None, dict(name=type(given).__name__.lower())
     tpath = Path(c.teacher_path) if c.teacher_path else run_dir(out_dir, c.dataset, "teacher")
-    tchr = load_teacher(tpath, dls.c)
+    tchr = load_teacher(tpath, dls.c, model=given)
     record = read_json((tpath if tpath.is_dir() else tpath.parent) / "record.json") or {}
     _above_chance(record, f"at {tpath}", dls.c)
     vocab, theirs = dls.split_info["vocab"], (record.get("data") or {}).get("vocab")
@@ -202,7 +198,7 @@ def _budget(c: StudentConfig, out_dir) -> dict:
     """For a budget control (`Method.budget_of`), its twin (the run of that method with the same dataset, student,
     fraction and seed, at budget 1) and the `epochs` the twin used in all times the control's `budget` (a long twin
     gets twice them), read from its complete record; None otherwise."""
-    of = get_method(c.method).budget_of
+    of = c.method_def.budget_of
     if not of: return None
     twin = twin_name(c, of)
     if (record := RunFolder(run_dir(out_dir, c.dataset, twin)).record()) is None:
@@ -271,9 +267,10 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     layout for models that have it) and the adapters of the stages whose maps differ (`adapters`: True or a
     factory; see `kd_lib.core.stages.Stages.check`, which refuses a mismatch without them). The stages are checked on
     both models in one dry forward pass before any training: every path a module that runs, in forward order, the
-    student's output one value per class. kd_lib's own models run on `kd_lib.speed.taps.TapConv2d`s (faster on a CPU, the
-    same numbers within float rounding); the student's then keep as parameters only the kernel taps that meet images of the data's size (`kd_lib.speed.taps.live_taps`, in place), and so do the teacher's when it is the
-    one `train_teacher` saved (a teacher given is left as it is): its forward then copies no taps each batch."""
+    student's output one value per class. kd_lib's own models run on `kd_lib.speed.taps.TapConv2d`s (faster on a CPU,
+    the same numbers within float rounding); the student's then keep as parameters only the kernel taps that meet
+    images of the data's size (`kd_lib.speed.taps.live_taps`, in place), and so do the teacher's when it is the one
+    `train_teacher` saved (a teacher given is left as it is): its forward then copies no taps each batch."""
     if dls is None:
         dls = get_data(c.dataset, c.data_path, size=c.size, bs=c.bs, fraction=c.fraction, seed=c.seed,
                        selection=c.selection, augment=c.augment, num_workers=c.num_workers, per_class=c.per_class,
@@ -283,7 +280,7 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
     if stages is None: stages = Stages.paper() if student is None else _guess_stages(model)
     tchr, tpath, trecord = _teacher_of(c, out_dir, dls, teacher)
     made = stages.check(model, tchr, _dry_batch(dls), adapters, n_classes=dls.c)  # before any training
-    if teacher is not None and tchr is not None:  # a module passed has no record: its accuracy measured, once
+    if teacher is not None and tchr is not None and tpath is None:  # a module without a record: measured, once
         device = next(iter(teacher.parameters()), torch.zeros(0)).device  # eval mode, no_grad: `accuracy_of`
         acc = accuracy_of(teacher, ((x.to(device), y.to(device)) for x, y in dls.valid))
         _above_chance(dict(valid_accuracy=acc), f"given as teacher= (a {type(teacher).__name__})", dls.c,
@@ -293,9 +290,10 @@ def setting(c: StudentConfig, out_dir="runs", student: nn.Module = None, teacher
         if m is not None: live_taps(m, _dry_batch(dls))  # skip the taps that only ever meet padding (bit for bit)
     if tchr is not None and c.channels_last: tchr.to(memory_format=torch.channels_last)
     info = dict({k: trecord.get(k) for k in ("valid_accuracy", "test_accuracy", "converged")},
-                path=_relative(tpath, out_dir), name="resnet34" if tpath else trecord.get("name")) \
+                path=_relative(tpath, out_dir),
+                name=(trecord.get("params") or {}).get("model", "resnet34") if tpath else trecord.get("name")) \
         if tchr is not None else dict(path=None)
-    return Setting(c, get_method(c.method), model, tchr, stages, made, dls, teacher_info=info)
+    return Setting(c, c.method_def, model, tchr, stages, made, dls, teacher_info=info)
 
 
 def _relative(path, out_dir):

@@ -8,7 +8,8 @@ runs of that method (else of any) used."""
 from ..core.methods import get_method
 from ..recipes.budget import epochs_run, twin_epochs
 
-__all__ = ["FILL", "START_COST", "ALONE_GAIN", "COSTS", "method_cost", "epoch_cost", "allowed_epochs", "run_cost", "Estimate"]
+__all__ = ["FILL", "START_COST", "ALONE_GAIN", "COSTS", "method_cost", "epoch_cost", "allowed_epochs", "run_cost",
+           "Estimate"]
 
 FILL = 0.7  # the share of its allowed epochs a run with early stopping is taken to use, until runs have shown theirs
 START_COST = 2.0  # a run's start, imports and record, in units of one no_teacher epoch of resnet10 on all the data
@@ -45,7 +46,7 @@ def epoch_cost(config, kind: str, needs_teacher: bool = False) -> float:
 
 def _steps(config) -> tuple:
     "A student run's steps; a budget control's, those of its twin's method (whose epochs it trains in one step)."
-    method = get_method(config.method)
+    method = config.method_def
     return (get_method(method.budget_of) if method.budget_of else method).steps_for()
 
 
@@ -93,7 +94,7 @@ class Estimate:
     def epochs(self, job) -> float:
         "The epochs `job` is expected to run in all."
         c = job.config
-        if job.kind == "student" and get_method(c.method).budget_of:
+        if job.kind == "student" and c.method_def.budget_of:
             twin = next((j for j in self.jobs if j.name in job.after and not j.name.endswith("/teacher")), None)
             if twin is not None: return twin_epochs(c, self.ran.get(twin.name) or self.epochs(twin))
         if not _stops(c, job.kind): return allowed_epochs(c, job.kind)

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from ..core.methods import get_method
 from ..core.models import STUDENTS
 from ..infra.files import CorruptFile
 from ..recipes.budget import LONG_BUDGET, twin_name
 from ..recipes.config import StudentConfig, TeacherConfig
-from ..recipes.records import RECORD, complete_record, recorded_params
+from ..recipes.records import RECORD, complete_record, recorded_params, run_dir
 from .estimate import run_cost
 
 __all__ = ["ROOT", "PROFILES", "NOTEBOOKS", "EXPANDED", "KEPT_ROOT", "MAX_ALIASES", "MAX_RUNS", "MAX_JOBS",
@@ -79,14 +78,14 @@ class Job:
         """The names of the jobs this one waits for: its dataset's teacher (a student that distils it) and its budget
         twin (a budget control, `Method.budget_of`)."""
         if self.kind == "teacher": return []
-        c, of = self.config, get_method(self.config.method).budget_of
+        c, of = self.config, self.config.method_def.budget_of
         return ([f"{c.dataset}/teacher"] if self.needs_teacher else []) + \
             ([f"{c.dataset}/{twin_name(c, of)}"] if of else [])
 
     @property
     def needs_teacher(self) -> bool:
         "A student that distils its dataset's default teacher, so waits for it."
-        return self.kind == "student" and get_method(self.config.method).needs_teacher \
+        return self.kind == "student" and self.config.method_def.needs_teacher \
             and not self.config.teacher_path
 
     @property
@@ -261,7 +260,7 @@ def expand(prof: dict, out_dir=None) -> list:
     defaults = StudentConfig.defaults()
 
     def job(config):
-        return Job(config, f"{config.dataset}/{config.run_name}", out / config.dataset / config.run_name,
+        return Job(config, f"{config.dataset}/{config.run_name}", run_dir(out, config.dataset, config.run_name),
                    out / "notebooks" / config.dataset / f"{config.run_name}.ipynb", out,
                    tuple(prof.get("imports") or ()))
     _count(prof, defaults)

@@ -52,7 +52,8 @@ class TapConv2d(nn.Conv2d):
         win = self.window(x.shape[-2:])
         if self.live is not None and (win is None or win[2] != self.live) and torch.is_grad_enabled() \
                 and self.weight.requires_grad:
-            raise RuntimeError(f"This convolution trains only the kernel taps {self.live} (kd_lib.speed.taps.live_taps), "
+            raise RuntimeError(f"This convolution trains only the kernel taps {self.live} "
+                               "(kd_lib.speed.taps.live_taps), "
                                f"but an input map of {tuple(x.shape[-2:])} meets others: train the model at the size "
                                "live_taps was given, or build it again for this size.")
         if win is None: return self._conv_forward(x, self.whole_weight(), self.bias)
