@@ -23,17 +23,10 @@ import kd_lib.recipes.train
 from kd_lib.core.stages import Stages
 from kd_lib.recipes.train import RunExists, train_student, train_teacher
 
+from test_own_models import Tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "stagewise-kd"
-
-
-class Tiny(nn.Module):
-    def __init__(self, n_classes=10):
-        super().__init__()
-        self.features, self.fc = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)), \
-            nn.Linear(8, n_classes)
-
-    def forward(self, x): return self.fc(self.features(x).flatten(1))
 
 
 def _tv(seed=0) -> ResNet:
